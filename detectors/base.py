@@ -1,0 +1,250 @@
+"""The detector contract, the findings frame and the detector registry.
+
+A detector is registered under a stable dotted id (``keytrail.off_hours``). It validates its
+parameters in the constructor through a pydantic model, so bad config fails at load time with
+the key path, and implements one method::
+
+    detect(window, history, now) -> findings frame
+
+``window`` is the events frame of the current run (enriched), ``history`` gives earlier events
+for baselines, ``now`` is the run time. Detectors are vectorized pandas: no Python loop per
+event. Every finding explains itself with ``evidence`` and the ``baseline`` it was compared to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+from typing import Any, ClassVar, Final, Protocol
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.schema import empty_events
+
+__all__ = [
+    "FINDING_COLUMNS",
+    "SEVERITIES",
+    "Detector",
+    "DetectorParams",
+    "FrameHistory",
+    "HistoryView",
+    "build_findings",
+    "empty_findings",
+    "get_detector",
+    "register",
+    "registered_detectors",
+    "severity_rank",
+]
+
+SEVERITIES: Final = ("info", "low", "medium", "high", "critical")
+
+FINDING_COLUMNS: Final = (
+    "finding_id",
+    "detector",
+    "severity",
+    "title",
+    "principal",
+    "principal_type",
+    "cloud",
+    "account",
+    "resources",
+    "source_ips",
+    "countries",
+    "first_seen",
+    "last_seen",
+    "event_count",
+    "event_uids",
+    "evidence",
+    "baseline",
+    "mitre",
+    "dedup_key",
+    "geoip_build_date",
+)
+"""Columns of a findings frame. ``resources``, ``source_ips``, ``countries``, ``event_uids`` and
+``mitre`` hold lists of strings; ``evidence`` and ``baseline`` hold JSON-ready dicts;
+``first_seen`` and ``last_seen`` are UTC times. ``geoip_build_date`` is filled by the engine."""
+
+_LIST_COLUMNS: Final = ("resources", "source_ips", "countries", "event_uids", "mitre")
+_DICT_COLUMNS: Final = ("evidence", "baseline")
+
+
+def severity_rank(severity: str) -> int:
+    """Return the position of ``severity`` in :data:`SEVERITIES` (info is 0)."""
+    return SEVERITIES.index(severity)
+
+
+class HistoryView(Protocol):
+    """Read access to earlier events, for baselines."""
+
+    def events(
+        self,
+        *,
+        since: pd.Timestamp | None = None,
+        until: pd.Timestamp | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> pd.DataFrame:
+        """Return events with ``since <= time < until``, only ``columns`` if given."""
+        ...
+
+
+class FrameHistory:
+    """A :class:`HistoryView` over an in-memory events frame (tests, notebooks, backtests)."""
+
+    def __init__(self, frame: pd.DataFrame | None = None) -> None:
+        self.frame = empty_events() if frame is None else frame
+
+    def events(
+        self,
+        *,
+        since: pd.Timestamp | None = None,
+        until: pd.Timestamp | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> pd.DataFrame:
+        """Return the rows in ``[since, until)``, only ``columns`` if given."""
+        frame = self.frame
+        mask = pd.Series(True, index=frame.index)
+        if since is not None:
+            mask &= frame["time"] >= since
+        if until is not None:
+            mask &= frame["time"] < until
+        selected = frame[mask]
+        if columns is not None:
+            selected = selected[list(columns)]
+        return selected.reset_index(drop=True)
+
+
+class DetectorParams(BaseModel):
+    """Base of every detector's parameter model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Detector(ABC):
+    """Base class of every detector.
+
+    Subclasses set :attr:`id`, :attr:`mitre`, :attr:`Params` (a :class:`DetectorParams`
+    subclass) and implement :meth:`detect`. The constructor validates the parameters and
+    raises ``pydantic.ValidationError`` naming each invalid one.
+    """
+
+    id: ClassVar[str]
+    mitre: ClassVar[tuple[str, ...]] = ()
+    Params: ClassVar[type[DetectorParams]] = DetectorParams
+
+    def __init__(self, **params: Any) -> None:
+        self.params = self.Params(**params)
+
+    @property
+    def lookback(self) -> timedelta:
+        """How much history before the window this detector reads for its baseline."""
+        return timedelta(0)
+
+    @abstractmethod
+    def detect(self, window: pd.DataFrame, history: HistoryView, now: pd.Timestamp) -> pd.DataFrame:
+        """Return the findings for ``window`` as a frame with :data:`FINDING_COLUMNS`."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params!r})"
+
+
+_REGISTRY: dict[str, type[Detector]] = {}
+
+
+def register(cls: type[Detector]) -> type[Detector]:
+    """Register a detector class under its ``id`` (usable as a decorator)."""
+    if cls.id in _REGISTRY:
+        raise ValueError(f"detector {cls.id!r} is already registered")
+    _REGISTRY[cls.id] = cls
+    return cls
+
+
+def registered_detectors() -> dict[str, type[Detector]]:
+    """Return the registered detector classes by id, in registration order."""
+    return dict(_REGISTRY)
+
+
+def get_detector(detector_id: str) -> type[Detector]:
+    """Return the detector class registered as ``detector_id``."""
+    try:
+        return _REGISTRY[detector_id]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise KeyError(f"unknown detector {detector_id!r}; known: {known}") from None
+
+
+def empty_findings() -> pd.DataFrame:
+    """Return a findings frame with every column and no rows."""
+    frame = pd.DataFrame({name: pd.Series([], dtype=object) for name in FINDING_COLUMNS})
+    frame["first_seen"] = pd.Series([], dtype="datetime64[us, UTC]")
+    frame["last_seen"] = pd.Series([], dtype="datetime64[us, UTC]")
+    frame["event_count"] = pd.Series([], dtype="int64")
+    return frame
+
+
+def build_findings(
+    rows: pd.DataFrame | Iterable[dict[str, Any]], *, detector: Detector
+) -> pd.DataFrame:
+    """Complete per-finding rows into a findings frame.
+
+    ``rows`` needs at least ``severity``, ``title``, ``principal``, ``first_seen``,
+    ``last_seen``, ``event_uids``, ``evidence`` and ``baseline``. Missing list columns become
+    empty lists, ``event_count`` defaults to the number of distinct event uids, ``mitre`` to
+    the detector's techniques, and ``dedup_key`` to detector + principal + sorted resources.
+    ``finding_id`` is derived from the detector and the event uids, so re-running on the same
+    events gives the same ids.
+    """
+    frame = pd.DataFrame(list(rows)) if not isinstance(rows, pd.DataFrame) else rows.copy()
+    if frame.empty:
+        return empty_findings()
+    frame = frame.reset_index(drop=True)
+    frame["detector"] = detector.id
+    for name in _LIST_COLUMNS:
+        if name not in frame.columns:
+            frame[name] = [[] for _ in range(len(frame))]
+        frame[name] = frame[name].map(_string_list)
+    for name in _DICT_COLUMNS:
+        if name not in frame.columns:
+            frame[name] = [{} for _ in range(len(frame))]
+    if not any(frame["mitre"].map(len)):
+        frame["mitre"] = [list(detector.mitre) for _ in range(len(frame))]
+    if "event_count" not in frame.columns:
+        frame["event_count"] = frame["event_uids"].map(len)
+    for name in ("principal_type", "cloud", "account", "geoip_build_date"):
+        if name not in frame.columns:
+            frame[name] = None
+    bad = sorted(set(frame["severity"]) - set(SEVERITIES))
+    if bad:
+        raise ValueError(f"detector {detector.id}: invalid severities {bad}; expected {SEVERITIES}")
+    if "dedup_key" not in frame.columns:
+        frame["dedup_key"] = [
+            _digest(detector.id, str(principal), *resources)
+            for principal, resources in zip(frame["principal"], frame["resources"], strict=True)
+        ]
+    frame["finding_id"] = [
+        _digest(detector.id, str(principal), *uids)
+        for principal, uids in zip(frame["principal"], frame["event_uids"], strict=True)
+    ]
+    for name in ("first_seen", "last_seen"):
+        frame[name] = pd.to_datetime(frame[name], utc=True).astype("datetime64[us, UTC]")
+    frame["event_count"] = frame["event_count"].astype("int64")
+    return frame[list(FINDING_COLUMNS)]
+
+
+def _string_list(value: Any) -> list[str]:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return []
+    if isinstance(value, str):
+        return [value]
+    items = []
+    for item in value:
+        if item is None or (isinstance(item, float) and pd.isna(item)) or item is pd.NA:
+            continue
+        items.append(str(item))
+    return sorted(set(items))
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:20]

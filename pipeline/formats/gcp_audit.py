@@ -1,0 +1,1 @@
+"""Placeholder: replaced by the gcp_audit format module."""
