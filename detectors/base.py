@@ -207,7 +207,7 @@ def build_findings(
         frame[name] = frame[name].map(_string_list)
     for name in _DICT_COLUMNS:
         if name not in frame.columns:
-            frame[name] = [{} for _ in range(len(frame))]
+            frame[name] = pd.Series([{} for _ in range(len(frame))], dtype=object)
     if not any(frame["mitre"].map(len)):
         frame["mitre"] = [list(detector.mitre) for _ in range(len(frame))]
     if "event_count" not in frame.columns:

@@ -121,7 +121,9 @@ _PANDAS_DTYPES: Final[dict[str, Any]] = {
 
 def empty_events() -> pd.DataFrame:
     """Return an events frame with every column and no rows."""
-    return pd.DataFrame({name: pd.Series([], dtype=dtype) for name, dtype in _PANDAS_DTYPES.items()})
+    return pd.DataFrame(
+        {name: pd.Series([], dtype=dtype) for name, dtype in _PANDAS_DTYPES.items()}
+    )
 
 
 def parse_times(values: Iterable[Any]) -> tuple[pd.Series, np.ndarray]:
@@ -189,7 +191,9 @@ def check_events(frame: pd.DataFrame) -> list[str]:
         values = frame[name].dropna()
         unknown = sorted(set(values) - set(expected))
         if unknown:
-            problems.append(f"column {name}: unexpected values {unknown}; expected one of {expected}")
+            problems.append(
+                f"column {name}: unexpected values {unknown}; expected one of {expected}"
+            )
     if "time" in frame.columns and str(frame["time"].dtype) != "datetime64[us, UTC]":
         problems.append(f"column time: dtype {frame['time'].dtype}, expected datetime64[us, UTC]")
     if "event_uid" in frame.columns and frame["event_uid"].isna().any():

@@ -182,7 +182,9 @@ def _unwrap(
             if isinstance(items, list) and _is_wrapper(value, key):
                 for index, item in enumerate(items, start=1):
                     item_origin = f"{origin} {key}[{index}]"
-                    item = _unpack_lookup_event(item, item_origin, result) if key == "Events" else item
+                    item = (
+                        _unpack_lookup_event(item, item_origin, result) if key == "Events" else item
+                    )
                     if item is not None:
                         yield from _unwrap(item, item_origin, "item", result)
                 return
@@ -248,7 +250,9 @@ def _route(record: Mapping[str, Any], origin: str, rows: list[Row], result: File
         produced = fmt.normalize(record, origin)
     except RecordError as exc:
         result.quarantined.append(
-            Quarantined(origin, "invalid_record", f"{fmt.id}: {exc}", _raw_text(orjson.dumps(record)))
+            Quarantined(
+                origin, "invalid_record", f"{fmt.id}: {exc}", _raw_text(orjson.dumps(record))
+            )
         )
         return
     if isinstance(produced, Skip):
