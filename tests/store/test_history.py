@@ -1,0 +1,302 @@
+"""Tests for the Parquet event history."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from detectors.base import HistoryView
+from pipeline.schema import ARROW_SCHEMA, COLUMNS, empty_events, events_from_rows
+from pipeline.store.history import History
+
+
+def row(uid: str, time: str, cloud: str, **values: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "event_uid": uid,
+        "time": time,
+        "cloud": cloud,
+        "log_format": {"aws": "cloudtrail", "gcp": "gcp_audit", "azure": "azure_keyvault"}[cloud],
+        "operation": "GetSecretValue",
+        "action": "read",
+        "outcome": "success",
+        "principal": "alice@example.com",
+        "resource": f"secret-{uid}",
+        "source_ip": "203.0.113.7",
+        "source_kind": "public",
+        "origin": f"fixture.json:{uid}",
+    }
+    fields.update(values)
+    return fields
+
+
+@pytest.fixture
+def first_run() -> pd.DataFrame:
+    return events_from_rows(
+        [
+            row("a2", "2024-05-01T23:59:59.999999Z", "aws", geo_lat=52.5, asn=64500),
+            row("a1", "2024-05-01T08:00:00Z", "aws", geo_country="DE"),
+            row("g1", "2024-05-01T09:30:00Z", "gcp"),
+            row("a3", "2024-05-02T00:00:00Z", "aws"),
+        ]
+    )
+
+
+@pytest.fixture
+def second_run() -> pd.DataFrame:
+    return events_from_rows(
+        [
+            row("z1", "2024-05-02T12:00:00Z", "azure"),
+            row("a4", "2024-05-03T06:15:00Z", "aws"),
+        ]
+    )
+
+
+@pytest.fixture
+def history(tmp_path: Path, first_run: pd.DataFrame, second_run: pd.DataFrame) -> History:
+    store = History(tmp_path / "history")
+    store.append(first_run, "run-1")
+    store.append(second_run, "run-2")
+    return store
+
+
+def relative_files(root: Path) -> list[str]:
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
+
+
+def test_append_writes_one_file_per_partition(tmp_path: Path, first_run: pd.DataFrame) -> None:
+    store = History(tmp_path / "history")
+
+    written = store.append(first_run, "run-1")
+
+    assert written == 4
+    assert relative_files(store.root) == [
+        "date=2024-05-01/cloud=aws/run-1.parquet",
+        "date=2024-05-01/cloud=gcp/run-1.parquet",
+        "date=2024-05-02/cloud=aws/run-1.parquet",
+    ]
+
+
+def test_append_file_stores_schema(tmp_path: Path, first_run: pd.DataFrame) -> None:
+    store = History(tmp_path / "history")
+    store.append(first_run, "run-1")
+
+    stored = pq.read_table(store.root / "date=2024-05-01/cloud=aws/run-1.parquet")
+
+    assert stored.schema.equals(ARROW_SCHEMA)
+    assert stored.schema.metadata is None
+    assert stored.column("event_uid").to_pylist() == ["a1", "a2"]
+
+
+def test_append_same_run_twice_keeps_both(tmp_path: Path, second_run: pd.DataFrame) -> None:
+    store = History(tmp_path / "history")
+    store.append(second_run, "run-2")
+    store.append(second_run.iloc[:1], "run-2")
+
+    assert relative_files(store.root) == [
+        "date=2024-05-02/cloud=azure/run-2.1.parquet",
+        "date=2024-05-02/cloud=azure/run-2.parquet",
+        "date=2024-05-03/cloud=aws/run-2.parquet",
+    ]
+    assert store.events()["event_uid"].tolist() == ["z1", "z1", "a4"]
+
+
+def test_append_empty_frame_writes_nothing(tmp_path: Path) -> None:
+    store = History(tmp_path / "history")
+
+    assert store.append(empty_events(), "run-1") == 0
+    assert not store.root.exists()
+
+
+def test_append_rejects_invalid_run_id(tmp_path: Path, first_run: pd.DataFrame) -> None:
+    store = History(tmp_path / "history")
+    for run_id in ("", "../escape", "run.1", "a b"):
+        with pytest.raises(ValueError, match=r"^invalid run id "):
+            store.append(first_run, run_id)
+    assert not store.root.exists()
+
+
+def test_append_rejects_unknown_cloud(tmp_path: Path) -> None:
+    events = events_from_rows([row("x1", "2024-05-01T00:00:00Z", "aws")])
+    events["cloud"] = pd.Series(["oci"], dtype=events["cloud"].dtype)
+    store = History(tmp_path / "history")
+
+    with pytest.raises(ValueError) as raised:
+        store.append(events, "run-1")
+
+    assert (
+        str(raised.value) == "invalid cloud values ['oci']; expected one of ['aws', 'gcp', 'azure']"
+    )
+
+
+def test_append_rejects_missing_columns(tmp_path: Path, first_run: pd.DataFrame) -> None:
+    store = History(tmp_path / "history")
+    with pytest.raises(ValueError, match=r"^events frame is missing columns: asn, as_org$"):
+        store.append(first_run.drop(columns=["asn", "as_org"]), "run-1")
+
+
+def test_round_trip_returns_schema_dtypes(history: History) -> None:
+    events = history.events()
+
+    assert list(events.columns) == list(COLUMNS)
+    assert events.dtypes.to_dict() == empty_events().dtypes.to_dict()
+    assert events["event_uid"].tolist() == ["a1", "g1", "a2", "a3", "z1", "a4"]
+    assert events["cloud"].tolist() == ["aws", "gcp", "aws", "aws", "azure", "aws"]
+    first = events.iloc[0]
+    assert first["time"] == pd.Timestamp("2024-05-01T08:00:00Z")
+    assert first["geo_country"] == "DE"
+    assert first["session_name"] is pd.NA
+    last_day_one = events.iloc[2]
+    assert last_day_one["time"] == pd.Timestamp("2024-05-01T23:59:59.999999Z")
+    assert last_day_one["geo_lat"] == 52.5
+    assert last_day_one["asn"] == 64500
+
+
+def test_round_trip_equals_input(
+    history: History, first_run: pd.DataFrame, second_run: pd.DataFrame
+) -> None:
+    expected = (
+        pd.concat([first_run, second_run], ignore_index=True)
+        .sort_values("time", kind="stable")
+        .reset_index(drop=True)
+    )
+    pd.testing.assert_frame_equal(history.events(), expected)
+
+
+def test_events_since_until_bounds(history: History) -> None:
+    since = pd.Timestamp("2024-05-01T09:30:00Z")
+    until = pd.Timestamp("2024-05-02T12:00:00Z")
+
+    events = history.events(since=since, until=until)
+
+    # since is inclusive (g1 at 09:30), until is exclusive (z1 at 12:00).
+    assert events["event_uid"].tolist() == ["g1", "a2", "a3"]
+
+
+def test_events_day_boundary_partition(history: History) -> None:
+    events = history.events(
+        since=pd.Timestamp("2024-05-02T00:00:00Z"), until=pd.Timestamp("2024-05-03T00:00:00Z")
+    )
+    assert events["event_uid"].tolist() == ["a3", "z1"]
+
+
+def test_events_naive_bounds_are_utc(history: History) -> None:
+    events = history.events(since=datetime(2024, 5, 3), until=datetime(2024, 5, 4))
+    assert events["event_uid"].tolist() == ["a4"]
+
+
+def test_events_until_only(history: History) -> None:
+    events = history.events(until=datetime(2024, 5, 1, 9, 30, tzinfo=UTC))
+    assert events["event_uid"].tolist() == ["a1"]
+
+
+def test_events_selected_columns(history: History) -> None:
+    events = history.events(
+        since=pd.Timestamp("2024-05-02T00:00:00Z"), columns=["principal", "event_uid", "asn"]
+    )
+
+    assert list(events.columns) == ["principal", "event_uid", "asn"]
+    assert events["event_uid"].tolist() == ["a3", "z1", "a4"]
+    assert (
+        events.dtypes.to_dict()
+        == empty_events().dtypes[["principal", "event_uid", "asn"]].to_dict()
+    )
+
+
+def test_events_unknown_column_rejected(history: History) -> None:
+    with pytest.raises(ValueError, match=r"^unknown history columns \['country'\]; known: "):
+        history.events(columns=["event_uid", "country"])
+
+
+def test_events_range_without_data(history: History) -> None:
+    events = history.events(since=pd.Timestamp("2025-01-01T00:00:00Z"), columns=["time", "cloud"])
+
+    assert len(events) == 0
+    assert list(events.columns) == ["time", "cloud"]
+    assert events.dtypes.to_dict() == empty_events().dtypes[["time", "cloud"]].to_dict()
+
+
+def test_empty_history_returns_empty_frame(tmp_path: Path) -> None:
+    store = History(tmp_path / "never-written")
+
+    events = store.events()
+
+    assert len(events) == 0
+    assert events.dtypes.to_dict() == empty_events().dtypes.to_dict()
+    assert store.span() is None
+
+
+def test_history_is_a_history_view(history: History) -> None:
+    view: HistoryView = history
+    assert len(view.events(since=pd.Timestamp("2024-05-03T00:00:00Z"))) == 1
+
+
+def test_span_covers_first_and_last_event(history: History) -> None:
+    assert history.span() == (
+        pd.Timestamp("2024-05-01T08:00:00Z"),
+        pd.Timestamp("2024-05-03T06:15:00Z"),
+    )
+
+
+def test_expire_removes_old_partitions(history: History) -> None:
+    removed = history.expire(date(2024, 5, 2))
+
+    assert removed == 1
+    assert relative_files(history.root) == [
+        "date=2024-05-02/cloud=aws/run-1.parquet",
+        "date=2024-05-02/cloud=azure/run-2.parquet",
+        "date=2024-05-03/cloud=aws/run-2.parquet",
+    ]
+    assert history.events()["event_uid"].tolist() == ["a3", "z1", "a4"]
+    assert history.span() == (
+        pd.Timestamp("2024-05-02T00:00:00Z"),
+        pd.Timestamp("2024-05-03T06:15:00Z"),
+    )
+
+
+def test_expire_nothing_old(history: History) -> None:
+    assert history.expire(date(2024, 5, 1)) == 0
+    assert len(history.events()) == 6
+
+
+def test_delete_run_removes_its_files(history: History) -> None:
+    removed = history.delete_run("run-2")
+
+    assert removed == 2
+    assert relative_files(history.root) == [
+        "date=2024-05-01/cloud=aws/run-1.parquet",
+        "date=2024-05-01/cloud=gcp/run-1.parquet",
+        "date=2024-05-02/cloud=aws/run-1.parquet",
+    ]
+    # The partitions that only run-2 wrote are gone, not left empty.
+    assert not (history.root / "date=2024-05-03").exists()
+    assert not (history.root / "date=2024-05-02/cloud=azure").exists()
+    assert history.events()["event_uid"].tolist() == ["a1", "g1", "a2", "a3"]
+
+
+def test_delete_run_removes_temporary_files(history: History) -> None:
+    leftover = history.root / "date=2024-05-03/cloud=aws/.run-3.parquet.tmp"
+    leftover.write_bytes(b"half a parquet file")
+
+    # A crashed write is invisible to readers.
+    assert history.events()["event_uid"].tolist()[-1] == "a4"
+
+    assert history.delete_run("run-3") == 0
+    assert not leftover.exists()
+    assert len(history.events()) == 6
+
+
+def test_delete_run_does_not_match_prefix(history: History, second_run: pd.DataFrame) -> None:
+    history.append(second_run, "run")
+
+    assert history.delete_run("run") == 2
+    assert len(history.events()) == 6
+
+
+def test_delete_unknown_run(history: History) -> None:
+    assert history.delete_run("run-9") == 0
+    assert len(history.events()) == 6
