@@ -1,5 +1,7 @@
 """keytrail's detectors. Importing this package registers the built-in ones."""
 
+# Importing a detector module registers its detectors.
+from detectors import failure_burst, geo, off_hours  # noqa: F401
 from detectors.base import (
     FINDING_COLUMNS,
     SEVERITIES,

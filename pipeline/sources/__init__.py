@@ -1,0 +1,5 @@
+"""Where raw log records come from. Only local files for now."""
+
+from pipeline.sources.files import FilesSource, SourceBatch
+
+__all__ = ["FilesSource", "SourceBatch"]
