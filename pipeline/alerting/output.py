@@ -1,0 +1,286 @@
+"""Write a run's findings and rendered alerts to files, and print them to the console.
+
+``write_outputs`` appends every finding to ``findings.jsonl`` and writes one
+``outbox/<alert_id>.slack.json`` and one ``outbox/<alert_id>.eml`` per alert at or above
+``min_severity``. Outbox files are written to a temporary name and moved into place with
+:func:`os.replace`, so a crash leaves either the old file or the new one, never half a file.
+Nothing here sends anything: delivery to Slack and SMTP reads these files later.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Literal
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, field_validator
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from detectors.base import severity_rank
+from pipeline.alerting.alerts import (
+    Alert,
+    alerts_from_findings,
+    finding_records,
+    format_time,
+    to_jsonable,
+)
+from pipeline.alerting.escape import clean_line
+from pipeline.alerting.render import Renderer
+
+__all__ = [
+    "FINDINGS_FILE",
+    "OUTBOX_DIR",
+    "OutputReport",
+    "OutputSettings",
+    "findings_to_json_lines",
+    "render_console",
+    "write_outputs",
+]
+
+logger = logging.getLogger(__name__)
+
+FINDINGS_FILE: Final = "findings.jsonl"
+OUTBOX_DIR: Final = "outbox"
+
+_SEVERITY_STYLE: Final = {
+    "critical": "bold white on red",
+    "high": "bold red",
+    "medium": "yellow",
+    "low": "cyan",
+    "info": "dim",
+}
+
+
+class OutputSettings(BaseModel):
+    """The ``output`` section of config.yaml.
+
+    Attributes:
+        console: print a table of the run's alerts.
+        outbox: write rendered Slack and email files to ``<output_dir>/outbox``.
+        min_severity: the lowest severity that becomes an alert; every finding still goes to
+            ``findings.jsonl``.
+        templates_dir: a folder with templates that replace the packaged ones by file name.
+        email_from: the ``From`` address of alert emails.
+        email_to: the ``To`` addresses of alert emails.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    console: bool = True
+    outbox: bool = True
+    min_severity: Literal["info", "low", "medium", "high", "critical"] = "low"
+    templates_dir: Path | None = None
+    email_from: str = "keytrail@localhost"
+    email_to: list[str] = ["security@localhost"]
+
+    @field_validator("email_from")
+    @classmethod
+    def _one_line_sender(cls, value: str) -> str:
+        _check_address(value)
+        return value
+
+    @field_validator("email_to")
+    @classmethod
+    def _one_line_recipients(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one address")
+        for address in value:
+            _check_address(address)
+        return value
+
+
+def _check_address(value: str) -> None:
+    if value != clean_line(value) or not value:
+        raise ValueError(f"{value!r} is not a single-line email address")
+    if "@" not in value:
+        raise ValueError(f"{value!r} is not an email address (no '@')")
+
+
+@dataclass
+class OutputReport:
+    """Paths written and alerts built by :func:`write_outputs`."""
+
+    findings_path: Path
+    findings_written: int = 0
+    alerts: list[Alert] = field(default_factory=list)
+    below_min_severity: int = 0
+    slack_files: list[Path] = field(default_factory=list)
+    email_files: list[Path] = field(default_factory=list)
+
+
+def write_outputs(
+    findings: pd.DataFrame,
+    output_dir: Path,
+    settings: OutputSettings | None = None,
+    *,
+    console: Console | None = None,
+    now: dt.datetime | None = None,
+) -> OutputReport:
+    """Append ``findings`` to ``findings.jsonl`` and write the alerts' outbox files.
+
+    Args:
+        findings: a frame with :data:`detectors.base.FINDING_COLUMNS`.
+        output_dir: created if missing.
+        settings: output settings; defaults to :class:`OutputSettings()`.
+        console: where the table goes when ``settings.console`` is true (default: stdout).
+        now: the ``Date`` of the emails (default: the current time).
+
+    Returns:
+        the paths written and the alerts built.
+    """
+    settings = settings or OutputSettings()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report = OutputReport(findings_path=output_dir / FINDINGS_FILE)
+
+    lines = findings_to_json_lines(findings)
+    _append_lines(report.findings_path, lines)
+    report.findings_written = len(lines)
+
+    floor = severity_rank(settings.min_severity)
+    alerts = alerts_from_findings(findings)
+    report.alerts = [alert for alert in alerts if severity_rank(alert.severity) >= floor]
+    report.below_min_severity = len(alerts) - len(report.alerts)
+
+    if settings.outbox and report.alerts:
+        renderer = Renderer(settings.templates_dir)
+        outbox = output_dir / OUTBOX_DIR
+        outbox.mkdir(exist_ok=True)
+        for alert in report.alerts:
+            slack = renderer.render_slack(alert)
+            slack_path = outbox / f"{alert.alert_id}.slack.json"
+            slack_text = json.dumps(slack, ensure_ascii=False, indent=2) + "\n"
+            _write_atomic(slack_path, slack_text.encode())
+            report.slack_files.append(slack_path)
+
+            message = renderer.render_email(
+                alert, sender=settings.email_from, recipients=settings.email_to, now=now
+            )
+            email_path = outbox / f"{alert.alert_id}.eml"
+            _write_atomic(email_path, message.as_bytes())
+            report.email_files.append(email_path)
+
+    if settings.console:
+        render_console(report.alerts, console or Console())
+
+    logger.info(
+        "wrote %s findings to %s and %s alerts to the outbox (%s below %s)",
+        report.findings_written,
+        report.findings_path,
+        len(report.slack_files),
+        report.below_min_severity,
+        settings.min_severity,
+    )
+    return report
+
+
+def findings_to_json_lines(findings: pd.DataFrame) -> list[bytes]:
+    """Serialize each finding as one JSON line (UTF-8, ending in a newline).
+
+    Every column of :data:`detectors.base.FINDING_COLUMNS` is present; times are ISO 8601 UTC
+    strings ending in ``Z``; lists and dicts stay JSON arrays and objects.
+    """
+    lines = []
+    for record in finding_records(findings):
+        text = json.dumps(to_jsonable(record), ensure_ascii=False, allow_nan=False)
+        lines.append(text.encode() + b"\n")
+    return lines
+
+
+def render_console(alerts: Sequence[Alert] | pd.DataFrame, console: Console) -> None:
+    """Print alerts, or the alerts of a findings frame, as a table in the order given.
+
+    Log strings are cleaned of control characters and passed as :class:`rich.text.Text`, which
+    rich does not parse for markup or emoji codes, so ``[bold]``, ``:secret:`` or an ANSI escape
+    sequence in a value prints as text.
+    """
+    if isinstance(alerts, pd.DataFrame):
+        alerts = alerts_from_findings(alerts)
+    if not alerts:
+        console.print("No alerts.")
+        return
+    noun = "alert" if len(alerts) == 1 else "alerts"
+    table = Table(title=f"keytrail: {len(alerts)} {noun}", box=box.SIMPLE_HEAVY, show_lines=False)
+    for name in ("Severity", "Detector", "Principal", "Secrets", "Where", "When", "Title"):
+        table.add_column(name, overflow="fold")
+    for alert in alerts:
+        table.add_row(
+            Text(alert.severity.upper(), style=_SEVERITY_STYLE.get(alert.severity, "")),
+            _safe(alert.detector),
+            _safe(alert.principal),
+            _safe(_first_and_more(alert.resources, 2)),
+            _safe(_where(alert)),
+            _safe(_when(alert)),
+            _safe(alert.title),
+        )
+    console.print(table)
+
+
+def _safe(text: str) -> Text:
+    # A Text cell is neither markup nor emoji code: "[bold]" and ":secret:" print as typed.
+    return Text(clean_line(text))
+
+
+def _first_and_more(values: Sequence[str], limit: int) -> str:
+    shown = ", ".join(values[:limit])
+    if len(values) > limit:
+        shown += f" and {len(values) - limit} more"
+    return shown or "-"
+
+
+def _where(alert: Alert) -> str:
+    countries = ", ".join(alert.countries)
+    ips = _first_and_more(alert.source_ips, 2) if alert.source_ips else ""
+    return " / ".join(part for part in (countries, ips) if part) or "-"
+
+
+def _when(alert: Alert) -> str:
+    start, end = format_time(alert.first_seen), format_time(alert.last_seen)
+    if not start:
+        return "-"
+    return start if start == end else f"{start} to {end}"
+
+
+def _append_lines(path: Path, lines: Sequence[bytes]) -> None:
+    """Append ``lines`` to ``path`` in one write, never changing bytes already in the file.
+
+    If an earlier run crashed in the middle of a line, a newline is written first so the new
+    lines start on a line of their own.
+    """
+    if not lines:
+        return
+    data = b"".join(lines)
+    with path.open("ab") as handle:
+        if handle.tell() > 0:
+            with path.open("rb") as reader:
+                reader.seek(-1, os.SEEK_END)
+                if reader.read(1) != b"\n":
+                    logger.warning("%s did not end with a newline; starting a new line", path)
+                    data = b"\n" + data
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    descriptor, temp_name = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,242 @@
+"""Alerts built from findings, and the next steps per detector and cloud."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+
+import pandas as pd
+import pytest
+
+from pipeline.alerting.alerts import (
+    Alert,
+    alerts_from_findings,
+    finding_records,
+    iso_utc,
+    summary_items,
+)
+from pipeline.alerting.runbooks import Step
+from tests.alerting.conftest import off_hours_row, travel_row
+
+MakeFindings = Callable[..., pd.DataFrame]
+
+
+def test_alert_ids_deterministic(make_findings: MakeFindings) -> None:
+    first = alerts_from_findings(make_findings(travel_row(), off_hours_row()))
+    again = alerts_from_findings(make_findings(off_hours_row(), travel_row()))
+    assert [a.alert_id for a in first] == [a.alert_id for a in again]
+    assert len({a.alert_id for a in first}) == 2
+    assert all(len(a.alert_id) == 20 for a in first)
+
+
+def test_alert_id_changes_with_events(make_findings: MakeFindings) -> None:
+    one = alerts_from_findings(make_findings(travel_row()))[0]
+    other = alerts_from_findings(make_findings(travel_row(event_uids=["ev-9"])))[0]
+    assert one.alert_id != other.alert_id
+
+
+def test_alerts_sorted_by_severity(make_findings: MakeFindings) -> None:
+    frame = pd.concat(
+        [
+            make_findings(off_hours_row(), detector="off_hours"),
+            make_findings(travel_row()),
+        ],
+        ignore_index=True,
+    )
+    assert [a.severity for a in alerts_from_findings(frame)] == ["high", "medium"]
+
+
+def test_single_finding_alert_fields(make_findings: MakeFindings) -> None:
+    alert = alerts_from_findings(make_findings(travel_row()))[0]
+    assert alert.severity == "high"
+    assert alert.detector == "keytrail.impossible_travel"
+    assert alert.principal == "arn:aws:sts::123456789012:assumed-role/Admin/alice"
+    assert alert.resources == [
+        "arn:aws:secretsmanager:eu-west-1:123456789012:secret:prod/db-AbCdEf"
+    ]
+    assert alert.source_ips == ["198.51.100.7", "203.0.113.9"]
+    assert alert.countries == ["DE", "US"]
+    assert alert.first_seen == dt.datetime(2026, 10, 10, 1, 12, tzinfo=dt.UTC)
+    assert alert.last_seen == dt.datetime(2026, 10, 10, 2, 42, 30, 250000, tzinfo=dt.UTC)
+    assert alert.event_count == 2
+    assert alert.dedup_key == alert.findings[0]["dedup_key"]
+    assert alert.silence_hint == "To tune: detectors.keytrail.impossible_travel in config.yaml"
+
+
+def test_grouped_alert_derives_from_all(make_findings: MakeFindings) -> None:
+    records = finding_records(
+        make_findings(
+            travel_row(severity="medium", source_ips=["192.0.2.1"], countries=["FR"]),
+            travel_row(event_uids=["ev-3"], resources=["arn:aws:secretsmanager:x:1:secret:b"]),
+        )
+    )
+    alert = Alert.from_findings(records)
+    assert alert.severity == "high"
+    assert alert.findings[0]["severity"] == "high"
+    assert alert.countries == ["DE", "FR", "US"]
+    assert alert.source_ips == ["192.0.2.1", "198.51.100.7", "203.0.113.9"]
+    assert alert.event_count == 3
+    assert alert.title == (
+        "2 findings from keytrail.impossible_travel for "
+        "arn:aws:sts::123456789012:assumed-role/Admin/alice"
+    )
+    assert alert.alert_id == Alert.from_findings(list(reversed(records))).alert_id
+
+
+def test_from_findings_rejects_empty() -> None:
+    with pytest.raises(ValueError, match="an alert needs at least one finding; got none"):
+        Alert.from_findings([])
+
+
+def test_finding_records_missing_column(make_findings: MakeFindings) -> None:
+    frame = make_findings(travel_row()).drop(columns=["baseline"])
+    with pytest.raises(ValueError, match=r"missing columns \['baseline'\]"):
+        finding_records(frame)
+
+
+def test_summary_items_summary_first() -> None:
+    items = summary_items({"reads": 3, "summary": "usually 0", "when": {"a": 1.5, "b": None}})
+    assert items == [("summary", "usually 0"), ("reads", "3"), ("when", "a=1.5, b=")]
+
+
+def test_iso_utc_adds_z() -> None:
+    value = dt.datetime(2026, 10, 10, 3, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    assert iso_utc(value) == "2026-10-10T01:00:00Z"
+    assert iso_utc(dt.datetime(2026, 1, 2, 3, 4, 5, 6)) == "2026-01-02T03:04:05.000006Z"
+
+
+# Next steps ----------------------------------------------------------------------------------
+
+
+def _steps(make_findings: MakeFindings, row: dict[str, object], detector: str) -> list[Step]:
+    return alerts_from_findings(make_findings(row, detector=detector))[0].next_steps
+
+
+def _commands(steps: list[Step]) -> list[str]:
+    return [command for step in steps for command in step.commands]
+
+
+def test_travel_aws_role_steps(make_findings: MakeFindings) -> None:
+    steps = _steps(make_findings, travel_row(), "travel")
+    assert steps[0].text.startswith(
+        "Confirm with arn:aws:sts::123456789012:assumed-role/Admin/alice whether they are "
+        "travelling or using a VPN (seen in Berlin, DE and then in New York, US)."
+    )
+    assert _commands(steps) == [
+        "aws iam put-role-policy --role-name Admin --policy-name AWSRevokeOlderSessions "
+        "--policy-document file://revoke-older-sessions.json",
+        "aws secretsmanager rotate-secret "
+        "--secret-id arn:aws:secretsmanager:eu-west-1:123456789012:secret:prod/db-AbCdEf",
+        "aws cloudtrail lookup-events --lookup-attributes "
+        "AttributeKey=Username,AttributeValue=alice",
+    ]
+
+
+def test_off_hours_gcp_user_steps(make_findings: MakeFindings) -> None:
+    steps = _steps(make_findings, off_hours_row(), "off_hours")
+    assert steps[0].text.startswith(
+        "Ask bob@example.com whether the reads at 2026-10-10 03:12 Europe/Berlin were theirs"
+    )
+    assert "Google Admin console" in steps[2].text
+    assert _commands(steps) == [
+        "gcloud secrets versions add db-password --project=shop-prod --data-file=new-value.txt",
+        "gcloud secrets versions disable OLD_VERSION --secret=db-password --project=shop-prod",
+        "gcloud logging read 'protoPayload.requestMetadata.callerIp=\"192.0.2.10\"' "
+        "--project=shop-prod --freshness=7d",
+    ]
+
+
+def test_azure_user_and_vault_steps(make_findings: MakeFindings) -> None:
+    row = travel_row(
+        cloud="azure",
+        principal="carol@contoso.example",
+        principal_type="user",
+        resources=["https://kv-prod.vault.azure.net/secrets/db-conn/0123abcd"],
+        source_ips=["203.0.113.9"],
+    )
+    assert _commands(_steps(make_findings, row, "travel")) == [
+        "az rest --method POST --url "
+        "https://graph.microsoft.com/v1.0/users/carol@contoso.example/revokeSignInSessions",
+        "az keyvault secret set --vault-name kv-prod --name db-conn --file new-value.txt",
+        "az keyvault secret set-attributes --vault-name kv-prod --name db-conn "
+        "--version OLD_VERSION --enabled false",
+        "az monitor log-analytics query --workspace WORKSPACE_ID --analytics-query "
+        "'AzureDiagnostics | where CallerIPAddress == \"203.0.113.9\"'",
+    ]
+
+
+def test_commands_quote_hostile_names(make_findings: MakeFindings) -> None:
+    row = travel_row(
+        principal="arn:aws:iam::123456789012:user/x;rm -rf ~",
+        principal_type="user",
+        resources=["arn:aws:ssm:eu-west-1:123456789012:parameter/prod/$(id)"],
+        source_ips=["not-an-ip", "198.51.100.7"],
+    )
+    commands = _commands(_steps(make_findings, row, "travel"))
+    assert commands[0] == "aws iam list-access-keys --user-name 'x;rm -rf ~'"
+    assert (
+        "aws ssm put-parameter --name '/prod/$(id)' --type SecureString --overwrite "
+        "--value file://new-value.txt"
+    ) in commands
+
+
+def test_failure_burst_skips_rotation(make_findings: MakeFindings) -> None:
+    from detectors.base import Detector
+
+    class Burst(Detector):
+        id = "keytrail.failure_burst"
+
+        def detect(self, window, history, now):  # type: ignore[no-untyped-def]
+            raise NotImplementedError
+
+    from detectors.base import build_findings
+
+    frame = build_findings([travel_row()], detector=Burst())
+    steps = alerts_from_findings(frame)[0].next_steps
+    assert steps[0].text.startswith("Find out why arn:aws:sts::123456789012:assumed-role/Admin")
+    assert not any("rotate-secret" in command for command in _commands(steps))
+
+
+def test_unknown_detector_generic_step(make_findings: MakeFindings) -> None:
+    from detectors.base import Detector, build_findings
+
+    class Other(Detector):
+        id = "keytrail.something_new"
+
+        def detect(self, window, history, now):  # type: ignore[no-untyped-def]
+            raise NotImplementedError
+
+    frame = build_findings([travel_row(cloud=None)], detector=Other())
+    steps = alerts_from_findings(frame)[0].next_steps
+    assert steps[0].text.startswith("Confirm with arn:aws:sts::123456789012:assumed-role/Admin")
+    assert steps[1].text == (
+        "Revoke the active sessions and keys of "
+        "arn:aws:sts::123456789012:assumed-role/Admin/alice in its cloud account."
+    )
+    assert steps[-1].text == "Review other activity from 198.51.100.7, 203.0.113.9."
+
+
+def test_public_api_names() -> None:
+    import pipeline.alerting as alerting
+
+    assert alerting.__all__ == [
+        "Alert",
+        "OutputReport",
+        "OutputSettings",
+        "Renderer",
+        "Step",
+        "TemplateOutputError",
+        "alerts_from_findings",
+        "email_subject",
+        "escape_mrkdwn",
+        "finding_records",
+        "findings_to_json_lines",
+        "header_text",
+        "next_steps",
+        "render_console",
+        "silence_hint",
+        "truncate",
+        "write_outputs",
+    ]
+    for name in alerting.__all__:
+        assert getattr(alerting, name) is not None
