@@ -1,0 +1,364 @@
+"""Load config.yaml into typed settings.
+
+Every model forbids unknown keys, so a misspelt key is an error rather than a silently ignored
+setting. :func:`load_config` collects every problem in the file and raises one
+:class:`~pipeline.errors.ConfigError` whose lines each name the key path, what is accepted and
+the value found. Relative paths resolve against the folder of the config file.
+
+Detector entries hold ``enabled`` plus the detector's own parameters. The parameters are checked
+by constructing the registered detector class, so a bad parameter fails at load time. Only
+detectors listed in the config run: a detector added by an upgrade stays off until it is listed.
+
+No setting contains a secret. Credentials for later channels and sources come from environment
+variables or secret files.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Importing the package registers the built-in detectors, which validation looks up.
+import detectors  # noqa: F401
+from detectors.base import Detector, get_detector, registered_detectors
+from pipeline.alerting import OutputSettings
+from pipeline.enrich import GeoIPSettings
+from pipeline.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "DetectorSettings",
+    "EnrichSettings",
+    "FilesSourceSettings",
+    "HistorySettings",
+    "LoggingSettings",
+    "Settings",
+    "build_detectors",
+    "embedded_defaults",
+    "load_config",
+    "settings_from_mapping",
+]
+
+logger = logging.getLogger(__name__)
+
+# The settings of the shipped config.yaml, as data. `embedded_defaults` builds them for notebooks
+# and tests that have no config file.
+DEFAULT_CONFIG: dict[str, Any] = {
+    "state_dir": ".keytrail",
+    "output_dir": ".keytrail/output",
+    "sources": [
+        {
+            "name": "sample_logs",
+            "type": "files",
+            "paths": ["sample_logs/aws", "sample_logs/gcp", "sample_logs/azure"],
+        }
+    ],
+    "enrich": {"geoip": {"enabled": True, "city_db": None, "asn_db": None, "max_age_days": 90}},
+    "history": {"retention_days": 400, "seen_retention_days": 30},
+    "detectors": {
+        "keytrail.off_hours": {"enabled": True},
+        "keytrail.new_country": {"enabled": True},
+        "keytrail.impossible_travel": {"enabled": True},
+        "keytrail.failure_burst": {"enabled": True},
+    },
+    "alerting": {"console": True, "outbox": True, "min_severity": "low", "templates_dir": None},
+    "logging": {"level": "INFO", "format": "text"},
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FilesSourceSettings(_Strict):
+    """A source that reads log files and folders on the local disk (recursively)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1, max_length=100)
+    type: Literal["files"] = "files"
+    paths: list[Path] = Field(min_length=1)
+
+
+class EnrichSettings(_Strict):
+    """Enrichment of caller addresses."""
+
+    geoip: GeoIPSettings = Field(default_factory=GeoIPSettings)
+
+
+class HistorySettings(_Strict):
+    """How long events are kept.
+
+    ``retention_days`` applies to the Parquet history. ``seen_retention_days`` is how long seen
+    event ids are kept for deduplication. It must cover the longest overlap with which a source
+    re-delivers events.
+    """
+
+    retention_days: int = Field(default=400, ge=1)
+    seen_retention_days: int = Field(default=30, ge=1)
+
+    @model_validator(mode="after")
+    def _seen_within_retention(self) -> HistorySettings:
+        if self.seen_retention_days > self.retention_days:
+            raise ValueError(
+                f"seen_retention_days ({self.seen_retention_days}) must not exceed "
+                f"retention_days ({self.retention_days})"
+            )
+        return self
+
+
+class DetectorSettings(BaseModel):
+    """One entry under ``detectors``: ``enabled`` plus the detector's own parameters."""
+
+    model_config = ConfigDict(extra="allow")
+
+    enabled: bool = True
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The detector's parameters: every key except ``enabled``."""
+        return dict(self.model_extra or {})
+
+
+class LoggingSettings(_Strict):
+    """Log level and line format of the command-line tool."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Settings(_Strict):
+    """Everything one keytrail run needs, with paths already resolved."""
+
+    state_dir: Path = Path(".keytrail")
+    output_dir: Path = Path(".keytrail/output")
+    sources: list[FilesSourceSettings] = Field(default_factory=list)
+    enrich: EnrichSettings = Field(default_factory=EnrichSettings)
+    history: HistorySettings = Field(default_factory=HistorySettings)
+    detectors: dict[str, DetectorSettings] = Field(default_factory=dict)
+    alerting: OutputSettings = Field(default_factory=OutputSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @property
+    def enabled_detectors(self) -> list[str]:
+        """Ids of the detectors that are listed and enabled, in config order."""
+        return [name for name, entry in self.detectors.items() if entry.enabled]
+
+
+def load_config(path: str | Path) -> Settings:
+    """Read and validate a config file.
+
+    Raises:
+        ConfigError: the file is missing, is not valid YAML, or has invalid settings. The
+            error lists every problem found, one per line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file not found: {path}; pass --config FILE or run from the folder that "
+            "contains config.yaml",
+            source=str(path),
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}", source=str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_problem(exc), source=str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"top level: expected a mapping of settings, found {type(data).__name__}",
+            source=str(path),
+        )
+    settings = settings_from_mapping(data, base_dir=path.resolve().parent, source=str(path))
+    logger.debug("loaded config %s", path)
+    return settings
+
+
+def embedded_defaults(base_dir: str | Path | None = None) -> Settings:
+    """Return the settings of the shipped config.yaml, paths resolved against ``base_dir``.
+
+    ``base_dir`` defaults to the current folder.
+    """
+    base = Path.cwd() if base_dir is None else Path(base_dir)
+    return settings_from_mapping(DEFAULT_CONFIG, base_dir=base.resolve(), source="defaults")
+
+
+def settings_from_mapping(
+    data: dict[str, Any], *, base_dir: Path, source: str | None = None
+) -> Settings:
+    """Validate parsed config data and resolve its relative paths against ``base_dir``.
+
+    Raises:
+        ConfigError: with one line per problem.
+    """
+    problems: list[str] = []
+    settings: Settings | None = None
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(_pydantic_problems(exc, Settings, prefix=()))
+    raw_detectors = data.get("detectors")
+    if isinstance(raw_detectors, dict):
+        problems.extend(_detector_problems(raw_detectors))
+    if settings is not None:
+        problems.extend(_duplicate_source_names(settings))
+    if problems:
+        raise ConfigError(problems, source=source)
+    assert settings is not None
+    return _resolve_paths(settings, base_dir)
+
+
+def build_detectors(settings: Settings) -> list[Detector]:
+    """Construct the enabled detectors with their configured parameters, in config order."""
+    return [
+        get_detector(name)(**settings.detectors[name].params) for name in settings.enabled_detectors
+    ]
+
+
+def _detector_problems(raw: dict[str, Any]) -> list[str]:
+    """Check each detector entry against its registered class (unknown ids and bad params)."""
+    problems = []
+    known = registered_detectors()
+    for name, entry in raw.items():
+        if name not in known:
+            listed = ", ".join(sorted(known)) or "none registered"
+            problems.append(f"detectors.{name}: unknown detector; known: {listed}")
+            continue
+        if not isinstance(entry, dict):
+            # The Settings model already reported the wrong type of this entry.
+            continue
+        params = {key: value for key, value in entry.items() if key != "enabled"}
+        try:
+            known[name](**params)
+        except ValidationError as exc:
+            problems.extend(_pydantic_problems(exc, known[name].Params, prefix=("detectors", name)))
+        except (TypeError, ValueError) as exc:
+            problems.append(f"detectors.{name}: invalid parameters: {exc}")
+    return problems
+
+
+def _duplicate_source_names(settings: Settings) -> list[str]:
+    problems = []
+    seen: set[str] = set()
+    for index, source in enumerate(settings.sources):
+        if source.name in seen:
+            problems.append(
+                f"sources[{index}].name: duplicate source name {source.name!r}; "
+                "each source needs its own name because checkpoints are kept per name"
+            )
+        seen.add(source.name)
+    return problems
+
+
+def _pydantic_problems(
+    exc: ValidationError, model: type[BaseModel], prefix: tuple[str, ...]
+) -> list[str]:
+    problems = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        path = _dotted(prefix + loc)
+        if error["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc[:-1])
+            hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+            problems.append(f"{path}: unknown key{hint}")
+            continue
+        found = error.get("input")
+        message = error["msg"]
+        if error["type"] == "value_error":
+            message = message.removeprefix("Value error, ")
+        problems.append(f"{path}: {message} (found: {_short(found)})")
+    return problems
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "top level"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping with keys " + ", ".join(map(str, value)) if value else "{}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Return the field names of the model found by following ``loc`` from ``model``."""
+    current: Any = model
+    for part in loc:
+        current = _unwrap_annotation(current)
+        if isinstance(part, int):
+            args = typing.get_args(current)
+            current = args[0] if args else None
+        elif isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part)
+            current = field.annotation if field is not None else None
+        elif typing.get_origin(current) is dict:
+            current = typing.get_args(current)[1]
+        else:
+            return []
+    current = _unwrap_annotation(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _unwrap_annotation(annotation: Any) -> Any:
+    """Strip ``X | None`` down to ``X``."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return members[0] if len(members) == 1 else annotation
+    return annotation
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if mark is None:
+        return f"invalid YAML: {problem}"
+    return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
+    def resolve(path: Path | None) -> Path | None:
+        if path is None:
+            return None
+        path = path.expanduser()
+        return path if path.is_absolute() else base_dir / path
+
+    sources = [
+        source.model_copy(update={"paths": [resolve(p) for p in source.paths]})
+        for source in settings.sources
+    ]
+    geoip = settings.enrich.geoip.model_copy(
+        update={
+            "city_db": resolve(settings.enrich.geoip.city_db),
+            "asn_db": resolve(settings.enrich.geoip.asn_db),
+        }
+    )
+    alerting = settings.alerting.model_copy(
+        update={"templates_dir": resolve(settings.alerting.templates_dir)}
+    )
+    return settings.model_copy(
+        update={
+            "state_dir": resolve(settings.state_dir),
+            "output_dir": resolve(settings.output_dir),
+            "sources": sources,
+            "enrich": settings.enrich.model_copy(update={"geoip": geoip}),
+            "alerting": alerting,
+        }
+    )

@@ -1,0 +1,412 @@
+"""One keytrail run: read new logs, keep new events, detect, write outputs, commit state.
+
+:func:`run_once` is the only entry point the CLI, the scheduler and notebooks use. Its body is
+the steps of a run, each a call into the package that owns it:
+
+1. deliver alerts pending from earlier runs (not yet: outputs are only written to files);
+2. read what is new in each source and quarantine what cannot be parsed;
+3. drop events already seen, enrich the rest, append them to the history;
+4. run each enabled detector on the new window with a baseline from the history;
+5. drop findings already in the ledger and write the outputs;
+6. commit seen events, the findings ledger, checkpoints and the run row in one transaction;
+7. expire old history and old seen ids, and finish the summary.
+
+A failure before the commit deletes the history files this run wrote and leaves the state as it
+was, so the next run reads the same input again and deduplication absorbs the overlap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+
+from detectors.base import FINDING_COLUMNS, Detector, FrameHistory, HistoryView, empty_findings
+from pipeline.alerting import render_console, write_outputs
+from pipeline.config import FilesSourceSettings, Settings, build_detectors
+from pipeline.enrich import enrich_events
+from pipeline.errors import DetectorError, KeytrailError
+from pipeline.formats.base import Quarantined
+from pipeline.schema import empty_events
+from pipeline.sources import FilesSource, SourceBatch
+from pipeline.store.history import History
+from pipeline.store.state import State, state_lock
+from pipeline.summary import DetectorSummary, RunSummary, SourceSummary
+
+__all__ = ["COMMAND_LINE_SOURCE", "run_once"]
+
+logger = logging.getLogger(__name__)
+
+COMMAND_LINE_SOURCE = "command_line"
+"""Name under which ``--source`` paths keep their checkpoints."""
+
+
+def run_once(
+    settings: Settings,
+    *,
+    sources_override: Sequence[str | os.PathLike[str]] | None = None,
+    now: datetime | None = None,
+    dry_run: bool = False,
+    console: Console | None = None,
+) -> RunSummary:
+    """Run keytrail once and return its summary.
+
+    Args:
+        settings: validated settings, paths resolved.
+        sources_override: local files or folders read instead of the configured sources.
+        now: the run time detectors and retention use (default: the current time, UTC).
+        dry_run: read and detect, print findings to ``console``, but write no outputs, no
+            history and no state.
+        console: where findings are printed when ``alerting.console`` is on (or in a dry run).
+
+    Raises:
+        StateLockedError: another run holds the state directory's lock.
+        StateError: the state database cannot be used or the commit failed.
+    """
+    started = datetime.now(UTC)
+    run_now = pd.Timestamp(now if now is not None else started)
+    run_now = run_now.tz_localize(UTC) if run_now.tzinfo is None else run_now.tz_convert(UTC)
+    summary = RunSummary(run_id=_new_run_id(started), started=started, dry_run=dry_run)
+    sources = _sources(settings, sources_override)
+    clock = time.perf_counter()
+    logger.info("run %s started: %s sources, dry_run=%s", summary.run_id, len(sources), dry_run)
+
+    state_path = settings.state_dir / "state.db"
+    if dry_run:
+        with State(state_path, read_only=True) as state:
+            _run(settings, sources, state, summary, run_now, console)
+    else:
+        with state_lock(settings.state_dir), State(state_path) as state:
+            _run(settings, sources, state, summary, run_now, console)
+
+    summary.duration_seconds = round(time.perf_counter() - clock, 3)
+    logger.info(
+        "run %s finished: status=%s, %s events new, %s findings new, %s problems, %.2f s",
+        summary.run_id,
+        summary.status,
+        summary.events_new,
+        summary.findings_new,
+        len(summary.problems),
+        summary.duration_seconds,
+    )
+    return summary
+
+
+def _run(
+    settings: Settings,
+    sources: list[FilesSource],
+    state: State,
+    summary: RunSummary,
+    now: pd.Timestamp,
+    console: Console | None,
+) -> None:
+    dry_run = summary.dry_run
+    # Step 1, delivering pending alerts, starts when channels exist: outputs are files for now.
+    batches = _read_sources(sources, state, summary)
+    quarantined = [item for batch in batches for item in batch.result.quarantined]
+    if quarantined and not dry_run:
+        path = _write_quarantine(settings.state_dir, summary.run_id, quarantined)
+        summary.quarantine_file = str(path)
+
+    events = _new_events(batches, state, summary)
+    events, enrich_info = enrich_events(events, settings.enrich.geoip, now=now)
+    summary.geoip = _as_dict(enrich_info)
+    logger.info(
+        "enrich: %s addresses looked up, %s found, GeoIP %s",
+        summary.geoip.get("addresses_looked_up"),
+        summary.geoip.get("addresses_found"),
+        summary.geoip.get("geoip_source"),
+    )
+
+    history_root = settings.state_dir / "history"
+    history = History(history_root) if not dry_run or history_root.exists() else None
+    baseline = _baseline(history, events, build_detectors(settings))
+    if dry_run:
+        findings = _detect(settings, events, baseline, now, state, summary)
+        findings = _fill_geoip_date(findings, enrich_info)
+        if console is not None:
+            render_console(findings, console)
+        summary.status = "completed_with_problems" if summary.problems else "completed"
+        summary.finished = datetime.now(UTC)
+        return
+
+    assert history is not None
+    try:
+        summary.history_rows_written = history.append(events, summary.run_id) if len(events) else 0
+        logger.info("history: %s rows appended", summary.history_rows_written)
+        findings = _detect(settings, events, baseline, now, state, summary)
+        findings = _fill_geoip_date(findings, enrich_info)
+        if not _write_outputs(settings, findings, summary, console, now):
+            _roll_back(history, state, summary, "outputs could not be written")
+            return
+        summary.status = "completed_with_problems" if summary.problems else "completed"
+        summary.finished = datetime.now(UTC)
+        state.commit_run(
+            summary.run_id,
+            started=summary.started,
+            events=events,
+            findings=findings,
+            checkpoints={batch.name: batch.checkpoints for batch in batches},
+            summary=summary.to_dict(),
+            status=summary.status,
+        )
+        logger.info("state: committed %s events, %s findings", len(events), len(findings))
+    except BaseException as exc:
+        _roll_back(history, state, summary, f"{type(exc).__name__}: {exc}")
+        raise
+    _expire(settings, history, state, summary, now)
+    if summary.problems and summary.status == "completed":
+        summary.status = "completed_with_problems"
+
+
+def _sources(
+    settings: Settings, override: Sequence[str | os.PathLike[str]] | None
+) -> list[FilesSource]:
+    if override is not None:
+        return [FilesSource(COMMAND_LINE_SOURCE, list(override))]
+    return [_build_source(source) for source in settings.sources]
+
+
+def _build_source(source: FilesSourceSettings) -> FilesSource:
+    return FilesSource(source.name, source.paths)
+
+
+def _read_sources(
+    sources: list[FilesSource], state: State, summary: RunSummary
+) -> list[SourceBatch]:
+    """Read each source; a source that cannot be read is reported and the others go on."""
+    batches = []
+    for source in sources:
+        entry = SourceSummary(name=source.name)
+        summary.sources.append(entry)
+        try:
+            batch = source.read(state.checkpoints(source.name))
+        except (KeytrailError, OSError) as exc:
+            entry.error = str(exc)
+            summary.problems.append(f"source {source.name}: {exc}")
+            logger.error("source %s could not be read: %s", source.name, exc)
+            continue
+        counts = batch.result.summary()
+        entry.files_listed = batch.files_listed
+        entry.files_unchanged = batch.files_unchanged
+        entry.files_read = batch.files_listed - batch.files_unchanged
+        entry.records = counts["records"]
+        entry.events = counts["events"]
+        entry.quarantined_by_reason = counts["quarantined_by_reason"]
+        entry.skipped_by_kind = counts["skipped_by_kind"]
+        entry.records_by_format = counts["records_by_format"]
+        batches.append(batch)
+        logger.info(
+            "source %s: %s files read, %s unchanged, %s records, %s events, %s quarantined",
+            source.name,
+            entry.files_read,
+            entry.files_unchanged,
+            entry.records,
+            entry.events,
+            entry.quarantined,
+        )
+        if entry.quarantined:
+            logger.warning(
+                "source %s: %s records quarantined by reason %s",
+                source.name,
+                entry.quarantined,
+                entry.quarantined_by_reason,
+            )
+    return batches
+
+
+def _write_quarantine(state_dir: Path, run_id: str, items: list[Quarantined]) -> Path:
+    """Keep quarantined records with their origin and reason in ``quarantine/<run_id>.jsonl``."""
+    folder = state_dir / "quarantine"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{run_id}.jsonl"
+    temporary = folder / f".{run_id}.jsonl.tmp"
+    with temporary.open("w", encoding="utf-8") as handle:
+        for item in items:
+            handle.write(json.dumps(dataclasses.asdict(item), ensure_ascii=False) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+def _new_events(batches: list[SourceBatch], state: State, summary: RunSummary) -> pd.DataFrame:
+    """Combine the sources' events and drop those seen by earlier runs."""
+    frames = [batch.result.events for batch in batches if len(batch.result.events)]
+    if not frames:
+        return empty_events()
+    events = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    events = events.drop_duplicates(subset=["event_uid", "resource"]).reset_index(drop=True)
+    new = state.filter_new_events(events)
+    summary.events_read = len(events)
+    summary.events_new = len(new)
+    summary.events_already_seen = len(events) - len(new)
+    logger.info("dedup: %s events read, %s new", summary.events_read, summary.events_new)
+    return new
+
+
+def _baseline(
+    history: History | None, window: pd.DataFrame, detectors: list[Detector]
+) -> pd.DataFrame:
+    """Load the history before the window, as far back as the longest detector look-back."""
+    longest = max((detector.lookback for detector in detectors), default=timedelta(0))
+    if history is None or window.empty or longest <= timedelta(0):
+        return empty_events()
+    start = window["time"].min()
+    return history.events(since=start - longest, until=start)
+
+
+def _detect(
+    settings: Settings,
+    window: pd.DataFrame,
+    baseline: pd.DataFrame,
+    now: pd.Timestamp,
+    state: State,
+    summary: RunSummary,
+) -> pd.DataFrame:
+    """Run every enabled detector; one that fails is reported and the others go on."""
+    frames = []
+    start = window["time"].min() if len(window) else None
+    for detector in build_detectors(settings):
+        entry = DetectorSummary(id=detector.id)
+        summary.detectors.append(entry)
+        if window.empty:
+            continue
+        assert start is not None
+        view: HistoryView = FrameHistory(
+            baseline[(baseline["time"] >= start - detector.lookback).to_numpy(dtype=bool)]
+        )
+        clock = time.perf_counter()
+        try:
+            found = detector.detect(window, view, now)
+            missing = [name for name in FINDING_COLUMNS if name not in found.columns]
+            if missing:
+                raise ValueError(f"findings frame lacks columns {', '.join(missing)}")
+        except Exception as exc:
+            # A detector is plugin code: any exception it raises is reported, not fatal.
+            error = DetectorError(detector.id, f"{type(exc).__name__}: {exc}")
+            entry.error = str(error)
+            summary.problems.append(str(error))
+            logger.error("%s", error, exc_info=exc)
+            continue
+        finally:
+            entry.seconds = round(time.perf_counter() - clock, 3)
+        entry.findings = len(found)
+        if len(found):
+            frames.append(found[list(FINDING_COLUMNS)])
+
+    findings = pd.concat(frames, ignore_index=True) if frames else empty_findings()
+    findings = findings.drop_duplicates(subset=["finding_id"]).reset_index(drop=True)
+    new = state.filter_new_findings(findings)
+    counts = new["detector"].value_counts().to_dict() if len(new) else {}
+    for entry in summary.detectors:
+        entry.new_findings = int(counts.get(entry.id, 0))
+    summary.findings_new = len(new)
+    summary.findings_already_written = len(findings) - len(new)
+    logger.info(
+        "detect: %s detectors, %s findings, %s new",
+        len(summary.detectors),
+        len(findings),
+        len(new),
+    )
+    return new
+
+
+def _fill_geoip_date(findings: pd.DataFrame, enrich_info: Any) -> pd.DataFrame:
+    if findings.empty:
+        return findings
+    findings = findings.copy()
+    findings["geoip_build_date"] = getattr(enrich_info, "geoip_build_date", None)
+    return findings
+
+
+def _write_outputs(
+    settings: Settings,
+    findings: pd.DataFrame,
+    summary: RunSummary,
+    console: Console | None,
+    now: pd.Timestamp,
+) -> bool:
+    """Append findings.jsonl, fill the outbox and print to the console; False on failure."""
+    try:
+        report = write_outputs(
+            findings,
+            settings.output_dir,
+            settings.alerting,
+            console=console,
+            now=now.to_pydatetime(),
+        )
+    except (KeytrailError, OSError, ValueError) as exc:
+        summary.problems.append(f"outputs: could not write to {settings.output_dir}: {exc}")
+        logger.error("outputs could not be written to %s: %s", settings.output_dir, exc)
+        return False
+    summary.outputs = {
+        "findings_file": str(report.findings_path),
+        "findings_written": report.findings_written,
+        "alerts": len(report.alerts),
+        "below_min_severity": report.below_min_severity,
+        "slack_files": len(report.slack_files),
+        "email_files": len(report.email_files),
+    }
+    logger.info(
+        "outputs: %s findings written, %s alerts in the outbox",
+        report.findings_written,
+        len(report.slack_files),
+    )
+    return True
+
+
+def _roll_back(history: History, state: State, summary: RunSummary, reason: str) -> None:
+    """Delete this run's history files and record the run as failed; the state stays as it was."""
+    summary.status = "failed"
+    summary.problems.append(
+        f"run {summary.run_id} rolled back ({reason}); the next run reads the same input again"
+    )
+    logger.error("run %s rolled back: %s", summary.run_id, reason)
+    history.delete_run(summary.run_id)
+    try:
+        state.record_failed_run(summary.run_id, started=summary.started, error=reason)
+    except (KeytrailError, sqlite3.Error) as exc:
+        logger.error("run %s: could not record the failed run: %s", summary.run_id, exc)
+
+
+def _expire(
+    settings: Settings, history: History, state: State, summary: RunSummary, now: pd.Timestamp
+) -> None:
+    """Drop history partitions and seen ids older than their retention."""
+    try:
+        history_cutoff = (now - timedelta(days=settings.history.retention_days)).date()
+        partitions = history.expire(history_cutoff)
+        seen_cutoff = (now - timedelta(days=settings.history.seen_retention_days)).to_pydatetime()
+        forgotten = state.expire_seen(seen_cutoff)
+    except (KeytrailError, OSError) as exc:
+        summary.problems.append(f"retention: could not expire old data: {exc}")
+        logger.error("retention: could not expire old data: %s", exc)
+        return
+    logger.info("retention: %s history partitions and %s seen ids expired", partitions, forgotten)
+
+
+def _new_run_id(started: datetime) -> str:
+    return f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    """Return a report object (dataclass or plain object) as a JSON-ready dict."""
+    if value is None:
+        return {}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        data = dataclasses.asdict(value)
+    elif isinstance(value, dict):
+        data = dict(value)
+    else:
+        data = dict(vars(value))
+    return json.loads(json.dumps(data, default=str))

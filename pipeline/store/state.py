@@ -1,0 +1,376 @@
+"""Run state in one SQLite file: seen events, checkpoints, the findings ledger and the runs.
+
+The file is ``<state_dir>/state.db`` in WAL mode. A run reads from it freely and writes to it
+once, in :meth:`State.commit_run`, inside a single transaction: either the seen event ids, the
+findings ledger, the checkpoints and the run row are all stored, or none of them is. A run that
+fails before the commit leaves the state as it was, so the next run reads the same input again.
+
+:func:`state_lock` keeps two runs from using one state directory at the same time.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import pandas as pd
+
+from pipeline.errors import StateError
+
+__all__ = ["SCHEMA_VERSION", "State", "StateLockedError", "state_lock"]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Final = 1
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS seen_events (
+    event_uid TEXT PRIMARY KEY,
+    time TEXT NOT NULL,
+    first_run TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS seen_events_time ON seen_events (time);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    source TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated TEXT NOT NULL,
+    PRIMARY KEY (source, key)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    started TEXT NOT NULL,
+    finished TEXT,
+    status TEXT NOT NULL,
+    summary_json TEXT
+);
+CREATE TABLE IF NOT EXISTS findings_ledger (
+    finding_id TEXT PRIMARY KEY,
+    dedup_key TEXT,
+    detector TEXT NOT NULL,
+    first_written TEXT NOT NULL,
+    run_id TEXT NOT NULL
+);
+"""
+
+# Rows per executemany batch and per temporary-table probe.
+_BATCH = 50_000
+
+
+class StateLockedError(StateError):
+    """Another process holds the lock on the state directory."""
+
+
+@contextmanager
+def state_lock(state_dir: Path) -> Iterator[Path]:
+    """Hold an exclusive, non-blocking lock on ``<state_dir>/lock`` for the ``with`` block.
+
+    The lock is an ``fcntl.flock`` on an open file, so the kernel releases it when the holding
+    process exits, even after a crash. The file keeps the holder's pid for the error message.
+
+    Raises:
+        StateLockedError: another process holds the lock.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "lock"
+    handle = path.open("a+", encoding="ascii")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise StateLockedError(
+                f"another keytrail run holds the lock on {state_dir} (pid {holder}); wait for it "
+                "to finish or use a different --state-dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield path
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            handle.flush()
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    finally:
+        handle.close()
+
+
+class State:
+    """The SQLite state of one state directory.
+
+    Args:
+        path: the database file, normally ``<state_dir>/state.db``. It is created with its
+            folder unless ``read_only`` is set.
+        read_only: open an existing file without writing (dry runs). A missing file then reads
+            as an empty state.
+
+    Raises:
+        StateError: the file is not a keytrail state database, or was written by a newer
+            version of keytrail.
+    """
+
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+        self.path = Path(path)
+        self.read_only = read_only
+        self._conn = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            if self.read_only:
+                if not self.path.exists():
+                    conn = sqlite3.connect(":memory:", isolation_level=None)
+                    conn.executescript(_SCHEMA)
+                    return conn
+                uri = f"{self.path.resolve().as_uri()}?mode=ro"
+                conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+                self._check_version(conn)
+                return conn
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            version = self._check_version(conn)
+            if version < SCHEMA_VERSION:
+                conn.executescript(
+                    f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
+                )
+            return conn
+        except sqlite3.DatabaseError as exc:
+            raise StateError(
+                f"cannot open state database {self.path}: {exc}; move the file away to start "
+                "with an empty state (every input is then read again)"
+            ) from None
+
+    def _check_version(self, conn: sqlite3.Connection) -> int:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"state database {self.path} has schema version {version}, newer than this "
+                f"keytrail supports ({SCHEMA_VERSION}); upgrade keytrail"
+            )
+        return version
+
+    def close(self) -> None:
+        """Close the database connection."""
+        self._conn.close()
+
+    def __enter__(self) -> State:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # Reads
+
+    def filter_new_events(self, events: pd.DataFrame) -> pd.DataFrame:
+        """Return the rows of ``events`` whose ``event_uid`` has not been seen by an earlier run."""
+        if events.empty:
+            return events
+        seen = self._existing("seen_events", "event_uid", events["event_uid"].dropna().unique())
+        if not seen:
+            return events
+        keep = ~events["event_uid"].isin(seen)
+        return events[keep.to_numpy(dtype=bool)].reset_index(drop=True)
+
+    def filter_new_findings(self, findings: pd.DataFrame) -> pd.DataFrame:
+        """Return the findings whose ``finding_id`` is not in the ledger yet."""
+        if findings.empty:
+            return findings
+        known = self._existing("findings_ledger", "finding_id", findings["finding_id"].unique())
+        if not known:
+            return findings
+        return findings[~findings["finding_id"].isin(known)].reset_index(drop=True)
+
+    def checkpoints(self, source: str) -> dict[str, Any]:
+        """Return the checkpoints of ``source`` as key -> decoded JSON value."""
+        rows = self._conn.execute(
+            "SELECT key, value FROM checkpoints WHERE source = ?", (source,)
+        ).fetchall()
+        return {key: json.loads(value) for key, value in rows}
+
+    def seen_count(self) -> int:
+        """Return the number of event ids kept for deduplication."""
+        return int(self._conn.execute("SELECT count(*) FROM seen_events").fetchone()[0])
+
+    def ledger_count(self) -> int:
+        """Return the number of findings in the ledger."""
+        return int(self._conn.execute("SELECT count(*) FROM findings_ledger").fetchone()[0])
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Return the recorded runs, oldest first, with their decoded summaries."""
+        rows = self._conn.execute(
+            "SELECT run_id, started, finished, status, summary_json FROM runs ORDER BY started"
+        ).fetchall()
+        return [
+            {
+                "run_id": run_id,
+                "started": started,
+                "finished": finished,
+                "status": status,
+                "summary": json.loads(summary) if summary else None,
+            }
+            for run_id, started, finished, status, summary in rows
+        ]
+
+    def _existing(self, table: str, column: str, values: Iterable[Any]) -> set[str]:
+        """Return the subset of ``values`` present in ``table.column``."""
+        found: set[str] = set()
+        batch: list[tuple[str]] = []
+        self._conn.execute("CREATE TEMP TABLE IF NOT EXISTS probe (value TEXT PRIMARY KEY)")
+        try:
+            for value in values:
+                batch.append((str(value),))
+                if len(batch) >= _BATCH:
+                    found |= self._probe(table, column, batch)
+                    batch = []
+            if batch:
+                found |= self._probe(table, column, batch)
+        finally:
+            self._conn.execute("DELETE FROM temp.probe")
+        return found
+
+    def _probe(self, table: str, column: str, batch: list[tuple[str]]) -> set[str]:
+        self._conn.execute("DELETE FROM temp.probe")
+        self._conn.executemany("INSERT OR IGNORE INTO temp.probe (value) VALUES (?)", batch)
+        rows = self._conn.execute(
+            f"SELECT p.value FROM temp.probe p JOIN {table} t ON t.{column} = p.value"
+        ).fetchall()
+        return {row[0] for row in rows}
+
+    # Writes
+
+    def commit_run(
+        self,
+        run_id: str,
+        *,
+        started: datetime,
+        events: pd.DataFrame,
+        findings: pd.DataFrame,
+        checkpoints: Mapping[str, Mapping[str, Any]],
+        summary: Mapping[str, Any],
+        status: str = "completed",
+    ) -> None:
+        """Store everything a run produced in one transaction.
+
+        Args:
+            run_id: the run's id.
+            started: when the run started (UTC).
+            events: the run's new events; their ``event_uid``s become seen.
+            findings: the findings written by the run; they enter the ledger.
+            checkpoints: source name -> key -> JSON-ready value, upserted.
+            summary: the run summary, stored as JSON with the run row.
+            status: the run's final status.
+
+        Raises:
+            StateError: the transaction failed; nothing of it was stored.
+        """
+        self._require_writable()
+        now = _utc_text(datetime.now(UTC))
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._insert_seen(run_id, events)
+            self._insert_ledger(run_id, findings, now)
+            for source, values in checkpoints.items():
+                self._conn.executemany(
+                    "INSERT INTO checkpoints (source, key, value, updated) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (source, key) DO UPDATE SET value = excluded.value, "
+                    "updated = excluded.updated",
+                    [(source, key, json.dumps(value), now) for key, value in values.items()],
+                )
+            self._conn.execute(
+                "INSERT OR REPLACE INTO runs (run_id, started, finished, status, summary_json) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (run_id, _utc_text(started), now, status, json.dumps(dict(summary))),
+            )
+            self._conn.execute("COMMIT")
+        except (sqlite3.Error, TypeError, ValueError) as exc:
+            self._conn.execute("ROLLBACK")
+            raise StateError(
+                f"could not commit run {run_id} to {self.path}: {exc}; nothing was stored, so "
+                "the next run reads the same input again"
+            ) from exc
+        logger.debug("committed run %s: %s events, %s findings", run_id, len(events), len(findings))
+
+    def record_failed_run(self, run_id: str, *, started: datetime, error: str) -> None:
+        """Record a run that ended before its commit, for the runs listing."""
+        self._require_writable()
+        self._conn.execute(
+            "INSERT OR REPLACE INTO runs (run_id, started, finished, status, summary_json) "
+            "VALUES (?, ?, ?, 'failed', ?)",
+            (
+                run_id,
+                _utc_text(started),
+                _utc_text(datetime.now(UTC)),
+                json.dumps({"error": error}),
+            ),
+        )
+
+    def expire_seen(self, older_than: datetime) -> int:
+        """Forget seen event ids whose event time and first run are both before ``older_than``.
+
+        Keying on the run start as well keeps the ids of a backfill of old events for the full
+        retention, counted from when they were read.
+
+        Returns:
+            The number of ids removed.
+        """
+        self._require_writable()
+        cutoff = _utc_text(older_than)
+        cursor = self._conn.execute(
+            "DELETE FROM seen_events WHERE time < ? AND first_run IN "
+            "(SELECT run_id FROM runs WHERE started < ?)",
+            (cutoff, cutoff),
+        )
+        return int(cursor.rowcount)
+
+    def _insert_seen(self, run_id: str, events: pd.DataFrame) -> None:
+        if events.empty:
+            return
+        unique = events.drop_duplicates("event_uid")
+        times = unique["time"].dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        rows = list(
+            zip(unique["event_uid"].astype(str), times, [run_id] * len(unique), strict=True)
+        )
+        for start in range(0, len(rows), _BATCH):
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO seen_events (event_uid, time, first_run) VALUES (?, ?, ?)",
+                rows[start : start + _BATCH],
+            )
+
+    def _insert_ledger(self, run_id: str, findings: pd.DataFrame, now: str) -> None:
+        if findings.empty:
+            return
+        rows = [
+            (str(finding_id), None if pd.isna(dedup_key) else str(dedup_key), str(det), now, run_id)
+            for finding_id, dedup_key, det in zip(
+                findings["finding_id"], findings["dedup_key"], findings["detector"], strict=True
+            )
+        ]
+        self._conn.executemany(
+            "INSERT OR IGNORE INTO findings_ledger "
+            "(finding_id, dedup_key, detector, first_written, run_id) VALUES (?, ?, ?, ?, ?)",
+            rows,
+        )
+
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise StateError(f"state database {self.path} is open read-only (dry run)")
+
+
+def _utc_text(moment: datetime) -> str:
+    """Format a time as fixed-width ISO 8601 UTC text, so text order is time order."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,199 @@
+"""Tests of config.yaml loading: validation messages, detector params and path resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from detectors.base import get_detector, registered_detectors
+from pipeline.config import build_detectors, embedded_defaults, load_config
+from pipeline.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.source == str(path)
+    return caught.value.problems
+
+
+def test_shipped_config_loads() -> None:
+    settings = load_config(REPO / "config.yaml")
+
+    assert settings.state_dir == REPO / ".keytrail"
+    assert settings.output_dir == REPO / ".keytrail" / "output"
+    assert [source.name for source in settings.sources] == ["sample_logs"]
+    assert settings.sources[0].paths == [
+        REPO / "sample_logs" / "aws",
+        REPO / "sample_logs" / "gcp",
+        REPO / "sample_logs" / "azure",
+    ]
+    assert settings.enabled_detectors == [
+        "keytrail.off_hours",
+        "keytrail.new_country",
+        "keytrail.impossible_travel",
+        "keytrail.failure_burst",
+    ]
+    assert settings.history.retention_days == 400
+    assert settings.history.seen_retention_days == 30
+    assert settings.logging.format == "text"
+
+
+def test_embedded_defaults_match_shipped_config() -> None:
+    assert embedded_defaults(REPO) == load_config(REPO / "config.yaml")
+
+
+def test_relative_paths_resolve_against_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config_dir = tmp_path / "conf"
+    config_dir.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    path = write(
+        config_dir,
+        "state_dir: state\n"
+        "output_dir: /var/tmp/keytrail-out\n"
+        "sources: [{name: s, type: files, paths: [logs, ../shared/logs]}]\n"
+        "enrich: {geoip: {city_db: db/city.mmdb}}\n"
+        "alerting: {templates_dir: templates}\n",
+    )
+
+    settings = load_config(Path("..") / "conf" / "config.yaml")
+
+    assert settings.state_dir == config_dir / "state"
+    assert settings.output_dir == Path("/var/tmp/keytrail-out")
+    assert settings.sources[0].paths == [config_dir / "logs", config_dir / ".." / "shared" / "logs"]
+    assert settings.enrich.geoip.city_db == config_dir / "db" / "city.mmdb"
+    assert settings.enrich.geoip.asn_db is None
+    assert settings.alerting.templates_dir == config_dir / "templates"
+    assert path.exists()
+
+
+def test_every_problem_listed_with_key_path(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "state_dirr: x\n"
+        "sources:\n"
+        "  - name: s\n"
+        "    type: s3\n"
+        "    paths: [logs]\n"
+        "history: {retention_days: forever}\n"
+        "detectors:\n"
+        "  keytrail.off_hours: {enabled: true, min_reads: many}\n"
+        "  keytrail.not_a_detector: {enabled: true}\n"
+        "logging: {level: LOUD}\n",
+    )
+
+    assert problems_of(path) == [
+        "sources[0].type: Input should be 'files' (found: 's3')",
+        "history.retention_days: Input should be a valid integer, unable to parse string as an "
+        "integer (found: 'forever')",
+        "logging.level: Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR' (found: 'LOUD')",
+        "state_dirr: unknown key; allowed keys: state_dir, output_dir, sources, enrich, history, "
+        "detectors, alerting, logging",
+        "detectors.keytrail.off_hours.min_reads: Input should be a valid integer, unable to parse "
+        "string as an integer (found: 'many')",
+        "detectors.keytrail.not_a_detector: unknown detector; known: keytrail.failure_burst, "
+        "keytrail.impossible_travel, keytrail.new_country, keytrail.off_hours"
+        + _test_detectors_suffix(),
+    ]
+
+
+def _test_detectors_suffix() -> str:
+    # Other test modules register detectors of their own; they are listed when loaded.
+    extra = sorted(name for name in registered_detectors() if not name.startswith("keytrail."))
+    return "".join(f", {name}" for name in extra)
+
+
+def test_unknown_nested_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "enrich: {geoip: {enabled: true, city: x}}\n")
+
+    assert problems_of(path) == [
+        "enrich.geoip.city: unknown key; allowed keys: enabled, city_db, asn_db, max_age_days"
+    ]
+
+
+def test_unknown_detector_param(tmp_path: Path) -> None:
+    path = write(tmp_path, "detectors:\n  keytrail.off_hours: {enabled: true, hours: 3}\n")
+
+    allowed = ", ".join(get_detector("keytrail.off_hours").Params.model_fields)
+    assert problems_of(path) == [
+        f"detectors.keytrail.off_hours.hours: unknown key; allowed keys: {allowed}"
+    ]
+
+
+def test_seen_retention_longer_than_history(tmp_path: Path) -> None:
+    path = write(tmp_path, "history: {retention_days: 10, seen_retention_days: 20}\n")
+
+    assert problems_of(path) == [
+        "history: seen_retention_days (20) must not exceed retention_days (10) "
+        "(found: a mapping with keys retention_days, seen_retention_days)"
+    ]
+
+
+def test_duplicate_source_names(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "sources:\n  - {name: a, type: files, paths: [x]}\n  - {name: a, type: files, paths: [y]}\n",
+    )
+
+    assert problems_of(path) == [
+        "sources[1].name: duplicate source name 'a'; each source needs its own name because "
+        "checkpoints are kept per name"
+    ]
+
+
+def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "state_dir: x\nsources:\n  - name: a\n   type: files\n")
+
+    assert problems_of(path) == [
+        "invalid YAML at line 4, column 4: expected <block end>, but found '<block mapping start>'"
+    ]
+
+
+def test_top_level_must_be_mapping(tmp_path: Path) -> None:
+    path = write(tmp_path, "- a\n- b\n")
+
+    assert problems_of(path) == ["top level: expected a mapping of settings, found list"]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+
+    assert problems_of(path) == [
+        f"config file not found: {path}; pass --config FILE or run from the folder that "
+        "contains config.yaml"
+    ]
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    settings = load_config(write(tmp_path, ""))
+
+    assert settings.sources == []
+    assert settings.detectors == {}
+    assert settings.state_dir == tmp_path / ".keytrail"
+
+
+def test_build_detectors_passes_params(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "detectors:\n"
+        "  keytrail.off_hours: {enabled: true, min_reads: 3}\n"
+        "  keytrail.failure_burst: {enabled: false}\n",
+    )
+
+    built = build_detectors(load_config(path))
+
+    assert [detector.id for detector in built] == ["keytrail.off_hours"]
+    assert built[0].params.min_reads == 3  # type: ignore[attr-defined]

@@ -1,0 +1,377 @@
+"""Tests of pipeline.engine.run_once on small log files of the three clouds."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pandas as pd
+import pytest
+from rich.console import Console
+
+from detectors.base import (
+    Detector,
+    DetectorParams,
+    HistoryView,
+    build_findings,
+    empty_findings,
+    register,
+    registered_detectors,
+)
+from pipeline.config import Settings, settings_from_mapping
+from pipeline.engine import COMMAND_LINE_SOURCE, run_once
+from pipeline.store.history import History
+from pipeline.store.state import State, StateLockedError, state_lock
+
+NOW = datetime(2026, 10, 6, 12, 0, tzinfo=UTC)
+
+
+# Detectors registered for these tests only. Their output depends only on the window, so the
+# engine's counting can be asserted exactly.
+
+
+class EveryReadParams(DetectorParams):
+    severity: str = "medium"
+
+
+class EveryReadDetector(Detector):
+    """One finding per read event; records the baseline rows it was given."""
+
+    id = "tests.every_read"
+    Params = EveryReadParams
+    baseline_rows: ClassVar[list[int]] = []
+
+    @property
+    def lookback(self) -> timedelta:
+        return timedelta(days=30)
+
+    def detect(self, window: pd.DataFrame, history: HistoryView, now: pd.Timestamp) -> pd.DataFrame:
+        type(self).baseline_rows.append(len(history.events()))
+        reads = window[window["action"] == "read"]
+        if reads.empty:
+            return empty_findings()
+        params: Any = self.params
+        rows = [
+            {
+                "severity": params.severity,
+                "title": f"read of {row.resource}",
+                "principal": row.principal,
+                "cloud": row.cloud,
+                "account": row.account,
+                "resources": [row.resource],
+                "source_ips": [row.source_ip],
+                "first_seen": row.time,
+                "last_seen": row.time,
+                "event_uids": [row.event_uid],
+                "evidence": {"operation": row.operation},
+                "baseline": {"summary": "none"},
+            }
+            for row in reads.itertuples()
+        ]
+        return build_findings(rows, detector=self)
+
+
+class BrokenDetector(Detector):
+    """Raise on every window."""
+
+    id = "tests.broken"
+
+    def detect(self, window: pd.DataFrame, history: HistoryView, now: pd.Timestamp) -> pd.DataFrame:
+        raise RuntimeError("baseline table missing")
+
+
+for _cls in (EveryReadDetector, BrokenDetector):
+    if _cls.id not in registered_detectors():
+        register(_cls)
+
+
+# Fixture records, written from the providers' documented layouts.
+
+
+def cloudtrail_record(number: int, *, time: str, user: str = "alice") -> dict[str, Any]:
+    """Return a Secrets Manager GetSecretValue CloudTrail record."""
+    return {
+        "eventVersion": "1.09",
+        "userIdentity": {
+            "type": "IAMUser",
+            "principalId": "AIDAEXAMPLEUSER0001",
+            "arn": f"arn:aws:iam::111122223333:user/{user}",
+            "accountId": "111122223333",
+            "userName": user,
+        },
+        "eventTime": time,
+        "eventSource": "secretsmanager.amazonaws.com",
+        "eventName": "GetSecretValue",
+        "awsRegion": "eu-west-1",
+        "sourceIPAddress": "10.1.2.3",
+        "userAgent": "aws-cli/2.15.0",
+        "requestParameters": {"secretId": f"prod/db-{number}"},
+        "responseElements": None,
+        "eventID": f"11111111-0000-4000-8000-{number:012d}",
+        "eventType": "AwsApiCall",
+        "recipientAccountId": "111122223333",
+    }
+
+
+def gcp_record() -> dict[str, Any]:
+    """Return a Secret Manager AccessSecretVersion audit log entry."""
+    return {
+        "protoPayload": {
+            "@type": "type.googleapis.com/google.cloud.audit.AuditLog",
+            "status": {},
+            "authenticationInfo": {"principalEmail": "bob@example.com"},
+            "requestMetadata": {"callerIp": "10.9.8.7", "callerSuppliedUserAgent": "grpc-python"},
+            "serviceName": "secretmanager.googleapis.com",
+            "methodName": "google.cloud.secretmanager.v1.SecretManagerService.AccessSecretVersion",
+            "authorizationInfo": [{"permission": "secretmanager.versions.access", "granted": True}],
+            "resourceName": "projects/demo-project/secrets/api-key/versions/3",
+        },
+        "insertId": "1x2y3z",
+        "resource": {"type": "audited_resource", "labels": {"project_id": "demo-project"}},
+        "timestamp": "2026-10-05T10:00:00.123456789Z",
+        "severity": "INFO",
+        "logName": "projects/demo-project/logs/cloudaudit.googleapis.com%2Fdata_access",
+    }
+
+
+def azure_record() -> dict[str, Any]:
+    """Return a Key Vault SecretGet AuditEvent record."""
+    return {
+        "time": "2026-10-05T11:00:00.0000000Z",
+        "resourceId": "/SUBSCRIPTIONS/0000-1111/RESOURCEGROUPS/RG/PROVIDERS/"
+        "MICROSOFT.KEYVAULT/VAULTS/KV-DEMO",
+        "operationName": "SecretGet",
+        "operationVersion": "7.4",
+        "category": "AuditEvent",
+        "resultType": "Success",
+        "resultSignature": "OK",
+        "callerIpAddress": "10.4.4.4",
+        "correlationId": "5b1c9d3e-0000-4000-8000-000000000009",
+        "identity": {
+            "claim": {
+                "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/upn": "carol@example.com"
+            }
+        },
+        "properties": {
+            "id": "https://kv-demo.vault.azure.net/secrets/db-password/abc",
+            "httpStatusCode": 200,
+        },
+    }
+
+
+def write_logs(root: Path) -> Path:
+    """Write 3 AWS records (one bad line), 1 GCP and 1 Azure record under ``root``.
+
+    Expected: 5 records read, 4 events, 1 quarantined (invalid_json).
+    """
+    (root / "aws").mkdir(parents=True)
+    lines = [
+        json.dumps(cloudtrail_record(1, time="2026-10-05T08:00:00Z")),
+        '{"eventVersion": "1.09", "eventID": ',
+        json.dumps(cloudtrail_record(2, time="2026-10-05T09:00:00Z")),
+    ]
+    (root / "aws" / "trail.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (root / "gcp").mkdir()
+    (root / "gcp" / "audit.json").write_text(json.dumps([gcp_record()]), encoding="utf-8")
+    (root / "azure").mkdir()
+    (root / "azure" / "PT1H.json").write_text(json.dumps(azure_record()) + "\n", encoding="utf-8")
+    return root
+
+
+def make_settings(tmp_path: Path, **detectors: dict[str, Any]) -> Settings:
+    """Settings reading ``tmp_path/logs`` with GeoIP and console output off."""
+    data: dict[str, Any] = {
+        "state_dir": "state",
+        "output_dir": "out",
+        "sources": [{"name": "local", "type": "files", "paths": ["logs"]}],
+        "enrich": {"geoip": {"enabled": False}},
+        "detectors": detectors or {"tests.every_read": {}},
+        "alerting": {"console": False, "outbox": False},
+    }
+    return settings_from_mapping(data, base_dir=tmp_path)
+
+
+@pytest.fixture
+def logs(tmp_path: Path) -> Path:
+    return write_logs(tmp_path / "logs")
+
+
+@pytest.fixture(autouse=True)
+def _reset_baseline_rows() -> None:
+    EveryReadDetector.baseline_rows.clear()
+
+
+def read_findings(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_first_run_counts(tmp_path: Path, logs: Path) -> None:
+    summary = run_once(make_settings(tmp_path), now=NOW)
+
+    assert summary.status == "completed"
+    assert summary.problems == []
+    assert len(summary.sources) == 1
+    source = summary.sources[0]
+    assert source.name == "local"
+    assert source.files_listed == 3
+    assert source.files_read == 3
+    assert source.records == 5
+    assert source.events == 4
+    assert source.quarantined_by_reason == {"invalid_json": 1}
+    assert source.records_by_format == {"azure_keyvault": 1, "cloudtrail": 2, "gcp_audit": 1}
+    assert summary.events_read == 4
+    assert summary.events_new == 4
+    assert summary.events_already_seen == 0
+    assert summary.history_rows_written == 4
+    assert summary.findings_by_detector() == {"tests.every_read": 4}
+    assert summary.outputs["findings_written"] == 4
+    assert summary.exit_code() == 0
+
+
+def test_first_run_writes_outputs_and_state(tmp_path: Path, logs: Path) -> None:
+    summary = run_once(make_settings(tmp_path), now=NOW)
+
+    findings = read_findings(tmp_path / "out" / "findings.jsonl")
+    assert sorted(f["principal"] for f in findings) == [
+        "alice",
+        "alice",
+        "bob@example.com",
+        "carol@example.com",
+    ]
+    assert {f["detector"] for f in findings} == {"tests.every_read"}
+    with State(tmp_path / "state" / "state.db") as state:
+        assert state.seen_count() == 4
+        assert state.ledger_count() == 4
+        assert len(state.checkpoints("local")) == 3
+        runs = state.runs()
+    assert [run["run_id"] for run in runs] == [summary.run_id]
+    assert runs[0]["status"] == "completed"
+    assert runs[0]["summary"]["events_new"] == 4
+    assert len(History(tmp_path / "state" / "history").events()) == 4
+
+
+def test_quarantine_file_keeps_record(tmp_path: Path, logs: Path) -> None:
+    summary = run_once(make_settings(tmp_path), now=NOW)
+
+    assert summary.quarantine_file == str(
+        tmp_path / "state" / "quarantine" / f"{summary.run_id}.jsonl"
+    )
+    entries = read_findings(Path(summary.quarantine_file))
+    assert len(entries) == 1
+    assert entries[0]["origin"] == f"{logs / 'aws' / 'trail.jsonl'} line 2"
+    assert entries[0]["reason"] == "invalid_json"
+    assert entries[0]["raw"] == '{"eventVersion": "1.09", "eventID": '
+
+
+def test_second_run_reads_nothing_new(tmp_path: Path, logs: Path) -> None:
+    settings = make_settings(tmp_path)
+    run_once(settings, now=NOW)
+    second = run_once(settings, now=NOW)
+
+    assert second.status == "completed"
+    assert second.sources[0].files_unchanged == 3
+    assert second.sources[0].files_read == 0
+    assert second.events_new == 0
+    assert second.findings_new == 0
+    assert second.quarantine_file is None
+    assert len(read_findings(tmp_path / "out" / "findings.jsonl")) == 4
+
+
+def test_changed_file_is_deduplicated(tmp_path: Path, logs: Path) -> None:
+    settings = make_settings(tmp_path)
+    run_once(settings, now=NOW)
+    trail = logs / "aws" / "trail.jsonl"
+    with trail.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(cloudtrail_record(3, time="2026-10-05T20:00:00Z")) + "\n")
+
+    second = run_once(settings, now=NOW)
+
+    assert second.sources[0].files_read == 1
+    assert second.events_read == 3
+    assert second.events_already_seen == 2
+    assert second.events_new == 1
+    assert second.findings_new == 1
+    # The new event's baseline holds the 4 events of the first run.
+    assert EveryReadDetector.baseline_rows == [0, 4]
+    assert len(read_findings(tmp_path / "out" / "findings.jsonl")) == 5
+
+
+def test_failing_detector_reported_others_run(tmp_path: Path, logs: Path) -> None:
+    settings = make_settings(tmp_path, **{"tests.broken": {}, "tests.every_read": {}})
+    summary = run_once(settings, now=NOW)
+
+    assert summary.status == "completed_with_problems"
+    assert summary.problems == [
+        "detector tests.broken: RuntimeError: baseline table missing",
+    ]
+    assert (
+        summary.detectors[0].error == "detector tests.broken: RuntimeError: baseline table missing"
+    )
+    assert summary.findings_by_detector() == {"tests.broken": 0, "tests.every_read": 4}
+    assert summary.exit_code() == 3
+
+
+def test_missing_source_path_reported(tmp_path: Path, logs: Path) -> None:
+    settings = make_settings(tmp_path)
+    missing = settings.sources[0].model_copy(update={"name": "gone", "paths": [tmp_path / "no"]})
+    settings = settings.model_copy(update={"sources": [missing, *settings.sources]})
+
+    summary = run_once(settings, now=NOW)
+
+    assert summary.sources[0].error == (
+        f"log path not found: {tmp_path / 'no'} (check --source or sources[].paths)"
+    )
+    assert summary.sources[1].events == 4
+    assert summary.events_new == 4
+    assert summary.exit_code() == 3
+
+
+def test_output_failure_rolls_back(tmp_path: Path, logs: Path) -> None:
+    settings = make_settings(tmp_path)
+    (tmp_path / "out").write_text("a file where the output folder should be", encoding="utf-8")
+
+    summary = run_once(settings, now=NOW)
+
+    assert summary.status == "failed"
+    assert summary.exit_code() == 3
+    assert summary.problems[0].startswith(f"outputs: could not write to {tmp_path / 'out'}: ")
+    assert History(tmp_path / "state" / "history").events().empty
+    with State(tmp_path / "state" / "state.db") as state:
+        assert state.seen_count() == 0
+        assert state.ledger_count() == 0
+        assert state.checkpoints("local") == {}
+        assert [run["status"] for run in state.runs()] == ["failed"]
+
+
+def test_dry_run_writes_nothing(tmp_path: Path, logs: Path) -> None:
+    console = Console(record=True, width=200)
+    summary = run_once(make_settings(tmp_path), now=NOW, dry_run=True, console=console)
+
+    assert summary.dry_run is True
+    assert summary.events_new == 4
+    assert summary.findings_new == 4
+    assert summary.quarantine_file is None
+    assert not (tmp_path / "state").exists()
+    assert not (tmp_path / "out").exists()
+    assert "carol@example.com" in console.export_text()
+
+
+def test_sources_override_reads_given_paths(tmp_path: Path, logs: Path) -> None:
+    summary = run_once(make_settings(tmp_path), sources_override=[logs / "gcp"], now=NOW)
+
+    assert [source.name for source in summary.sources] == [COMMAND_LINE_SOURCE]
+    assert summary.events_new == 1
+    assert summary.findings_by_detector() == {"tests.every_read": 1}
+
+
+def test_locked_state_raises(tmp_path: Path, logs: Path) -> None:
+    settings = make_settings(tmp_path)
+    with state_lock(settings.state_dir), pytest.raises(StateLockedError) as caught:
+        run_once(settings, now=NOW)
+    assert str(caught.value) == (
+        f"another keytrail run holds the lock on {settings.state_dir} (pid {os.getpid()}); "
+        "wait for it to finish or use a different --state-dir"
+    )
