@@ -1,0 +1,324 @@
+"""``keytrail.failure_burst``: many failed secret accesses in a short time."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any, ClassVar, Final, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, field_validator
+
+from detectors._common import (
+    IN_WINDOW,
+    iter_rows,
+    load_context,
+    read_mask,
+    stable_key,
+    to_counts,
+    utc_iso,
+)
+from detectors.base import Detector, DetectorParams, HistoryView, build_findings, register
+from pipeline.schema import FAILURE_REASONS
+
+__all__ = ["FailureBurstDetector", "FailureBurstParams"]
+
+logger = logging.getLogger(__name__)
+
+BurstKey = Literal["principal", "source_ip"]
+_BASELINE_DAYS: Final = 7
+_DEFAULT_KEYS: Final[tuple[BurstKey, ...]] = ("principal", "source_ip")
+_COLUMNS: Final = (
+    "time",
+    "cloud",
+    "operation",
+    "action",
+    "outcome",
+    "failure_reason",
+    "invoked_by",
+    "principal",
+    "principal_type",
+    "account",
+    "source_ip",
+    "source_kind",
+    "geo_country",
+)
+
+
+class FailureBurstParams(DetectorParams):
+    """Parameters of :class:`FailureBurstDetector`."""
+
+    min_failures: int = Field(default=10, ge=2)
+    window_minutes: float = Field(default=10.0, gt=0, le=24 * 60)
+    reasons: list[str] = Field(default_factory=lambda: ["denied", "not_found"])
+    keys: list[BurstKey] = Field(default_factory=lambda: list(_DEFAULT_KEYS))
+    high_distinct_secrets: int = Field(default=5, ge=1)
+    success_within_minutes: float = Field(default=30.0, ge=0)
+
+    @field_validator("reasons")
+    @classmethod
+    def _reasons(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(FAILURE_REASONS))
+        if unknown:
+            raise ValueError(
+                f"unknown failure reasons {unknown}; expected some of {FAILURE_REASONS}"
+            )
+        if not value:
+            raise ValueError("reasons is empty, so no failure would count")
+        return value
+
+    @field_validator("keys")
+    @classmethod
+    def _keys(cls, value: list[BurstKey]) -> list[BurstKey]:
+        if not value:
+            raise ValueError("keys is empty; expected principal, source_ip or both")
+        return list(dict.fromkeys(value))
+
+
+@register
+class FailureBurstDetector(Detector):
+    """Bursts of failed secret accesses: guessing names, probing permissions, brute force.
+
+    A failure is outcome ``failure`` with a ``failure_reason`` in ``reasons``. For each key in
+    ``keys`` (one principal; one public source IP across principals), a failure qualifies when
+    at least ``min_failures`` failures of the key fall in the ``window_minutes`` ending at it.
+    The failures of every qualifying window form bursts, and a burst ends when the next
+    qualifying failure is more than ``window_minutes`` later. A burst becomes a finding when it
+    contains at least one window event.
+
+    Parameters: ``min_failures`` (10), ``window_minutes`` (10), ``reasons``
+    (["denied", "not_found"]), ``keys`` (["principal", "source_ip"]),
+    ``high_distinct_secrets`` (5), ``success_within_minutes`` (30).
+
+    Severity is medium. It is high when the burst touched at least ``high_distinct_secrets``
+    distinct secrets, or when a principal of the burst read a secret successfully within
+    ``success_within_minutes`` after the burst's last failure (the success is in the evidence).
+    The baseline is the key's failures per UTC day over the 7 days before the burst.
+
+    Blind spots: a slow attacker that stays under ``min_failures`` per window, and failures
+    spread over many principals and addresses.
+
+    ATT&CK: T1110 (Brute Force), T1555.006 (Cloud Secrets Management Stores).
+    """
+
+    id: ClassVar[str] = "keytrail.failure_burst"
+    mitre: ClassVar[tuple[str, ...]] = ("T1110", "T1555.006")
+    Params: ClassVar[type[DetectorParams]] = FailureBurstParams
+    params: FailureBurstParams
+
+    @property
+    def lookback(self) -> timedelta:
+        """The 7 baseline days plus one, to cover the whole first baseline day."""
+        return timedelta(days=_BASELINE_DAYS + 1)
+
+    def detect(self, window: pd.DataFrame, history: HistoryView, now: pd.Timestamp) -> pd.DataFrame:
+        """Return one finding per burst of failures that reaches into ``window``."""
+        params = self.params
+        context = load_context(window, history, self.lookback, _COLUMNS)
+        is_failure = (context["outcome"].astype(object) == "failure") & context[
+            "failure_reason"
+        ].isin(params.reasons)
+        failures = context[is_failure.fillna(False).to_numpy(dtype=bool)]
+        if not failures[IN_WINDOW].any():
+            return build_findings([], detector=self)
+        successes = context[
+            (read_mask(context) & (context["outcome"].astype(object) == "success"))
+            .fillna(False)
+            .to_numpy(dtype=bool)
+        ]
+
+        rows: list[dict[str, Any]] = []
+        for key in params.keys:
+            if key == "principal":
+                keyed = failures[failures["principal"].notna()]
+            else:
+                public = (failures["source_kind"].astype(object) == "public").fillna(False)
+                keyed = failures[public.to_numpy(dtype=bool) & failures["source_ip"].notna()]
+            bursts = self._bursts(keyed, key)
+            if bursts.empty:
+                continue
+            bursts = _add_baseline(bursts, keyed, key)
+            bursts = self._add_success(bursts, successes)
+            rows.extend(self._finding_rows(bursts, key))
+        logger.debug("%s: %s bursts", self.id, len(rows))
+        return build_findings(rows, detector=self)
+
+    def _bursts(self, failures: pd.DataFrame, key: str) -> pd.DataFrame:
+        """Return the failures that belong to a burst, with ``burst`` numbering each burst."""
+        params = self.params
+        if failures.empty:
+            return failures.assign(burst=pd.Series(dtype="int64"))
+        frame = failures.assign(key=failures[key].astype(str))
+        # Failures are counted once per event, even when a batch call names several secrets.
+        events = frame.drop_duplicates(["key", "event_uid"]).sort_values(["key", "time"])
+        events = events.reset_index(drop=True)
+        codes = pd.factorize(events["key"])[0].astype(np.int64)
+        times = events["time"].astype("int64").to_numpy()
+        width = int(params.window_minutes * 60_000_000)
+
+        # One sorted axis with keys far apart: the window start of failure i is a searchsorted.
+        span = int(times.max() - times.min()) + width + 1
+        axis = codes * span + (times - times.min())
+        start = np.searchsorted(axis, axis - width, side="left")
+        position = np.arange(len(axis))
+        qualifies = position - start + 1 >= params.min_failures
+
+        # Mark every failure inside some qualifying window with a difference array.
+        marks = np.zeros(len(axis) + 1, dtype=np.int64)
+        np.add.at(marks, start[qualifies], 1)
+        np.add.at(marks, position[qualifies] + 1, -1)
+        covered = np.cumsum(marks[:-1]) > 0
+        burst_events = events[covered]
+        if burst_events.empty:
+            return burst_events.assign(burst=pd.Series(dtype="int64"))
+        gap = burst_events["time"].diff() > pd.Timedelta(minutes=params.window_minutes)
+        new_key = burst_events["key"] != burst_events["key"].shift()
+        burst_ids = (gap | new_key).cumsum().to_numpy()
+        uid_to_burst = pd.DataFrame(
+            {"key": burst_events["key"].to_numpy(), "event_uid": burst_events["event_uid"]}
+        ).assign(burst=burst_ids)
+        members = frame.merge(uid_to_burst, on=["key", "event_uid"], how="inner")
+        in_window = members.groupby("burst")[IN_WINDOW].transform("any")
+        return members[in_window.to_numpy(dtype=bool)]
+
+    def _add_success(self, bursts: pd.DataFrame, successes: pd.DataFrame) -> pd.DataFrame:
+        """Attach the first successful read by a burst principal soon after each burst."""
+        summary = bursts.groupby("burst").agg(end=("time", "max")).reset_index()
+        involved = bursts[["burst", "principal"]].dropna().drop_duplicates()
+        candidates = involved.merge(summary, on="burst")
+        reads = successes[["principal", "time", "event_uid", "resource", "source_ip"]].dropna(
+            subset=["principal"]
+        )
+        if candidates.empty or reads.empty:
+            bursts["success"] = None
+            return bursts
+        limit = pd.Timedelta(minutes=self.params.success_within_minutes)
+        candidates["principal"] = candidates["principal"].astype(str)
+        reads = reads.assign(principal=reads["principal"].astype(str), success_time=reads["time"])
+        matched = pd.merge_asof(
+            candidates.sort_values("end"),
+            reads.drop(columns="time").sort_values("success_time"),
+            left_on="end",
+            right_on="success_time",
+            by="principal",
+            direction="forward",
+            tolerance=limit,
+            allow_exact_matches=False,
+        ).dropna(subset=["success_time"])
+        first = matched.sort_values("success_time").drop_duplicates("burst")
+        success = {
+            row.burst: {
+                "principal": row.principal,
+                "time": utc_iso(row.success_time),
+                "event_uid": row.event_uid,
+                "resource": row.resource if isinstance(row.resource, str) else None,
+                "source_ip": row.source_ip if isinstance(row.source_ip, str) else None,
+                "minutes_after_burst": round((row.success_time - row.end).total_seconds() / 60, 1),
+            }
+            for row in iter_rows(first)
+        }
+        bursts["success"] = bursts["burst"].map(success).astype(object)
+        return bursts
+
+    def _finding_rows(self, bursts: pd.DataFrame, key: str) -> list[dict[str, Any]]:
+        params = self.params
+        rows = []
+        # NOTE: one loop iteration with pandas calls per burst (per finding, not per event); fast
+        # for hundreds of bursts, slow if a run produces tens of thousands.
+        for _, burst in bursts.groupby("burst", sort=True):
+            principals = sorted(burst["principal"].dropna().astype(str).unique())
+            secrets = sorted(burst["resource"].dropna().astype(str).unique())
+            success = burst["success"].iloc[0]
+            failures = int(burst["event_uid"].nunique())
+            start = pd.Timestamp(burst["time"].min())
+            end = pd.Timestamp(burst["time"].max())
+            key_value = str(burst["key"].iloc[0])
+            severity = (
+                "high"
+                if len(secrets) >= params.high_distinct_secrets or isinstance(success, dict)
+                else "medium"
+            )
+            if key == "principal" or len(principals) == 1:
+                principal = principals[0] if principals else key_value
+            else:
+                principal = f"{len(principals)} principals"
+            subject = key_value if key == "principal" else f"source IP {key_value}"
+            median = float(burst["baseline_median"].iloc[0])
+            rows.append(
+                {
+                    "severity": severity,
+                    "title": (
+                        f"{failures} failed secret accesses by {subject} in "
+                        f"{_minutes_text(end - start)}"
+                    ),
+                    "principal": principal,
+                    "principal_type": _single(burst["principal_type"]),
+                    "cloud": _single(burst["cloud"]),
+                    "account": _single(burst["account"]),
+                    "resources": secrets,
+                    "source_ips": burst["source_ip"].dropna().astype(str).unique().tolist(),
+                    "countries": burst["geo_country"].dropna().astype(str).unique().tolist(),
+                    "first_seen": start,
+                    "last_seen": end,
+                    "event_uids": burst["event_uid"].astype(str).unique().tolist(),
+                    "event_count": failures,
+                    "dedup_key": stable_key(self.id, key, key_value, utc_iso(start)),
+                    "evidence": {
+                        "key": key,
+                        "key_value": key_value,
+                        "failures": failures,
+                        "distinct_secrets": len(secrets),
+                        "reasons": to_counts(burst.drop_duplicates("event_uid")["failure_reason"]),
+                        "operations": to_counts(burst.drop_duplicates("event_uid")["operation"]),
+                        "principals": principals,
+                        "span_seconds": round((end - start).total_seconds(), 1),
+                        "window_minutes": params.window_minutes,
+                        "min_failures": params.min_failures,
+                        "success_after": success if isinstance(success, dict) else None,
+                    },
+                    "baseline": {
+                        "days": _BASELINE_DAYS,
+                        "daily_failures": burst["baseline_daily"].iloc[0],
+                        "median_per_day": median,
+                        "summary": f"{_BASELINE_DAYS}-day median {median:g} failures/day; "
+                        f"this burst {failures}",
+                    },
+                }
+            )
+        return rows
+
+
+def _add_baseline(bursts: pd.DataFrame, failures: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Add the key's failure events per UTC day for the 7 days before each burst's day."""
+    starts = bursts.groupby("burst").agg(key=("key", "first"), start=("time", "min"))
+    starts["day"] = starts["start"].dt.floor("D")
+    daily = (
+        failures.assign(key=failures[key].astype(str), day=failures["time"].dt.floor("D"))
+        .drop_duplicates(["key", "event_uid"])
+        .groupby(["key", "day"])
+        .size()
+        .rename("count")
+        .reset_index()
+    )
+    offsets = pd.DataFrame({"offset": np.arange(_BASELINE_DAYS, 0, -1)})
+    grid = starts.reset_index().merge(offsets, how="cross")
+    grid["day"] = grid["day"] - pd.to_timedelta(grid["offset"], unit="D")
+    grid = grid.merge(daily, on=["key", "day"], how="left").fillna({"count": 0})
+    grid = grid.sort_values(["burst", "day"])
+    per_burst = grid.groupby("burst")["count"]
+    medians = per_burst.median()
+    series = per_burst.apply(lambda counts: [int(count) for count in counts])
+    bursts["baseline_median"] = bursts["burst"].map(medians)
+    bursts["baseline_daily"] = bursts["burst"].map(series).astype(object)
+    return bursts
+
+
+def _single(values: pd.Series) -> str | None:
+    distinct = values.dropna().astype(str).unique()
+    return str(distinct[0]) if len(distinct) == 1 else None
+
+
+def _minutes_text(span: pd.Timedelta) -> str:
+    minutes = span.total_seconds() / 60
+    return f"{minutes:.0f} min" if minutes >= 1 else f"{span.total_seconds():.0f} s"

@@ -1,0 +1,225 @@
+"""Tests for keytrail.failure_burst: named positive and negative cases."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+import pytest
+from pydantic import ValidationError
+
+from detectors.base import FINDING_COLUMNS, FrameHistory
+from detectors.failure_burst import FailureBurstDetector
+from tests.detectors.conftest import ALICE, NOW, aws_denied, aws_read
+
+Build = Callable[[list[dict[str, Any]]], pd.DataFrame]
+START = pd.Timestamp("2024-06-20T10:00:00Z")
+ATTACKER_IP = "192.0.2.66"
+
+
+def denials(
+    count: int,
+    every: pd.Timedelta,
+    principal: str = ALICE,
+    start: pd.Timestamp = START,
+    **fields: Any,
+) -> list[dict[str, Any]]:
+    """Return ``count`` AccessDenied failures ``every`` apart from ``start``."""
+    fields.setdefault("ip", ATTACKER_IP)
+    return [aws_denied(start + n * every, principal, **fields) for n in range(count)]
+
+
+def run(
+    make_events: Build,
+    window: list[dict[str, Any]],
+    history: list[dict[str, Any]] | None = None,
+    **params: Any,
+) -> pd.DataFrame:
+    earlier = FrameHistory(make_events(history)) if history else FrameHistory()
+    findings = FailureBurstDetector(**params).detect(make_events(window), earlier, NOW)
+    assert list(findings.columns) == list(FINDING_COLUMNS)
+    return findings
+
+
+def test_twelve_denials_in_five_minutes_fires(make_events: Build) -> None:
+    window = denials(12, pd.Timedelta(seconds=25))
+    findings = run(make_events, window, keys=["principal"])
+    assert len(findings) == 1
+    finding = findings.iloc[0]
+    assert finding["severity"] == "medium"
+    assert finding["principal"] == ALICE
+    assert finding["title"] == f"12 failed secret accesses by {ALICE} in 5 min"
+    assert finding["event_count"] == 12
+    assert finding["mitre"] == ["T1110", "T1555.006"]
+    assert finding["first_seen"] == START
+    assert finding["last_seen"] == START + pd.Timedelta(seconds=275)
+    evidence = finding["evidence"]
+    assert evidence["key"] == "principal"
+    assert evidence["failures"] == 12
+    assert evidence["distinct_secrets"] == 1
+    assert evidence["reasons"] == {"denied": 12}
+    assert evidence["operations"] == {"GetSecretValue": 12}
+    assert evidence["span_seconds"] == 275.0
+    assert evidence["success_after"] is None
+    assert finding["baseline"]["daily_failures"] == [0, 0, 0, 0, 0, 0, 0]
+    assert finding["baseline"]["summary"] == "7-day median 0 failures/day; this burst 12"
+
+
+def test_both_keys_fire_by_default(make_events: Build) -> None:
+    findings = run(make_events, denials(12, pd.Timedelta(seconds=25)))
+    assert sorted(e["key"] for e in findings["evidence"]) == ["principal", "source_ip"]
+    by_ip = findings[[e["key"] == "source_ip" for e in findings["evidence"]]].iloc[0]
+    assert by_ip["title"] == f"12 failed secret accesses by source IP {ATTACKER_IP} in 5 min"
+    assert by_ip["principal"] == ALICE
+
+
+def test_twelve_denials_over_two_hours_does_not_fire(make_events: Build) -> None:
+    assert run(make_events, denials(12, pd.Timedelta(minutes=10))).empty
+
+
+def test_nine_denials_below_threshold(make_events: Build) -> None:
+    assert run(make_events, denials(9, pd.Timedelta(seconds=10))).empty
+
+
+def test_burst_then_success_is_high(make_events: Build) -> None:
+    window = denials(12, pd.Timedelta(seconds=25))
+    success_time = START + pd.Timedelta(minutes=20)
+    window.append(aws_read(success_time, secret="prod/payments/key", event_uid="win"))
+    findings = run(make_events, window, keys=["principal"])
+    assert findings["severity"].tolist() == ["high"]
+    success = findings["evidence"].iloc[0]["success_after"]
+    assert success["event_uid"] == "win"
+    assert success["time"] == "2024-06-20T10:20:00Z"
+    assert success["minutes_after_burst"] == 15.4
+    assert success["resource"].endswith(":secret:prod/payments/key")
+
+
+def test_success_after_limit_stays_medium(make_events: Build) -> None:
+    window = denials(12, pd.Timedelta(seconds=25))
+    window.append(aws_read(START + pd.Timedelta(minutes=40)))
+    findings = run(make_events, window, keys=["principal"])
+    assert findings["severity"].tolist() == ["medium"]
+
+
+def test_success_by_other_principal_stays_medium(make_events: Build) -> None:
+    window = denials(12, pd.Timedelta(seconds=25))
+    window.append(aws_read(START + pd.Timedelta(minutes=6), "bob@example.com"))
+    findings = run(make_events, window, keys=["principal"])
+    assert findings["severity"].tolist() == ["medium"]
+
+
+def test_many_distinct_secrets_is_high(make_events: Build) -> None:
+    window = [
+        aws_denied(START + pd.Timedelta(seconds=20 * n), secret=f"prod/guess{n % 6}")
+        for n in range(12)
+    ]
+    findings = run(make_events, window, keys=["principal"])
+    assert findings["severity"].tolist() == ["high"]
+    assert findings["evidence"].iloc[0]["distinct_secrets"] == 6
+
+
+def test_one_ip_across_three_principals_fires(make_events: Build) -> None:
+    window = []
+    for number, name in enumerate(("alice", "bob", "carol")):
+        start = START + pd.Timedelta(seconds=10 * number)
+        window += denials(4, pd.Timedelta(minutes=1), f"{name}@example.com", start)
+    findings = run(make_events, window)
+    assert len(findings) == 1
+    finding = findings.iloc[0]
+    assert finding["principal"] == "3 principals"
+    assert finding["evidence"]["key"] == "source_ip"
+    assert finding["evidence"]["key_value"] == ATTACKER_IP
+    assert finding["evidence"]["principals"] == [
+        "alice@example.com",
+        "bob@example.com",
+        "carol@example.com",
+    ]
+    assert finding["event_count"] == 12
+
+
+def test_private_ip_is_not_a_key(make_events: Build) -> None:
+    window = []
+    for name in ("alice", "bob", "carol"):
+        window += denials(
+            4, pd.Timedelta(minutes=1), f"{name}@example.com", ip="10.0.0.5", source_kind="private"
+        )
+    assert run(make_events, window).empty
+
+
+def test_two_bursts_split_by_gap(make_events: Build) -> None:
+    window = denials(10, pd.Timedelta(seconds=30))
+    window += denials(10, pd.Timedelta(seconds=30), start=START + pd.Timedelta(hours=1))
+    findings = run(make_events, window, keys=["principal"]).sort_values("first_seen")
+    assert findings["event_count"].tolist() == [10, 10]
+    assert findings["dedup_key"].nunique() == 2
+
+
+def test_slow_failures_outside_window_are_not_in_burst(make_events: Build) -> None:
+    early = aws_denied(START - pd.Timedelta(minutes=30), ip=ATTACKER_IP, event_uid="early")
+    window = [early, *denials(10, pd.Timedelta(seconds=30))]
+    findings = run(make_events, window, keys=["principal"])
+    assert findings["event_count"].tolist() == [10]
+    assert "early" not in findings["event_uids"].iloc[0]
+
+
+def test_throttled_not_counted_by_default(make_events: Build) -> None:
+    window = denials(12, pd.Timedelta(seconds=20), failure_reason="throttled")
+    assert run(make_events, window).empty
+    findings = run(make_events, window, keys=["principal"], reasons=["throttled"])
+    assert findings["evidence"].iloc[0]["reasons"] == {"throttled": 12}
+
+
+def test_burst_straddling_history_includes_both(make_events: Build) -> None:
+    rows = denials(12, pd.Timedelta(seconds=25))
+    findings = run(make_events, rows[6:], rows[:6], keys=["principal"])
+    assert findings["event_count"].tolist() == [12]
+    assert findings["first_seen"].tolist() == [START]
+
+
+def test_burst_only_in_history_not_emitted(make_events: Build) -> None:
+    history = denials(12, pd.Timedelta(seconds=25))
+    window = [aws_read(START + pd.Timedelta(hours=3))]
+    assert run(make_events, window, history).empty
+
+
+def test_baseline_median_from_previous_week(make_events: Build) -> None:
+    history = []
+    for days_back in range(1, 8):
+        day = START - pd.Timedelta(days=days_back)
+        history += denials(days_back % 3, pd.Timedelta(hours=1), start=day)
+    findings = run(make_events, denials(12, pd.Timedelta(seconds=25)), history, keys=["principal"])
+    baseline = findings["baseline"].iloc[0]
+    assert baseline["daily_failures"] == [1, 0, 2, 1, 0, 2, 1]
+    assert baseline["median_per_day"] == 1.0
+
+
+def test_batch_failure_counts_once(make_events: Build) -> None:
+    window = []
+    for n in range(9):
+        window.append(aws_denied(START + pd.Timedelta(seconds=20 * n), ip=ATTACKER_IP))
+    window += [
+        aws_denied(START + pd.Timedelta(minutes=4), ip=ATTACKER_IP, event_uid="batch", secret=name)
+        for name in ("x", "y", "z")
+    ]
+    findings = run(make_events, window, keys=["principal"])
+    assert findings["event_count"].tolist() == [10]
+    assert findings["evidence"].iloc[0]["distinct_secrets"] == 4
+
+
+@pytest.mark.parametrize(
+    ("params", "loc"),
+    [
+        ({"min_failures": 1}, ("min_failures",)),
+        ({"window_minutes": 0}, ("window_minutes",)),
+        ({"reasons": ["forbidden"]}, ("reasons",)),
+        ({"reasons": []}, ("reasons",)),
+        ({"keys": ["account"]}, ("keys", 0)),
+        ({"keys": []}, ("keys",)),
+        ({"success_within_minutes": -1}, ("success_within_minutes",)),
+    ],
+)
+def test_invalid_params_name_the_field(params: dict[str, Any], loc: tuple[Any, ...]) -> None:
+    with pytest.raises(ValidationError) as caught:
+        FailureBurstDetector(**params)
+    assert [error["loc"] for error in caught.value.errors()] == [loc]

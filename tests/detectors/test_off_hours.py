@@ -1,0 +1,268 @@
+"""Tests for keytrail.off_hours: named positive and negative cases."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+import pytest
+from pydantic import ValidationError
+
+from detectors.base import FINDING_COLUMNS, FrameHistory
+from detectors.off_hours import OffHoursDetector, parse_business_hours
+from tests.detectors.conftest import ACCOUNT, ALICE, DEPLOY_ROLE, NOW, aws_read
+
+Build = Callable[[list[dict[str, Any]]], pd.DataFrame]
+BERLIN: dict[str, Any] = {"timezone": "Europe/Berlin"}
+
+
+def detect(
+    make_events: Build,
+    window: list[dict[str, Any]],
+    history: list[dict[str, Any]] | None = None,
+    **params: Any,
+) -> pd.DataFrame:
+    detector = OffHoursDetector(**params)
+    earlier = FrameHistory(make_events(history)) if history else FrameHistory()
+    return detector.detect(make_events(window), earlier, NOW)
+
+
+def test_berlin_user_at_2am_fires(make_events: Build) -> None:
+    # 2024-06-12 is a Wednesday; 00:00 UTC is 02:00 in Berlin (CEST).
+    findings = detect(make_events, [aws_read("2024-06-12T00:00:00Z")], **BERLIN)
+    assert list(findings.columns) == list(FINDING_COLUMNS)
+    assert len(findings) == 1
+    finding = findings.iloc[0]
+    assert finding["detector"] == "keytrail.off_hours"
+    assert finding["severity"] == "medium"
+    assert finding["principal"] == ALICE
+    assert finding["title"] == f"{ALICE} read 1 secret(s) off-hours on 2024-06-12 (Europe/Berlin)"
+    assert finding["mitre"] == ["T1555.006", "T1078.004"]
+    assert finding["event_count"] == 1
+    assert finding["evidence"]["local_times"] == ["02:00"]
+    assert finding["evidence"]["reasons"] == ["outside business hours"]
+    assert finding["evidence"]["business_hours"] == "08:00-19:00"
+    assert finding["evidence"]["operations"] == {"GetSecretValue": 1}
+    assert finding["baseline"]["off_hours_days"] == 0
+    assert finding["baseline"]["summary"] == "30-day: 0 off-hours days; no reads"
+
+
+def test_berlin_user_at_10am_does_not_fire(make_events: Build) -> None:
+    findings = detect(make_events, [aws_read("2024-06-12T08:00:00Z")], **BERLIN)
+    assert findings.empty
+    assert list(findings.columns) == list(FINDING_COLUMNS)
+
+
+def test_end_of_business_hours_is_exclusive(make_events: Build) -> None:
+    # 17:00 UTC is 19:00 in Berlin, the first off-hours minute of 08:00-19:00.
+    findings = detect(make_events, [aws_read("2024-06-12T16:59:00Z")], **BERLIN)
+    assert findings.empty
+    findings = detect(make_events, [aws_read("2024-06-12T17:00:00Z")], **BERLIN)
+    assert findings["evidence"].iloc[0]["local_times"] == ["19:00"]
+
+
+def test_ci_role_at_2am_does_not_fire(make_events: Build) -> None:
+    window = [aws_read("2024-06-12T00:00:00Z", DEPLOY_ROLE, principal_type="role")]
+    assert detect(make_events, window, **BERLIN).empty
+
+
+def test_workload_fires_when_opted_in(make_events: Build) -> None:
+    window = [aws_read("2024-06-12T00:00:00Z", DEPLOY_ROLE, principal_type="role")]
+    findings = detect(make_events, window, principal_types=["role"], **BERLIN)
+    assert findings["principal"].tolist() == [DEPLOY_ROLE]
+
+
+def test_weekend_fires(make_events: Build) -> None:
+    # 2024-06-15 is a Saturday; 09:00 UTC is 11:00 in Berlin.
+    findings = detect(make_events, [aws_read("2024-06-15T09:00:00Z")], **BERLIN)
+    assert len(findings) == 1
+    assert findings["evidence"].iloc[0]["reasons"] == ["weekend"]
+
+
+def test_holiday_fires(make_events: Build) -> None:
+    # 2024-10-03 (Thursday) is German Unity Day; 08:00 UTC is 10:00 in Berlin.
+    window = [aws_read("2024-10-03T08:00:00Z")]
+    findings = detect(make_events, window, holidays_country="de", **BERLIN)
+    assert len(findings) == 1
+    evidence = findings["evidence"].iloc[0]
+    assert evidence["reasons"] == ["holiday"]
+    assert evidence["holiday"] == "German Unity Day"
+
+
+def test_holiday_without_country_does_not_fire(make_events: Build) -> None:
+    assert detect(make_events, [aws_read("2024-10-03T08:00:00Z")], **BERLIN).empty
+
+
+def test_override_time_zone_shifts_verdict(make_events: Build) -> None:
+    # 14:00 UTC is inside business hours in UTC but 23:00 in Tokyo.
+    window = [aws_read("2024-06-12T14:00:00Z")]
+    assert detect(make_events, window).empty
+    overrides = [{"match": "alice@*", "timezone": "Asia/Tokyo"}]
+    findings = detect(make_events, window, overrides=overrides)
+    assert findings["evidence"].iloc[0]["timezone"] == "Asia/Tokyo"
+    assert findings["evidence"].iloc[0]["local_times"] == ["23:00"]
+
+
+def test_override_without_match_keeps_default(make_events: Build) -> None:
+    overrides = [{"match": "bob@*", "timezone": "Asia/Tokyo"}]
+    assert detect(make_events, [aws_read("2024-06-12T14:00:00Z")], overrides=overrides).empty
+
+
+def test_principal_override_wins_over_account(make_events: Build) -> None:
+    window = [aws_read("2024-06-12T14:00:00Z")]
+    by_account = [{"match": ACCOUNT, "timezone": "Asia/Tokyo"}]
+    findings = detect(make_events, window, account_overrides=by_account)
+    assert findings["evidence"].iloc[0]["timezone"] == "Asia/Tokyo"
+    by_principal = [{"match": ALICE, "timezone": "Europe/London"}]
+    findings = detect(make_events, window, account_overrides=by_account, overrides=by_principal)
+    assert findings.empty
+
+
+def test_override_business_hours_replace_default(make_events: Build) -> None:
+    overrides = [{"match": "alice@*", "timezone": "UTC", "business_hours": "06:00-14:00"}]
+    findings = detect(make_events, [aws_read("2024-06-12T14:30:00Z")], overrides=overrides)
+    assert findings["evidence"].iloc[0]["business_hours"] == "06:00-14:00"
+
+
+def test_many_secrets_without_habit_is_high(make_events: Build) -> None:
+    window = [aws_read("2024-06-12T00:05:00Z", secret=f"prod/app{n}") for n in range(5)]
+    findings = detect(make_events, window, **BERLIN)
+    assert findings["severity"].tolist() == ["high"]
+    assert findings["evidence"].iloc[0]["distinct_secrets"] == 5
+    assert findings["event_count"].tolist() == [5]
+
+
+def test_habit_of_off_hours_reads_is_low(make_events: Build) -> None:
+    history = [aws_read(f"2024-06-0{day}T22:00:00Z") for day in (3, 4, 5, 6)]
+    # Weekday office-hours reads; 2024-06-08 and 09 are a weekend and left out.
+    history += [aws_read(f"2024-06-{day:02d}T08:00:00Z") for day in (3, 4, 5, 6, 7, 10, 11)]
+    findings = detect(make_events, [aws_read("2024-06-12T00:00:00Z")], history, **BERLIN)
+    assert findings["severity"].tolist() == ["low"]
+    baseline = findings["baseline"].iloc[0]
+    assert baseline["off_hours_days"] == 4
+    assert baseline["reads"] == 11
+
+
+def test_baseline_reports_usual_hours(make_events: Build) -> None:
+    history = [
+        aws_read(f"2024-06-{day:02d}T{hour:02d}:00:00Z")
+        for day in range(3, 8)
+        for hour in range(7, 15)
+    ]
+    findings = detect(make_events, [aws_read("2024-06-12T00:00:00Z")], history, **BERLIN)
+    baseline = findings["baseline"].iloc[0]
+    assert baseline["usual_hours"] == "09:00-17:00"
+    assert baseline["summary"] == "30-day: 0 off-hours days; usual 09:00-17:00"
+
+
+def test_backfill_baseline_sees_earlier_window_days(make_events: Build) -> None:
+    window = [aws_read("2024-06-11T00:00:00Z"), aws_read("2024-06-12T00:00:00Z")]
+    findings = detect(make_events, window, **BERLIN).sort_values("first_seen")
+    assert [b["off_hours_days"] for b in findings["baseline"]] == [0, 1]
+
+
+def test_history_older_than_baseline_is_ignored(make_events: Build) -> None:
+    history = [aws_read(f"2024-05-0{day}T22:00:00Z") for day in (1, 2, 3, 4, 5)]
+    findings = detect(make_events, [aws_read("2024-06-12T00:00:00Z")], history, **BERLIN)
+    assert findings["baseline"].iloc[0]["off_hours_days"] == 0
+
+
+def test_one_finding_per_local_day(make_events: Build) -> None:
+    # 22:30 UTC on the 11th and 00:30 UTC on the 12th are both on 2024-06-12 in Berlin.
+    window = [aws_read("2024-06-11T22:30:00Z"), aws_read("2024-06-12T00:30:00Z")]
+    findings = detect(make_events, window, **BERLIN)
+    assert len(findings) == 1
+    assert findings["evidence"].iloc[0]["local_date"] == "2024-06-12"
+    assert findings["evidence"].iloc[0]["local_times"] == ["00:30", "02:30"]
+
+
+def test_min_reads_suppresses_single_read(make_events: Build) -> None:
+    assert detect(make_events, [aws_read("2024-06-12T00:00:00Z")], min_reads=2, **BERLIN).empty
+
+
+def test_service_invoked_decrypt_is_not_a_read(make_events: Build) -> None:
+    kms = {"service": "kms", "operation": "Decrypt", "action": "decrypt"}
+    by_service = aws_read("2024-06-12T00:00:00Z", invoked_by="secretsmanager.amazonaws.com", **kms)
+    assert detect(make_events, [by_service], **BERLIN).empty
+    direct = aws_read("2024-06-12T00:00:00Z", **kms)
+    assert len(detect(make_events, [direct], **BERLIN)) == 1
+
+
+def test_failed_read_does_not_fire(make_events: Build) -> None:
+    failed = aws_read("2024-06-12T00:00:00Z", outcome="failure", failure_reason="denied")
+    assert detect(make_events, [failed], **BERLIN).empty
+
+
+def test_list_call_is_not_a_read(make_events: Build) -> None:
+    listing = aws_read("2024-06-12T00:00:00Z", operation="ListSecrets", action="list")
+    assert detect(make_events, [listing], **BERLIN).empty
+
+
+def test_batch_read_counts_one_event(make_events: Build) -> None:
+    batch = [
+        aws_read(
+            "2024-06-12T00:00:00Z",
+            secret=name,
+            event_uid="batch-1",
+            operation="BatchGetSecretValue",
+        )
+        for name in ("a", "b", "c")
+    ]
+    findings = detect(make_events, batch, **BERLIN)
+    assert findings["event_count"].tolist() == [1]
+    assert findings["evidence"].iloc[0]["distinct_secrets"] == 3
+    assert findings["event_uids"].iloc[0] == ["batch-1"]
+
+
+def test_history_copy_of_window_not_counted(make_events: Build) -> None:
+    row = aws_read("2024-06-12T00:00:00Z", event_uid="same")
+    findings = detect(make_events, [row], [row], **BERLIN)
+    assert findings["baseline"].iloc[0]["off_hours_days"] == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("08:00-19:00", (480, 1140)), ("00:00-24:00", (0, 1440)), (" 9:00-17:00 ", None)],
+)
+def test_parse_business_hours(text: str, expected: tuple[int, int] | None) -> None:
+    if expected is None:
+        with pytest.raises(ValueError, match="expected HH:MM-HH:MM"):
+            parse_business_hours(text)
+    else:
+        assert parse_business_hours(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("params", "loc", "message"),
+    [
+        ({"timezone": "Mars/Olympus"}, ("timezone",), "unknown time zone 'Mars/Olympus'"),
+        ({"business_hours": "19:00-08:00"}, ("business_hours",), "start must be before"),
+        ({"business_hours": "25:00-26:00"}, ("business_hours",), "hours 00-24"),
+        ({"business_days": []}, ("business_days",), "at least one day"),
+        ({"business_days": ["monday"]}, ("business_days", 0), "Input should be"),
+        ({"holidays_country": "XX"}, ("holidays_country",), "no calendar for country 'XX'"),
+        ({"principal_types": ["robot"]}, ("principal_types",), "unknown principal types"),
+        ({"min_reads": 0}, ("min_reads",), "greater than or equal to 1"),
+        (
+            {"overrides": [{"match": "a*", "timezone": "Nowhere/City"}]},
+            ("overrides", 0, "timezone"),
+            "unknown time zone",
+        ),
+        (
+            {"account_overrides": [{"match": "1*"}]},
+            ("account_overrides", 0, "timezone"),
+            "Field required",
+        ),
+        ({"time_zone": "UTC"}, ("time_zone",), "Extra inputs are not permitted"),
+    ],
+)
+def test_invalid_params_name_the_field(
+    params: dict[str, Any], loc: tuple[Any, ...], message: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        OffHoursDetector(**params)
+    errors = caught.value.errors()
+    assert len(errors) == 1
+    assert errors[0]["loc"] == loc
+    assert message in errors[0]["msg"]
