@@ -279,7 +279,7 @@ def simulate(out: Path, seed: int, days: int) -> None:
 
     _start_logging()
     report = generate(out, seed=seed, days=days)
-    click.echo(f"wrote synthetic logs to {out}: {report}")
+    click.echo(f"wrote synthetic logs to {out}: {report.summary()}")
 
 
 @main.command()

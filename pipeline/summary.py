@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
+
+from pipeline.alerting.escape import clean_line
 
 __all__ = [
     "EXIT_OK",
@@ -150,67 +152,154 @@ def write_summary_json(summary: RunSummary, path: Path) -> None:
 
 
 def print_summary(summary: RunSummary, console: Console) -> None:
-    """Print the summary as tables: sources, detectors, then totals and problems."""
+    """Print the summary as aligned ``key  value`` lines that wrap under their values.
+
+    The sections are: one block of counts per source (quarantine reasons and skip kinds one
+    per line), the detectors' findings, then events, findings, GeoIP, outputs, the quarantine
+    file, problems and the run's status and duration. A failed source or detector is marked
+    ``failed`` in its counts and its error is printed as a problem. Values from configs and logs are
+    printed as :class:`rich.text.Text`, so markup and emoji codes in them print as typed.
+    """
     title = f"keytrail run {summary.run_id}" + (" (dry run)" if summary.dry_run else "")
-    sources = Table(title=title, title_justify="left")
-    for name in (
-        "source",
-        "files read",
-        "unchanged",
-        "records",
-        "events",
-        "quarantined",
-        "skipped",
-    ):
-        sources.add_column(name, justify="left" if name == "source" else "right")
+    console.print()
+    console.print(Text(clean_line(title), style="bold"))
+
     for source in summary.sources:
-        sources.add_row(
-            escape(source.name),
-            str(source.files_read),
-            str(source.files_unchanged),
-            str(source.records),
-            str(source.events),
-            _counts(source.quarantined_by_reason),
-            _counts(source.skipped_by_kind),
-        )
-    console.print(sources)
+        console.print()
+        console.print(_source_counts(source))
+    if summary.detectors:
+        console.print()
+        console.print(_detector_counts(summary.detectors))
 
-    detectors = Table(title="detectors", title_justify="left")
-    for name in ("detector", "findings", "new", "error"):
-        detectors.add_column(name, justify="right" if name in ("findings", "new") else "left")
-    for detector in summary.detectors:
-        error = f"[red]{escape(detector.error)}[/red]" if detector.error else ""
-        detectors.add_row(
-            escape(detector.id), str(detector.findings), str(detector.new_findings), error
-        )
-    console.print(detectors)
+    console.print()
+    console.print(_run_details(summary))
 
-    console.print(
-        f"events: {summary.events_read} read, {summary.events_new} new, "
-        f"{summary.events_already_seen} already seen; findings: {summary.findings_new} new, "
-        f"{summary.findings_already_written} already written; "
-        f"{summary.duration_seconds:.2f} s"
+
+def _source_counts(source: SourceSummary) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True)
+    grid.add_column(justify="right", no_wrap=True)
+    failed = Text("failed", style="red") if source.error else ""
+    grid.add_row(Text(f"source {clean_line(source.name)}", style="bold"), failed)
+    rows = [
+        ("files read", source.files_read),
+        ("files unchanged", source.files_unchanged),
+        ("records", source.records),
+        ("events", source.events),
+    ]
+    for label, count in rows:
+        grid.add_row(f"  {label}", str(count))
+    for label, counts in (
+        ("quarantined", source.quarantined_by_reason),
+        ("skipped", source.skipped_by_kind),
+    ):
+        grid.add_row(f"  {label}", str(sum(counts.values())))
+        for name, count in sorted(counts.items()):
+            grid.add_row(Text(f"    {clean_line(name)}"), str(count))
+    return grid
+
+
+def _detector_counts(detectors: list[DetectorSummary]) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True)
+    grid.add_column(justify="right", no_wrap=True)
+    grid.add_column(justify="right", no_wrap=True)
+    grid.add_row(Text("detectors", style="bold"), "findings", "new")
+    for detector in detectors:
+        name = Text(f"  {clean_line(detector.id)}")
+        if detector.error:
+            grid.add_row(name, Text("failed", style="red"), "-")
+        else:
+            grid.add_row(name, str(detector.findings), str(detector.new_findings))
+    return grid
+
+
+def _run_details(summary: RunSummary) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+
+    grid.add_row(
+        "events",
+        f"{summary.events_read} read, {summary.events_new} new, "
+        f"{summary.events_already_seen} already seen",
     )
-    if summary.geoip:
-        stale = " [yellow](stale)[/yellow]" if summary.geoip.get("stale") else ""
-        console.print(
-            f"GeoIP: {escape(str(summary.geoip.get('geoip_source')))}, built "
-            f"{summary.geoip.get('geoip_build_date')}{stale}"
-        )
-        for warning in summary.geoip.get("warnings") or []:
-            console.print(f"[yellow]warning:[/yellow] {escape(str(warning))}")
-    if summary.outputs:
-        console.print(f"outputs: {escape(json.dumps(summary.outputs, default=str))}")
+    grid.add_row(
+        "findings",
+        f"{summary.findings_new} new, {summary.findings_already_written} already written",
+    )
+    _add_geoip(grid, summary.geoip)
+    _add_outputs(grid, summary)
     if summary.quarantine_file:
-        console.print(f"quarantined records kept in {escape(summary.quarantine_file)}")
-    for problem in summary.problems:
-        console.print(f"[red]problem:[/red] {escape(problem)}")
+        records = _plural(summary.quarantined, "record")
+        grid.add_row("quarantine", Text(f"{records} kept in {clean_line(summary.quarantine_file)}"))
+    for problem in _problems(summary):
+        grid.add_row(Text("problem", style="bold red"), Text(clean_line(problem)))
+
+    style = "green" if summary.status == "completed" else "red"
+    if summary.status == "running":
+        style = ""
+    status = Text.assemble((summary.status, style), f" in {summary.duration_seconds:.2f} s")
+    grid.add_row("status", status)
+    return grid
 
 
-def _counts(counts: dict[str, int]) -> str:
-    if not counts:
-        return "0"
-    return ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
+def _problems(summary: RunSummary) -> list[str]:
+    """Return the run's problems, plus source and detector errors that none of them mentions.
+
+    The engine records each such error in ``problems`` too, so normally nothing is added and
+    no error prints twice.
+    """
+    problems = list(summary.problems)
+    errors = [(f"source {source.name}", source.error) for source in summary.sources]
+    errors += [(f"detector {detector.id}", detector.error) for detector in summary.detectors]
+    for name, error in errors:
+        if error and not any(error in problem for problem in summary.problems):
+            problems.append(f"{name}: {error}")
+    return problems
+
+
+def _add_geoip(grid: Table, geoip: dict[str, Any]) -> None:
+    if not geoip:
+        return
+    source = geoip.get("geoip_source")
+    if not source:
+        grid.add_row("GeoIP", "no database used")
+    else:
+        grid.add_row("GeoIP", Text(clean_line(str(source))))
+        built = geoip.get("geoip_build_date") or "unknown"
+        age = Text(f"built {built}, ")
+        age.append(
+            "stale" if geoip.get("stale") else "current", "yellow" if geoip.get("stale") else ""
+        )
+        looked_up = int(geoip.get("addresses_looked_up") or 0)
+        found = int(geoip.get("addresses_found") or 0)
+        age.append(f"; {found} of {_plural(looked_up, 'address', 'addresses')} found")
+        grid.add_row("", age)
+    for warning in geoip.get("warnings") or []:
+        grid.add_row(Text("warning", style="bold yellow"), Text(clean_line(str(warning))))
+
+
+def _add_outputs(grid: Table, summary: RunSummary) -> None:
+    outputs = summary.outputs
+    if not outputs:
+        grid.add_row("outputs", "none (dry run)" if summary.dry_run else "none written")
+        return
+    findings = _plural(int(outputs.get("findings_written") or 0), "finding")
+    grid.add_row(
+        "outputs", Text(f"{findings} appended to {clean_line(str(outputs.get('findings_file')))}")
+    )
+    alerts = _plural(int(outputs.get("alerts") or 0), "alert")
+    slack = _plural(int(outputs.get("slack_files") or 0), "Slack file")
+    emails = _plural(int(outputs.get("email_files") or 0), "email file")
+    grid.add_row("", f"{alerts}; {slack} and {emails} in the outbox")
+    below = int(outputs.get("below_min_severity") or 0)
+    if below:
+        grid.add_row("", f"{_plural(below, 'finding')} below min_severity, not alerted")
+
+
+def _plural(count: int, noun: str, plural: str | None = None) -> str:
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
 
 
 def _iso(moment: datetime | None) -> str | None:

@@ -14,15 +14,15 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, field_validator
-from rich import box
 from rich.console import Console
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -34,11 +34,12 @@ from pipeline.alerting.alerts import (
     format_time,
     to_jsonable,
 )
-from pipeline.alerting.escape import clean_line
+from pipeline.alerting.escape import clean_line, truncate
 from pipeline.alerting.render import Renderer
 
 __all__ = [
     "FINDINGS_FILE",
+    "MAX_CONSOLE_ALERTS",
     "OUTBOX_DIR",
     "OutputReport",
     "OutputSettings",
@@ -51,6 +52,10 @@ logger = logging.getLogger(__name__)
 
 FINDINGS_FILE: Final = "findings.jsonl"
 OUTBOX_DIR: Final = "outbox"
+MAX_CONSOLE_ALERTS: Final = 50
+"""Default maximum number of alerts printed to the console. One closing line counts the rest."""
+MAX_CONSOLE_VALUE: Final = 300
+"""Maximum characters of one log value (title, principal, secret name) printed to the console."""
 
 _SEVERITY_STYLE: Final = {
     "critical": "bold white on red",
@@ -65,7 +70,7 @@ class OutputSettings(BaseModel):
     """The ``output`` section of config.yaml.
 
     Attributes:
-        console: print a table of the run's alerts.
+        console: print the run's alerts to the terminal.
         outbox: write rendered Slack and email files to ``<output_dir>/outbox``.
         min_severity: the lowest severity that becomes an alert; every finding still goes to
             ``findings.jsonl``.
@@ -132,7 +137,7 @@ def write_outputs(
         findings: a frame with :data:`detectors.base.FINDING_COLUMNS`.
         output_dir: created if missing.
         settings: output settings; defaults to :class:`OutputSettings()`.
-        console: where the table goes when ``settings.console`` is true (default: stdout).
+        console: where alerts are printed when ``settings.console`` is true (default: stdout).
         now: the ``Date`` of the emails (default: the current time).
 
     Returns:
@@ -170,7 +175,7 @@ def write_outputs(
             report.email_files.append(email_path)
 
     if settings.console:
-        render_console(report.alerts, console or Console())
+        render_console(report.alerts, console or Console(), findings_path=report.findings_path)
 
     logger.info(
         "wrote %s findings to %s and %s alerts to the outbox (%s below %s)",
@@ -196,58 +201,139 @@ def findings_to_json_lines(findings: pd.DataFrame) -> list[bytes]:
     return lines
 
 
-def render_console(alerts: Sequence[Alert] | pd.DataFrame, console: Console) -> None:
-    """Print alerts, or the alerts of a findings frame, as a table in the order given.
+def render_console(
+    alerts: Sequence[Alert] | pd.DataFrame,
+    console: Console,
+    *,
+    limit: int = MAX_CONSOLE_ALERTS,
+    findings_path: Path | None = None,
+) -> None:
+    """Print alerts, or the alerts of a findings frame, as one block of lines per alert.
 
-    Log strings are cleaned of control characters and passed as :class:`rich.text.Text`, which
-    rich does not parse for markup or emoji codes, so ``[bold]``, ``:secret:`` or an ANSI escape
-    sequence in a value prints as text.
+    Each block starts with a bold ``SEVERITY  detector  principal`` line, followed by indented
+    ``title``, ``secrets``, ``where``, ``when`` and ``account`` lines whose values wrap under
+    themselves, so the blocks stay readable from 80 columns up. At most ``limit`` alerts are
+    printed, the most severe first (alerts of equal severity keep the order given), followed
+    by a line that counts the rest and names ``findings_path`` when it is given.
+
+    Log strings are cleaned of control characters, cut to :data:`MAX_CONSOLE_VALUE` characters
+    and passed as :class:`rich.text.Text`, which rich does not parse for markup or emoji codes,
+    so ``[bold]``, ``:secret:`` or an ANSI escape sequence in a value prints as text.
     """
     if isinstance(alerts, pd.DataFrame):
         alerts = alerts_from_findings(alerts)
     if not alerts:
         console.print("No alerts.")
         return
+
     noun = "alert" if len(alerts) == 1 else "alerts"
-    table = Table(title=f"keytrail: {len(alerts)} {noun}", box=box.SIMPLE_HEAVY, show_lines=False)
-    for name in ("Severity", "Detector", "Principal", "Secrets", "Where", "When", "Title"):
-        table.add_column(name, overflow="fold")
-    for alert in alerts:
-        table.add_row(
-            Text(alert.severity.upper(), style=_SEVERITY_STYLE.get(alert.severity, "")),
-            _safe(alert.detector),
-            _safe(alert.principal),
-            _safe(_first_and_more(alert.resources, 2)),
-            _safe(_where(alert)),
-            _safe(_when(alert)),
-            _safe(alert.title),
-        )
-    console.print(table)
+    heading = f"keytrail: {len(alerts)} {noun}"
+    printed = sorted(alerts, key=lambda alert: -severity_rank(alert.severity))[: max(limit, 0)]
+    if len(printed) < len(alerts):
+        heading += f", the {len(printed)} most severe shown"
+    console.print(Text(heading, style="bold"))
+
+    for alert in printed:
+        console.print()
+        console.print(_alert_heading(alert))
+        console.print(Padding(_alert_details(alert), (0, 0, 0, 2), expand=False))
+
+    hidden = len(alerts) - len(printed)
+    if hidden:
+        place = f"in {findings_path}" if findings_path is not None else "not shown"
+        console.print()
+        console.print(Text(f"{hidden} more {'alert' if hidden == 1 else 'alerts'} {place}"))
 
 
-def _safe(text: str) -> Text:
-    # A Text cell is neither markup nor emoji code: "[bold]" and ":secret:" print as typed.
-    return Text(clean_line(text))
+def _alert_heading(alert: Alert) -> Table:
+    # A grid, not one Text, so a principal too long for the line wraps under the detector
+    # instead of starting again at the left margin.
+    heading = Table.grid(padding=(0, 2))
+    heading.add_column(no_wrap=True, min_width=len("CRITICAL"))
+    heading.add_column(overflow="fold")
+    heading.add_row(
+        Text(alert.severity.upper(), style=_SEVERITY_STYLE.get(alert.severity, "")),
+        Text.assemble(
+            (_safe_value(alert.detector), "bold"), "  ", (_safe_value(alert.principal), "bold")
+        ),
+    )
+    return heading
 
 
-def _first_and_more(values: Sequence[str], limit: int) -> str:
-    shown = ", ".join(values[:limit])
+def _alert_details(alert: Alert) -> Table:
+    details = Table.grid(padding=(0, 2))
+    details.add_column(style="dim", no_wrap=True)
+    details.add_column(overflow="fold")
+    details.add_row("title", Text(_safe_value(alert.title)))
+    details.add_row("secrets", Text("\n".join(_first_and_more(alert.resources, 3))))
+    details.add_row("where", Text(_where(alert)))
+    details.add_row("when", Text(_when(alert)))
+    account = " ".join([*alert.clouds, *alert.accounts])
+    if account:
+        details.add_row("account", Text(_safe_value(account)))
+    return details
+
+
+def _safe_value(text: str) -> str:
+    # One line with no control characters, cut so a huge log value cannot flood the terminal.
+    # Callers wrap the result in Text, which is neither markup nor emoji code.
+    return truncate(clean_line(text), MAX_CONSOLE_VALUE)
+
+
+def _first_and_more(values: Sequence[str], limit: int) -> list[str]:
+    shown = [_safe_value(value) for value in values[:limit]]
     if len(values) > limit:
-        shown += f" and {len(values) - limit} more"
-    return shown or "-"
+        shown.append(f"and {len(values) - limit} more")
+    return shown or ["-"]
 
 
 def _where(alert: Alert) -> str:
-    countries = ", ".join(alert.countries)
-    ips = _first_and_more(alert.source_ips, 2) if alert.source_ips else ""
-    return " / ".join(part for part in (countries, ips) if part) or "-"
+    parts = [
+        ", ".join(_safe_value(country) for country in alert.countries),
+        ", ".join(_cities(alert)),
+        ", ".join(_first_and_more(alert.source_ips, 3)) if alert.source_ips else "",
+    ]
+    return " / ".join(part for part in parts if part) or "-"
+
+
+def _cities(alert: Alert) -> list[str]:
+    """Return the cities named in the findings' evidence, in the order first seen.
+
+    The findings frame has no city column, so cities come from the evidence the geo
+    detectors write: a ``cities`` list (new country) or ``from``/``to`` places (impossible
+    travel). Other detectors name no city.
+    """
+    cities: dict[str, None] = {}
+    for finding in alert.findings:
+        evidence = finding.get("evidence")
+        if not isinstance(evidence, Mapping):
+            continue
+        named = evidence.get("cities")
+        candidates = list(named) if isinstance(named, list) else []
+        for end in ("from", "to"):
+            place = evidence.get(end)
+            if isinstance(place, Mapping):
+                candidates.append(place.get("city"))
+        for city in candidates:
+            if isinstance(city, str) and city:
+                cities[_safe_value(city)] = None
+    return list(cities)
 
 
 def _when(alert: Alert) -> str:
-    start, end = format_time(alert.first_seen), format_time(alert.last_seen)
-    if not start:
+    if alert.first_seen is None:
         return "-"
-    return start if start == end else f"{start} to {end}"
+    start = format_time(alert.first_seen)
+    end = format_time(alert.last_seen or alert.first_seen)
+    if end == start:
+        text = start
+    elif end[:10] == start[:10]:
+        # Same UTC day: "2026-10-10 01:12:00 to 02:42:30 UTC".
+        text = f"{start.removesuffix(' UTC')} to {end[11:]}"
+    else:
+        text = f"{start} to {end}"
+    events = alert.event_count
+    return f"{text}, {events} {'event' if events == 1 else 'events'}" if events else text
 
 
 def _append_lines(path: Path, lines: Sequence[bytes]) -> None:

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from detectors.base import FINDING_COLUMNS
+from pipeline.alerting.alerts import alerts_from_findings
 from pipeline.alerting.output import OutputSettings, render_console, write_outputs
 from tests.alerting.conftest import off_hours_row, travel_row
 
@@ -126,21 +127,117 @@ def test_empty_findings_write_nothing(tmp_path: Path, make_findings: MakeFinding
     assert not (tmp_path / "findings.jsonl").exists()
 
 
-def test_console_table_prints_markup_literally(make_findings: MakeFindings) -> None:
+def _console_lines(console: Console) -> list[str]:
+    return [line.rstrip() for line in console.export_text().splitlines()]
+
+
+def test_console_prints_markup_literally(make_findings: MakeFindings) -> None:
     console = Console(record=True, width=400, color_system=None)
     frame = make_findings(
         travel_row(
             principal="[bold red]root[/bold red]\x1b[2J",
-            resources=["arn:aws:secretsmanager:r:1:secret:a", "b", "c"],
+            title="read :secret: [link=http://x]here[/link]",
+            resources=["arn:aws:secretsmanager:r:1:secret:a", "b", "c", "d", "e"],
         )
     )
     render_console(frame, console)
-    output = console.export_text()
+    lines = _console_lines(console)
+    output = "\n".join(lines)
     assert "keytrail: 1 alert" in output
     assert "[bold red]root[/bold red] [2J" in output
-    assert "arn:aws:secretsmanager:r:1:secret:a, b and 1 more" in output
+    assert "  title    read :secret: [link=http://x]here[/link]" in lines
+    assert "  secrets  arn:aws:secretsmanager:r:1:secret:a" in lines
+    assert "           and 2 more" in lines
     assert "\x1b" not in output
     assert "HIGH" in output
+
+
+def test_console_block_at_80_columns(make_findings: MakeFindings) -> None:
+    console = Console(record=True, width=80, color_system=None)
+    render_console(make_findings(travel_row()), console)
+    assert _console_lines(console) == [
+        "keytrail: 1 alert",
+        "",
+        "HIGH      keytrail.impossible_travel",
+        "          arn:aws:sts::123456789012:assumed-role/Admin/alice",
+        "  title    alice read prod/db from Berlin and New York 1.5 hours apart",
+        "  secrets  arn:aws:secretsmanager:eu-west-1:123456789012:secret:prod/db-AbCdEf",
+        "  where    DE, US / Berlin, New York / 198.51.100.7, 203.0.113.9",
+        "  when     2026-10-10 01:12:00 to 02:42:30 UTC, 2 events",
+        "  account  aws 123456789012",
+    ]
+
+
+def test_console_heading_fits_one_line(make_findings: MakeFindings) -> None:
+    console = Console(record=True, width=80, color_system=None)
+    render_console(make_findings(off_hours_row(), detector="off_hours"), console)
+    lines = _console_lines(console)
+    assert lines[2] == "MEDIUM    keytrail.off_hours  bob@example.com"
+    assert "  where    DE / 192.0.2.10" in lines
+    assert "  when     2026-10-10 01:12:00 to 01:20:00 UTC, 3 events" in lines
+
+
+def test_console_long_value_wraps_under_itself(make_findings: MakeFindings) -> None:
+    console = Console(record=True, width=80, color_system=None)
+    title = "carol read 40 secrets " + "from a place far away " * 4
+    render_console(make_findings(travel_row(title=title.strip())), console)
+    lines = _console_lines(console)
+    title_lines = [line for line in lines if "far away" in line]
+    assert len(title_lines) == 2
+    assert title_lines[0].startswith("  title    carol read 40 secrets from a place")
+    assert title_lines[1].startswith("           ")
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "expected"),
+    [
+        ("2026-10-10T01:12:00Z", "2026-10-10T01:12:00Z", "2026-10-10 01:12:00 UTC, 2 events"),
+        (
+            "2026-10-10T23:50:00Z",
+            "2026-10-11T00:10:00Z",
+            "2026-10-10 23:50:00 UTC to 2026-10-11 00:10:00 UTC, 2 events",
+        ),
+    ],
+)
+def test_console_when_line(
+    make_findings: MakeFindings, first: str, last: str, expected: str
+) -> None:
+    console = Console(record=True, width=200, color_system=None)
+    row = travel_row(first_seen=pd.Timestamp(first), last_seen=pd.Timestamp(last))
+    render_console(make_findings(row), console)
+    assert f"  when     {expected}" in _console_lines(console)
+
+
+def test_console_where_without_geo(make_findings: MakeFindings) -> None:
+    console = Console(record=True, width=80, color_system=None)
+    row = travel_row(source_ips=[], countries=[], evidence={"distance_km": 1})
+    render_console(make_findings(row), console)
+    assert "  where    -" in _console_lines(console)
+
+
+def test_console_caps_alerts_most_severe_first(make_findings: MakeFindings) -> None:
+    console = Console(record=True, width=80, color_system=None)
+    medium = make_findings(off_hours_row(), detector="off_hours")
+    high = make_findings(travel_row(), travel_row(principal="dave"))
+    alerts = alerts_from_findings(medium) + alerts_from_findings(high)
+    render_console(alerts, console, limit=2, findings_path=Path("/out/findings.jsonl"))
+    lines = _console_lines(console)
+    assert lines[0] == "keytrail: 3 alerts, the 2 most severe shown"
+    assert [line.split()[0] for line in lines if line[:1] not in ("", " ")][1:3] == [
+        "HIGH",
+        "HIGH",
+    ]
+    assert not any("bob@example.com" in line for line in lines)
+    assert lines[-1] == "1 more alert in /out/findings.jsonl"
+
+
+def test_console_cap_without_findings_file(make_findings: MakeFindings) -> None:
+    console = Console(record=True, width=80, color_system=None)
+    frame = make_findings(travel_row(), travel_row(principal="dave"), travel_row(principal="eve"))
+    render_console(frame, console, limit=1)
+    lines = _console_lines(console)
+    assert lines[0] == "keytrail: 3 alerts, the 1 most severe shown"
+    assert lines[-1] == "2 more alerts not shown"
 
 
 def test_console_no_alerts() -> None:
@@ -149,10 +246,26 @@ def test_console_no_alerts() -> None:
     assert console.export_text() == "No alerts.\n"
 
 
-def test_write_outputs_prints_table(tmp_path: Path, make_findings: MakeFindings) -> None:
+def test_write_outputs_prints_alerts(tmp_path: Path, make_findings: MakeFindings) -> None:
     console = Console(record=True, width=200, color_system=None)
     write_outputs(_frame(make_findings), tmp_path, OutputSettings(outbox=False), console=console)
-    assert "keytrail: 2 alerts" in console.export_text()
+    lines = _console_lines(console)
+    assert lines[0] == "keytrail: 2 alerts"
+    assert lines[2].startswith("HIGH      keytrail.impossible_travel  arn:aws:sts::")
+    assert "MEDIUM    keytrail.off_hours  bob@example.com" in lines
+
+
+def test_write_outputs_caps_console(tmp_path: Path, make_findings: MakeFindings) -> None:
+    console = Console(record=True, width=200, color_system=None)
+    rows = [travel_row(principal=f"user-{number:02d}") for number in range(52)]
+    report = write_outputs(
+        make_findings(*rows), tmp_path, OutputSettings(outbox=False), console=console
+    )
+    lines = _console_lines(console)
+    assert report.findings_written == 52
+    assert lines[0] == "keytrail: 52 alerts, the 50 most severe shown"
+    assert sum(line.startswith("HIGH ") for line in lines) == 50
+    assert lines[-1] == f"2 more alerts in {tmp_path / 'findings.jsonl'}"
 
 
 def test_settings_defaults() -> None:
