@@ -16,12 +16,11 @@ import gc
 import hashlib
 import logging
 import re
-from collections import Counter
-from collections.abc import Mapping
-from functools import cache
-from typing import Any, Final
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, NamedTuple
 
 import msgspec
+import numpy as np
 import orjson
 import pandas as pd
 import pyarrow as pa
@@ -30,7 +29,7 @@ import pyarrow.compute as pc
 from pipeline.formats.aws_identity import resolve_aws_outcome, resolve_aws_principal
 from pipeline.formats.base import FileResult, LogFormat, RecordError, Row, Skip, register
 from pipeline.formats.ip import classify_address
-from pipeline.schema import COLUMNS, empty_events, parse_times
+from pipeline.schema import COLUMNS, parse_times
 
 __all__ = ["CloudTrailFormat", "resolve_targets"]
 
@@ -188,8 +187,9 @@ class CloudTrailFormat(LogFormat):
         """Read a ``{"Records": [...]}`` file column-wise; None for any other shape.
 
         Also returns None when any record needs the record path: a missing ``eventTime``, a
-        digest or Insight record, a value of an unexpected JSON type, or a time that does not
-        parse. Quarantine entries and their origins then come from one place.
+        digest, Insight or EventBridge record, a value of an unexpected JSON type, or a
+        secret-store call whose time does not parse. Quarantine entries and their origins then
+        come from one place.
         """
         if not _RECORDS_PREFIX.match(data[:256]):
             return None
@@ -408,12 +408,21 @@ def _text(value: Any) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fast path: a whole {"Records": [...]} file, decoded with msgspec into the fields used above.
+# Fast path: a whole {"Records": [...]} file, decoded with msgspec into typed structs. Each field
+# is read once into a column. The nested parts (identity, request, response, resources), the
+# caller address, the error pair and the event time are resolved once per distinct value with
+# the record path's own functions, and mapped back to the rows with integer codes.
 
 _ABSENT: Final = msgspec.Raw(b"")
 _INSIGHT: Final = "AwsCloudTrailInsight"
 # CloudTrail writes eventTime in this form; anything else goes through parse_times.
 _CLOUDTRAIL_TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
+_LARGE_STRING: Final = pa.large_string()
+# The frames built here outlive the file, and the intermediate arrays do not. In Arrow's default
+# mimalloc pool the freed intermediates fragment the retained pages: read_paths on the 1M-record
+# set of benchmarks/ingest.py peaked at about 1,260 MB with mimalloc and 1,080 MB with the
+# system allocator (pyarrow 26, Linux, glibc).
+_POOL: Final = pa.system_memory_pool()
 
 
 class _FastEvent(msgspec.Struct):
@@ -445,6 +454,34 @@ class _FastEvent(msgspec.Struct):
     logFiles: msgspec.Raw = _ABSENT
 
 
+class _Fields(NamedTuple):
+    """The fields of :class:`_FastEvent` as columns, in its field order."""
+
+    eventTime: tuple[str | None, ...]
+    eventID: tuple[str | None, ...]
+    eventSource: tuple[str | None, ...]
+    eventName: tuple[str | None, ...]
+    eventType: tuple[str | None, ...]
+    awsRegion: tuple[str | None, ...]
+    sourceIPAddress: tuple[str | None, ...]
+    userAgent: tuple[str | None, ...]
+    errorCode: tuple[str | None, ...]
+    errorMessage: tuple[str | None, ...]
+    recipientAccountId: tuple[str | None, ...]
+    requestID: tuple[str | None, ...]
+    invokedBy: tuple[str | None, ...]
+    userIdentity: tuple[msgspec.Raw, ...]
+    requestParameters: tuple[msgspec.Raw, ...]
+    responseElements: tuple[msgspec.Raw, ...]
+    additionalEventData: tuple[msgspec.Raw, ...]
+    resources: tuple[msgspec.Raw, ...]
+    insightDetails: tuple[msgspec.Raw, ...]
+    detail: tuple[msgspec.Raw, ...]
+    digestStartTime: tuple[msgspec.Raw, ...]
+    digestS3Object: tuple[msgspec.Raw, ...]
+    logFiles: tuple[msgspec.Raw, ...]
+
+
 class _RecordsFile(msgspec.Struct, forbid_unknown_fields=True):
     Records: list[_FastEvent]
 
@@ -454,13 +491,20 @@ _RECORDS_DECODER: Final = msgspec.json.Decoder(_RecordsFile)
 # Caller resolved from one distinct raw userIdentity: the five principal columns, then the
 # identity's invokedBy and accountId.
 _Who = tuple[str | None, str | None, str | None, str | None, str | None, str | None, str | None]
-
+_PRINCIPAL_COLUMNS: Final = (
+    "principal",
+    "principal_type",
+    "principal_arn",
+    "principal_id",
+    "session_name",
+)
 
 # Resolutions are pure functions of these keys, so they are kept across files; both caches are
 # emptied when either grows past _MAX_CACHED entries.
-_MAX_CACHED: Final = 200_000
+_MAX_CACHED: Final = 50_000
 _WHO_CACHE: dict[bytes, _Who] = {}
 _TARGET_CACHE: dict[tuple[Any, ...], tuple[list[Target], str | None] | Skip] = {}
+_NESTED_SEPARATOR: Final = b"\x1e"
 
 
 def _load_raw(raw: bytes) -> Any:
@@ -468,9 +512,12 @@ def _load_raw(raw: bytes) -> Any:
 
 
 def _resolve_who(raw: bytes) -> _Who:
+    who = _WHO_CACHE.get(raw)
+    if who is not None:
+        return who
     identity = _mapping(_load_raw(raw))
     principal = resolve_aws_principal(identity)
-    return (
+    who = (
         principal["principal"],
         principal["principal_type"],
         principal["principal_arn"],
@@ -479,223 +526,328 @@ def _resolve_who(raw: bytes) -> _Who:
         _text(identity.get("invokedBy")),
         _text(identity.get("accountId")),
     )
+    _WHO_CACHE[raw] = who
+    return who
 
 
-def _needs_record_path(event: _FastEvent) -> bool:
+def _resolve_targets_cached(
+    source: str | None, name: str | None, nested: bytes, invoked_by: str | None
+) -> tuple[list[Target], str | None] | Skip:
+    key = (source, name, nested, invoked_by)
+    resolved = _TARGET_CACHE.get(key)
+    if resolved is None:
+        request, response, additional, resources = nested.split(_NESTED_SEPARATOR)
+        resolved = resolve_targets(
+            source,
+            name,
+            _mapping(_load_raw(request)),
+            _mapping(_load_raw(response)),
+            _mapping(_load_raw(additional)),
+            _load_raw(resources),
+            invoked_by,
+        )
+        _TARGET_CACHE[key] = resolved
+    return resolved
+
+
+def _needs_record_path(fields: _Fields) -> bool:
+    """Return True when a record is an Insight event, a digest or an EventBridge envelope."""
     return (
-        not event.eventTime
-        or event.eventType == _INSIGHT
-        or bool(event.insightDetails)
-        or bool(event.detail)
-        or bool(event.digestStartTime)
-        or bool(event.digestS3Object)
-        or bool(event.logFiles)
+        _INSIGHT in fields.eventType
+        or any(fields.insightDetails)
+        or any(fields.detail)
+        or any(fields.digestStartTime)
+        or any(fields.digestS3Object)
+        or any(fields.logFiles)
     )
 
 
 def _read_records_file(data: bytes, origin: str) -> FileResult | None:
     """Read a CloudTrail ``Records`` file column-wise, or return None to use the record path."""
     enabled = gc.isenabled()
-    # The decode and the walk create many small objects but no reference cycles, so the cyclic
-    # garbage collector would run many times and free nothing.
+    # The decode creates many small objects but no reference cycles, so the cyclic garbage
+    # collector would run many times and free nothing.
     gc.disable()
     try:
         try:
             events = _RECORDS_DECODER.decode(data).Records
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None
-        return _build_result(events, origin)
+        result = FileResult(files=1, records=len(events))
+        result.formats["cloudtrail"] = len(events)
+        if not events:
+            return result
+        # zip transposes the structs into one tuple per field in C, which is cheaper than one
+        # list comprehension per field.
+        fields = _Fields(*zip(*map(msgspec.structs.astuple, events), strict=True))
+        del events
+        if _needs_record_path(fields):
+            return None
+        return _build_result(fields, origin, result)
     finally:
         if enabled:
             gc.enable()
 
 
-def _build_result(events: list[_FastEvent], origin: str) -> FileResult | None:
-    result = FileResult(files=1, records=len(events))
-    result.formats["cloudtrail"] = len(events)
-    who_cache = _WHO_CACHE
-    target_cache = _TARGET_CACHE
-    if len(who_cache) > _MAX_CACHED or len(target_cache) > _MAX_CACHED:
-        who_cache.clear()
-        target_cache.clear()
-    skipped: Counter[str] = Counter()
+def _factorize(values: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+    """Return an int64 code per value and the distinct values.
 
-    kept: list[_FastEvent] = []
-    kept_index: list[int] = []
-    whos: list[_Who] = []
-    addresses: list[tuple[str | None, str]] = []
-    invokers: list[str | None] = []
-    row_record: list[int] = []
-    row_targets: list[Target] = []
+    None is a value like any other, and an empty string becomes None, as in :func:`_text`.
+    """
+    codes, uniques = pd.factorize(np.asarray(values, dtype=object), use_na_sentinel=True)
+    distinct = [value if value != "" else None for value in uniques]
+    codes = codes.astype(np.int64, copy=False)
+    missing = codes < 0
+    if missing.any():
+        codes = np.where(missing, len(distinct), codes)
+        distinct.append(None)
+    return codes, distinct
 
-    for index, event in enumerate(events):
-        if _needs_record_path(event):
-            return None
-        source_raw = event.sourceIPAddress or None
-        address = classify_address(source_raw)
-        identity_raw = bytes(event.userIdentity)
-        who = who_cache.get(identity_raw)
-        if who is None:
-            who = who_cache[identity_raw] = _resolve_who(identity_raw)
-        invoked_by = who[5] or event.invokedBy or None
-        if invoked_by is None and address[1] == "cloud_service":
-            invoked_by = source_raw
-        key = (
-            event.eventSource,
-            event.eventName,
-            bytes(event.requestParameters),
-            bytes(event.responseElements),
-            bytes(event.additionalEventData),
-            bytes(event.resources),
-            invoked_by,
-        )
-        resolved = target_cache.get(key)
-        if resolved is None:
-            resolved = target_cache[key] = resolve_targets(
-                event.eventSource or None,
-                event.eventName or None,
-                _mapping(_load_raw(key[2])),
-                _mapping(_load_raw(key[3])),
-                _mapping(_load_raw(key[4])),
-                _load_raw(key[5]),
-                invoked_by,
-            )
-        if isinstance(resolved, Skip):
-            skipped[resolved.kind] += 1
-            continue
-        targets, stored_invoked_by = resolved
-        position = len(kept)
-        kept.append(event)
-        kept_index.append(index)
-        whos.append(who)
-        addresses.append(address)
-        invokers.append(stored_invoked_by)
-        for target in targets:
-            row_record.append(position)
-            row_targets.append(target)
 
-    result.skipped.update(skipped)
-    if not row_targets:
-        return result
-    events_frame = _build_frame(
-        kept, kept_index, whos, addresses, invokers, row_record, row_targets, origin
-    )
-    if events_frame is None:
+def _combine(*codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return a code per distinct combination of ``codes`` and the first row of each one."""
+    combined = codes[0]
+    for more in codes[1:]:
+        combined, _ = pd.factorize(combined * (int(more.max()) + 1) + more)
+        combined = combined.astype(np.int64, copy=False)
+    first = np.empty(int(combined.max()) + 1, dtype=np.int64)
+    # Assigning in reverse order leaves each combination's first row in place.
+    first[combined[::-1]] = np.arange(len(combined) - 1, -1, -1, dtype=np.int64)
+    return combined, first
+
+
+def _strings(values: Sequence[str | None]) -> pa.Array:
+    """Convert to an Arrow string array; empty strings become null, as in :func:`_text`."""
+    # pyarrow converts a list noticeably faster than a tuple.
+    listed = values if isinstance(values, list) else list(values)
+    array = pa.array(listed, type=_LARGE_STRING)
+    if "" in listed:
+        array = pc.if_else(pc.equal(array, ""), pa.scalar(None, _LARGE_STRING), array)
+    return array
+
+
+class _Explode:
+    """The mapping from output rows to the records and targets they come from."""
+
+    def __init__(self, key_codes: np.ndarray, target_counts: np.ndarray, offsets: np.ndarray):
+        counts = target_counts[key_codes]
+        self.rows = int(counts.sum())
+        self.record = np.repeat(np.arange(len(key_codes), dtype=np.int64), counts)
+        starts = np.cumsum(counts) - counts
+        position = np.arange(self.rows, dtype=np.int64) - np.repeat(starts, counts)
+        self.target = pa.array(offsets[key_codes[self.record]] + position)
+        self.key = pa.array(key_codes[self.record])
+        self._record_indices = pa.array(self.record)
+
+    def take(self, per_record: pa.Array) -> pa.Array:
+        """Repeat a per-record column to one value per output row."""
+        return pc.take(per_record, self._record_indices, memory_pool=_POOL)
+
+    def take_distinct(self, distinct: list[Any], codes: np.ndarray) -> pa.Array:
+        """Map per-record ``codes`` into ``distinct`` values, one per output row."""
+        indices = pa.array(codes[self.record].astype(np.int32))
+        return pc.take(_strings(distinct), indices, memory_pool=_POOL)
+
+
+def _build_result(fields: _Fields, origin: str, result: FileResult) -> FileResult | None:
+    if not all(fields.eventTime):
         return None
-    result.events = events_frame
+    if len(_WHO_CACHE) > _MAX_CACHED or len(_TARGET_CACHE) > _MAX_CACHED:
+        _WHO_CACHE.clear()
+        _TARGET_CACHE.clear()
+
+    identity_codes, identities = _factorize(list(map(bytes, fields.userIdentity)))
+    whos = [_resolve_who(raw) for raw in identities]
+    address_codes, raw_addresses = _factorize(fields.sourceIPAddress)
+    addresses = [classify_address(raw) for raw in raw_addresses]
+    invoked_by_codes, invokers = _invoked_by_codes(
+        fields, identity_codes, whos, address_codes, raw_addresses, addresses
+    )
+
+    source_codes, sources = _factorize(fields.eventSource)
+    name_codes, names = _factorize(fields.eventName)
+    # The four nested parts of a call, joined into one key. JSON text never contains a raw
+    # control character such as the separator, so the key splits back into the four parts.
+    nested_codes, nested = _factorize(
+        list(
+            map(
+                _NESTED_SEPARATOR.join,
+                zip(
+                    fields.requestParameters,
+                    fields.responseElements,
+                    fields.additionalEventData,
+                    fields.resources,
+                    strict=True,
+                ),
+            )
+        )
+    )
+    key_codes, key_first = _combine(source_codes, name_codes, nested_codes, invoked_by_codes)
+    # Python-level indexing is much faster with lists of ints than with numpy scalars.
+    source_list = source_codes.tolist()
+    name_list = name_codes.tolist()
+    nested_list = nested_codes.tolist()
+    invoked_by_list = invoked_by_codes.tolist()
+    resolved = [
+        _resolve_targets_cached(
+            sources[source_list[first]],
+            names[name_list[first]],
+            nested[nested_list[first]],
+            invokers[invoked_by_list[first]],
+        )
+        for first in key_first.tolist()
+    ]
+
+    records_per_key = np.bincount(key_codes, minlength=len(resolved))
+    target_counts = np.zeros(len(resolved), dtype=np.int64)
+    stored_invokers: list[str | None] = []
+    flat_targets: list[Target] = []
+    for key, outcome in enumerate(resolved):
+        if isinstance(outcome, Skip):
+            result.skipped[outcome.kind] += int(records_per_key[key])
+            stored_invokers.append(None)
+            continue
+        targets, stored_invoked_by = outcome
+        target_counts[key] = len(targets)
+        stored_invokers.append(stored_invoked_by)
+        flat_targets.extend(targets)
+    offsets = np.cumsum(target_counts) - target_counts
+    explode = _Explode(key_codes, target_counts, offsets)
+    if explode.rows == 0:
+        return result
+
+    times, invalid_times = _parse_event_times(fields.eventTime)
+    if invalid_times[explode.record].any():
+        return None
+
+    columns: dict[str, pa.Array] = {
+        "event_uid": explode.take(_event_uids(fields, identity_codes, whos)),
+        "time": explode.take(times),
+        "cloud": pa.repeat(pa.scalar("aws", _LARGE_STRING), explode.rows, _POOL),
+        "log_format": pa.repeat(pa.scalar("cloudtrail", _LARGE_STRING), explode.rows, _POOL),
+        "service": explode.take_distinct([_service(source) for source in sources], source_codes),
+        "operation": explode.take_distinct(names, name_codes),
+    }
+    for column, position in (("action", 0), ("resource", 1), ("resource_version", 2)):
+        targets = _strings([target[position] for target in flat_targets])
+        columns[column] = pc.take(targets, explode.target, memory_pool=_POOL)
+    columns.update(_outcome_columns(fields, explode))
+    for column, position in zip(_PRINCIPAL_COLUMNS, range(5), strict=True):
+        columns[column] = explode.take_distinct([who[position] for who in whos], identity_codes)
+    columns["invoked_by"] = pc.take(_strings(stored_invokers), explode.key, memory_pool=_POOL)
+    columns["account"] = pc.coalesce(
+        explode.take(_strings(fields.recipientAccountId)),
+        explode.take_distinct([who[6] for who in whos], identity_codes),
+        memory_pool=_POOL,
+    )
+    columns["region"] = explode.take(_strings(fields.awsRegion))
+    columns["source_ip"] = explode.take_distinct([a[0] for a in addresses], address_codes)
+    columns["source_kind"] = explode.take_distinct([a[1] for a in addresses], address_codes)
+    columns["source_raw"] = explode.take_distinct(raw_addresses, address_codes)
+    columns["user_agent"] = explode.take(_strings(fields.userAgent))
+    columns["origin"] = pc.binary_join_element_wise(
+        pa.scalar(f"{origin} Records[", _LARGE_STRING),
+        pc.cast(pa.array(explode.record + 1), _LARGE_STRING),
+        pa.scalar("]", _LARGE_STRING),
+        pa.scalar("", _LARGE_STRING),
+        memory_pool=_POOL,
+    )
+    result.events = _assemble_frame(columns, explode.rows)
     return result
 
 
-def _build_frame(
-    kept: list[_FastEvent],
-    kept_index: list[int],
+def _invoked_by_codes(
+    fields: _Fields,
+    identity_codes: np.ndarray,
     whos: list[_Who],
+    address_codes: np.ndarray,
+    raw_addresses: list[str | None],
     addresses: list[tuple[str | None, str]],
-    invokers: list[str | None],
-    row_record: list[int],
-    row_targets: list[Target],
-    origin: str,
-) -> pd.DataFrame | None:
-    times = _parse_event_times([event.eventTime for event in kept])
-    if times is None:
-        return None
-    outcomes = [_outcome(event.errorCode, event.errorMessage) for event in kept]
-    per_record: dict[str, list[Any]] = {
-        "event_uid": [
-            event.eventID or _fallback_uid(_uid_fields(event), _who_names(who))
-            for event, who in zip(kept, whos, strict=True)
-        ],
-        "service": [_service(event.eventSource or None) for event in kept],
-        "operation": [event.eventName or None for event in kept],
-        "outcome": [outcome for outcome, _ in outcomes],
-        "failure_reason": [reason for _, reason in outcomes],
-        "error_code": [event.errorCode or None for event in kept],
-        "error_message": [event.errorMessage or None for event in kept],
-        "principal": [who[0] for who in whos],
-        "principal_type": [who[1] for who in whos],
-        "principal_arn": [who[2] for who in whos],
-        "principal_id": [who[3] for who in whos],
-        "session_name": [who[4] for who in whos],
-        "invoked_by": invokers,
-        "account": [
-            event.recipientAccountId or who[6] for event, who in zip(kept, whos, strict=True)
-        ],
-        "region": [event.awsRegion or None for event in kept],
-        "source_ip": [address[0] for address in addresses],
-        "source_kind": [address[1] for address in addresses],
-        "source_raw": [event.sourceIPAddress or None for event in kept],
-        "user_agent": [event.userAgent or None for event in kept],
-        "origin": [f"{origin} Records[{index + 1}]" for index in kept_index],
+) -> tuple[np.ndarray, list[str | None]]:
+    """Return a code per record for the service that made the call, and the distinct values."""
+    top_level_codes, top_level = _factorize(fields.invokedBy)
+    caller_codes, caller_first = _combine(identity_codes, top_level_codes, address_codes)
+    identity_list = identity_codes.tolist()
+    top_level_list = top_level_codes.tolist()
+    address_list = address_codes.tolist()
+    per_caller: list[str | None] = []
+    for first in caller_first.tolist():
+        address = address_list[first]
+        named = whos[identity_list[first]][5] or top_level[top_level_list[first]]
+        if named is None and addresses[address][1] == "cloud_service":
+            named = raw_addresses[address]
+        per_caller.append(named)
+    caller_invoker_codes, invokers = _factorize(per_caller)
+    return caller_invoker_codes[caller_codes], invokers
+
+
+def _event_uids(fields: _Fields, identity_codes: np.ndarray, whos: list[_Who]) -> pa.Array:
+    if all(fields.eventID):
+        return pa.array(list(fields.eventID), type=_LARGE_STRING, memory_pool=_POOL)
+    uids = list(fields.eventID)
+    for index, uid in enumerate(uids):
+        if not uid:
+            record = {
+                "eventTime": fields.eventTime[index],
+                "eventName": fields.eventName[index],
+                "requestID": fields.requestID[index],
+            }
+            who = whos[identity_codes[index]]
+            uids[index] = _fallback_uid(record, {"principal": who[0], "principal_arn": who[2]})
+    return pa.array(uids, type=_LARGE_STRING, memory_pool=_POOL)
+
+
+def _outcome_columns(fields: _Fields, explode: _Explode) -> dict[str, pa.Array]:
+    code_codes, codes = _factorize(fields.errorCode)
+    message_codes, messages = _factorize(fields.errorMessage)
+    pair_codes, pair_first = _combine(code_codes, message_codes)
+    outcomes = [
+        _outcome(codes[code_codes[first]], messages[message_codes[first]]) for first in pair_first
+    ]
+    return {
+        "outcome": explode.take_distinct([outcome for outcome, _ in outcomes], pair_codes),
+        "failure_reason": explode.take_distinct([reason for _, reason in outcomes], pair_codes),
+        "error_code": explode.take_distinct(codes, code_codes),
+        "error_message": explode.take_distinct(messages, message_codes),
     }
-    table = pa.table(
-        {name: pa.array(values, type=pa.string()) for name, values in per_record.items()}
-    )
-    if len(row_record) != len(kept):
-        table = table.take(pa.array(row_record, type=pa.int64()))
-        times = times.take(row_record).reset_index(drop=True)
-    rows = len(row_record)
-    targets = {
-        "action": [target[0] for target in row_targets],
-        "resource": [target[1] for target in row_targets],
-        "resource_version": [target[2] for target in row_targets],
-        "cloud": ["aws"] * rows,
-        "log_format": ["cloudtrail"] * rows,
-    }
-    for name, values in targets.items():
-        table = table.append_column(name, pa.array(values, type=pa.string()))
-    strings = table.to_pandas(types_mapper=_STRING_TYPES.get)
-    columns: dict[str, Any] = {}
-    for name, dtype in _event_dtypes().items():
-        if name == "time":
-            columns[name] = times
-        elif name in strings.columns:
-            columns[name] = strings[name]
-        else:
-            columns[name] = pd.Series([None] * rows, dtype=dtype)
-    return pd.DataFrame(columns)
 
 
-_STRING_TYPES: Final = {pa.string(): pd.StringDtype("pyarrow")}
+def _assemble_frame(columns: dict[str, pa.Array], rows: int) -> pd.DataFrame:
+    """Build the events frame in schema column order and dtypes; absent columns are null."""
+    arrays = [
+        columns[name] if name in columns else pa.nulls(rows, kind, memory_pool=_POOL)
+        for name, kind in _ARROW_COLUMNS.items()
+    ]
+    table = pa.Table.from_arrays(arrays, names=list(_ARROW_COLUMNS))
+    return table.to_pandas(types_mapper=_PANDAS_TYPES.get, use_threads=False, memory_pool=_POOL)
 
 
-@cache
-def _event_dtypes() -> dict[str, Any]:
-    """Return the pandas dtype of every events column, in column order."""
-    template = empty_events()
-    return {name: template[name].dtype for name in COLUMNS}
+# The schema's Arrow types, with strings as large_string: pandas converts its Arrow-backed
+# strings to that type.
+_ARROW_COLUMNS: Final = {
+    name: _LARGE_STRING if kind == pa.string() else kind for name, kind in COLUMNS.items()
+}
+_PANDAS_TYPES: Final = {_LARGE_STRING: pd.StringDtype("pyarrow"), pa.int64(): pd.Int64Dtype()}
 
 
-def _parse_event_times(values: list[str | None]) -> pd.Series | None:
+def _parse_event_times(values: Sequence[str | None]) -> tuple[pa.Array, np.ndarray]:
     """Parse event times with Arrow, falling back to :func:`parse_times` for other forms.
 
-    Returns None when a time cannot be parsed, so that the record path quarantines it.
+    Returns the times as Arrow ``timestamp[us, UTC]`` and a mask of the values that do not parse.
     """
-    text = pa.array(values, type=pa.string())
+    text = pa.array(list(values), type=pa.string())
     parsed = pc.strptime(text, format=_CLOUDTRAIL_TIME_FORMAT, unit="us", error_is_null=True)
-    times = parsed.cast(pa.timestamp("us", tz="UTC")).to_pandas()
-    failed = times.isna().to_numpy()
+    naive = parsed.to_numpy(zero_copy_only=False).astype("datetime64[us]")
+    failed = np.isnat(naive)
+    invalid = np.zeros(len(values), dtype=bool)
     if failed.any():
-        others, invalid = parse_times(text.filter(pa.array(failed)).to_pylist())
-        if invalid.any():
-            return None
-        times = times.copy()
-        times[failed] = others.to_numpy()
-    return times.astype("datetime64[us, UTC]")
+        others, others_invalid = parse_times(text.filter(pa.array(failed)).to_pylist())
+        naive[failed] = others.dt.tz_localize(None).to_numpy(dtype="datetime64[us]")
+        invalid[failed] = others_invalid | others.isna().to_numpy()
+    return pa.array(naive, type=pa.timestamp("us", tz="UTC")), invalid
 
 
 def _outcome(code: str | None, message: str | None) -> tuple[str, str | None]:
     if not code and not message:
         return "success", None
     return resolve_aws_outcome(code or None, message or None)
-
-
-def _uid_fields(event: _FastEvent) -> dict[str, Any]:
-    return {
-        "eventTime": event.eventTime,
-        "eventName": event.eventName,
-        "requestID": event.requestID,
-    }
-
-
-def _who_names(who: _Who) -> dict[str, str | None]:
-    return {"principal": who[0], "principal_arn": who[2]}

@@ -12,7 +12,12 @@ import pytest
 
 from pipeline.formats import read_bytes
 from pipeline.formats.base import FileResult, RecordError, Skip
-from pipeline.formats.cloudtrail import CloudTrailFormat, resolve_targets
+from pipeline.formats.cloudtrail import (
+    CloudTrailFormat,
+    _FastEvent,
+    _Fields,
+    resolve_targets,
+)
 from pipeline.schema import check_events
 
 ACCOUNT = "444455556666"
@@ -661,3 +666,176 @@ def test_fast_path_empty_records() -> None:
     assert result is not None
     assert result.records == 0
     assert len(result.events) == 0
+
+
+def gap_records() -> list[dict[str, Any]]:
+    """Events for branches the first fixture does not reach."""
+    no_invoker = make_event(
+        "Decrypt",
+        source="kms.amazonaws.com",
+        userIdentity=ROLE,
+        sourceIPAddress="ssm.amazonaws.com",
+        requestParameters={"encryptionContext": {"PARAMETER_ARN": "arn:aws:ssm:x:1:parameter/a/b"}},
+        eventID="g1",
+    )
+    top_level_invoker = make_event(
+        "GetSecretValue",
+        requestParameters={"secretId": "top"},
+        invokedBy="lambda.amazonaws.com",
+        eventID="g2",
+    )
+    empty_strings = make_event(
+        "GetSecretValue",
+        requestParameters={"secretId": "blank"},
+        awsRegion="",
+        userAgent="",
+        errorCode="",
+        errorMessage="",
+        recipientAccountId="",
+        sourceIPAddress="",
+        eventID="g3",
+    )
+    from_response = make_event(
+        "DescribeSecret",
+        requestParameters={"secretId": "short-name"},
+        responseElements={"aRN": SECRET_ARN},
+        eventID="g4",
+    )
+    from_additional = make_event(
+        "RotationSucceeded",
+        eventType="AwsServiceEvent",
+        additionalEventData={"SecretId": SECRET_ARN},
+        eventID="g5",
+    )
+    plain_decrypt = make_event(
+        "Decrypt",
+        source="kms.amazonaws.com",
+        requestParameters={"keyId": "alias/app"},
+        resources=[{"ARN": KEY_ARN}, {"arn": "arn:aws:kms:x:1:alias/app"}],
+        eventID="g6",
+    )
+    nested_detail = make_event(
+        "PutSecretValue",
+        requestParameters={"secretId": "n", "detail": {"eventType": "AwsCloudTrailInsight"}},
+        eventID="g7",
+    )
+    denied = make_event(
+        "GetParameter",
+        source="ssm.amazonaws.com",
+        requestParameters={"name": "/x/denied"},
+        errorCode="AccessDenied",
+        errorMessage="User: x is not authorized to perform: ssm:GetParameter",
+        eventTime="2025-04-02T10:15:33+02:00",
+        eventID="g8",
+    )
+    repeated = make_event("GetSecretValue", requestParameters={"secretId": "twice"}, eventID="g9")
+    return [
+        no_invoker,
+        top_level_invoker,
+        empty_strings,
+        from_response,
+        from_additional,
+        plain_decrypt,
+        nested_detail,
+        denied,
+        repeated,
+        dict(repeated),
+        make_event("ListSecrets", userIdentity={"type": "AWSService", "invokedBy": "x"}),
+    ]
+
+
+def test_fast_path_equals_record_path_gaps(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = orjson.dumps({"Records": gap_records()})
+    assert FORMAT.read_fast(data, "gaps.json") is not None
+    fast, slow = read_both(data, monkeypatch)
+    pd.testing.assert_frame_equal(fast.events, slow.events)
+    assert fast.summary() == slow.summary()
+    assert len(fast.events) == 11
+    assert check_events(fast.events) == []
+    by_uid = fast.events.set_index("event_uid")
+    assert by_uid.loc["g1", "invoked_by"] == "ssm.amazonaws.com"
+    assert by_uid.loc["g1", "resource"] == "/a/b"
+    assert by_uid.loc["g2", "invoked_by"] == "lambda.amazonaws.com"
+    assert by_uid.loc["g3", "source_kind"] == "missing"
+    assert by_uid.loc["g3", "region"] is pd.NA
+    assert by_uid.loc["g3", "user_agent"] is pd.NA
+    assert by_uid.loc["g3", "account"] == ACCOUNT
+    assert by_uid.loc["g3", "outcome"] == "success"
+    assert by_uid.loc["g4", "resource"] == SECRET_ARN
+    assert by_uid.loc["g5", "resource"] == SECRET_ARN
+    assert by_uid.loc["g6", "resource"] == KEY_ARN
+    assert by_uid.loc["g8", "outcome"] == "failure"
+    assert by_uid.loc["g8", "failure_reason"] == "denied"
+    assert str(by_uid.loc["g8", "time"]) == "2025-04-02 08:15:33+00:00"
+
+
+def test_fast_path_all_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    records = [
+        make_event("DescribeInstances", source="ec2.amazonaws.com", eventID="s1"),
+        make_event("AssumeRole", source="sts.amazonaws.com", eventID="s2"),
+    ]
+    data = orjson.dumps({"Records": records})
+    result = FORMAT.read_fast(data, "skip.json")
+    assert result is not None
+    assert len(result.events) == 0
+    assert result.skipped == Counter({"not_secret_activity": 2})
+    fast, slow = read_both(data, monkeypatch)
+    assert fast.summary() == slow.summary()
+
+
+def test_fast_path_skipped_record_with_bad_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A skipped call is never turned into a row, so its unparseable time is not quarantined.
+    records = [
+        make_event("GetSecretValue", requestParameters={"secretId": "a"}, eventID="t1"),
+        make_event("DescribeInstances", source="ec2.amazonaws.com", eventTime="soon"),
+    ]
+    data = orjson.dumps({"Records": records})
+    assert FORMAT.read_fast(data, "t.json") is not None
+    fast, slow = read_both(data, monkeypatch)
+    pd.testing.assert_frame_equal(fast.events, slow.events)
+    assert fast.quarantined == []
+    assert fast.skipped == Counter({"not_secret_activity": 1})
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        make_event("GetSecretValue", eventID=17),
+        make_event("GetSecretValue", sourceIPAddress=["1.2.3.4"]),
+        {"digestStartTime": "2025-04-02T10:00:00Z", "logFiles": []},
+        {
+            "detail-type": "AWS API Call via CloudTrail",
+            "detail": make_event("GetSecretValue", requestParameters={"secretId": "eb"}),
+        },
+    ],
+    ids=["number_event_id", "list_address", "digest", "eventbridge"],
+)
+def test_fast_path_declines_record_path_shapes(
+    record: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = orjson.dumps({"Records": [make_event("GetSecretValue", eventID="ok"), record]})
+    assert FORMAT.read_fast(data, "odd.json") is None
+    fast, slow = read_both(data, monkeypatch)
+    pd.testing.assert_frame_equal(fast.events, slow.events)
+
+
+def test_fast_path_many_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Enough events that distinct values repeat and batch reads spread rows across the frame.
+    records = []
+    for index in range(600):
+        base = fixture_records() + gap_records()
+        event = dict(base[index % len(base)])
+        event["eventID"] = f"m{index}"
+        event["sourceIPAddress"] = ("52.94.76.10", "10.0.0.7", "AWS Internal")[index % 3]
+        records.append(event)
+    data = gzip.compress(orjson.dumps({"Records": records}))
+    assert FORMAT.read_fast(gzip.decompress(data), "many.json.gz") is not None
+    fast, slow = read_both(data, monkeypatch)
+    pd.testing.assert_frame_equal(fast.events, slow.events)
+    assert fast.summary() == slow.summary()
+    assert fast.events["origin"].iloc[-1] == "trail.json.gz Records[600]"
+
+
+def test_fast_fields_follow_struct_order() -> None:
+    # The fast path transposes each decoded struct by position into these named columns.
+    assert _Fields._fields == _FastEvent.__struct_fields__
