@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.config import Settings, load_config
+from pipeline.config import Settings, check_files, config_warnings, load_config
 from pipeline.engine import run_once
 from pipeline.enrich import GeoIPSettings, enrich_events
 from pipeline.errors import ConfigError, KeytrailError
@@ -191,6 +191,11 @@ def run(
         updates["output_dir"] = output_dir.resolve()
     settings = settings.model_copy(update=updates)
     _start_logging(settings)
+    check_files(settings, source=str(config_path))
+    for warning in config_warnings(settings):
+        if sources and warning.startswith("sources"):
+            continue
+        logger.warning("config %s: %s", config_path, warning)
 
     console = Console()
     summary = run_once(
@@ -341,8 +346,14 @@ def evaluate(config_path: Path, labels: Path | None, findings: Path | None, as_j
 @_config_option
 @_handle_errors
 def validate_config(config_path: Path) -> None:
-    """Check a config file and print every problem (exit code 2), or a one-line summary."""
+    """Check a config file and the files it names; print every problem (exit code 2) or a summary.
+
+    Warnings (no sources, no enabled detector) go to stderr and do not change the exit code.
+    """
     settings = load_config(config_path)
+    check_files(settings, source=str(config_path))
+    for warning in config_warnings(settings):
+        click.echo(f"warning: {warning}", err=True)
     click.echo(
         f"{config_path} is valid: {len(settings.sources)} sources, "
         f"{len(settings.enabled_detectors)} detectors enabled"

@@ -5,6 +5,12 @@ setting. :func:`load_config` collects every problem in the file and raises one
 :class:`~pipeline.errors.ConfigError` whose lines each name the key path, what is accepted and
 the value found. Relative paths resolve against the folder of the config file.
 
+``sources`` and ``detectors`` are required keys, so an empty or half-written file is an error
+rather than a run that reads and detects nothing. Writing them empty (``sources: []``, only
+``--source`` paths are read; ``detectors: {}``, nothing is detected) is accepted, and
+:func:`config_warnings` reports it. Integer and boolean settings are strict: YAML ``true`` is not
+accepted as the number 1, and ``1`` or ``"yes"`` is not accepted as a boolean.
+
 Detector entries hold ``enabled`` plus the detector's own parameters. The parameters are checked
 by constructing the registered detector class, so a bad parameter fails at load time. Only
 detectors listed in the config run: a detector added by an upgrade stays off until it is listed.
@@ -18,6 +24,7 @@ from __future__ import annotations
 import logging
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 import detectors  # noqa: F401
 from detectors.base import Detector, get_detector, registered_detectors
 from pipeline.alerting import OutputSettings
-from pipeline.enrich import GeoIPSettings
+from pipeline.enrich import GeoIP, GeoIPSettings
 from pipeline.errors import ConfigError
 
 __all__ = [
@@ -40,6 +47,8 @@ __all__ = [
     "LoggingSettings",
     "Settings",
     "build_detectors",
+    "check_files",
+    "config_warnings",
     "embedded_defaults",
     "load_config",
     "settings_from_mapping",
@@ -62,10 +71,122 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "enrich": {"geoip": {"enabled": True, "city_db": None, "asn_db": None, "max_age_days": 90}},
     "history": {"retention_days": 400, "seen_retention_days": 30},
     "detectors": {
-        "keytrail.off_hours": {"enabled": True},
-        "keytrail.new_country": {"enabled": True},
-        "keytrail.impossible_travel": {"enabled": True},
-        "keytrail.failure_burst": {"enabled": True},
+        "keytrail.off_hours": {
+            "enabled": True,
+            "timezone": "UTC",
+            "business_hours": "08:00-19:00",
+            "business_days": ["mon", "tue", "wed", "thu", "fri"],
+            "holidays_country": None,
+            "principal_types": ["user", "federated", "root"],
+            "min_reads": 1,
+            "baseline_days": 30,
+            "habit_days": 4,
+            "high_distinct_secrets": 5,
+            "overrides": [
+                {
+                    "match": "maria.lopez@example.com",
+                    "timezone": "America/New_York",
+                    "holidays_country": "US",
+                },
+                {
+                    "match": "david.kim@example.com",
+                    "timezone": "America/New_York",
+                    "holidays_country": "US",
+                },
+                {
+                    "match": "sarah.oconnor@example.com",
+                    "timezone": "America/New_York",
+                    "holidays_country": "US",
+                },
+                {"match": "tbecker", "timezone": "America/New_York", "holidays_country": "US"},
+                {
+                    "match": "priya.shah@example.com",
+                    "timezone": "America/New_York",
+                    "holidays_country": "US",
+                },
+                {
+                    "match": "kevin.nguyen@example.com",
+                    "timezone": "America/Los_Angeles",
+                    "holidays_country": "US",
+                },
+                {
+                    "match": "emily.chen@example.com",
+                    "timezone": "America/Los_Angeles",
+                    "holidays_country": "US",
+                },
+                {
+                    "match": "jake.miller@example.com",
+                    "timezone": "America/Los_Angeles",
+                    "holidays_country": "US",
+                },
+                {"match": "obrown", "timezone": "America/Los_Angeles", "holidays_country": "US"},
+                {
+                    "match": "jonas.weber@example.com",
+                    "timezone": "Europe/Berlin",
+                    "holidays_country": "DE",
+                },
+                {
+                    "match": "lena.fischer@example.com",
+                    "timezone": "Europe/Berlin",
+                    "holidays_country": "DE",
+                },
+                {
+                    "match": "felix.wagner@example.com",
+                    "timezone": "Europe/Berlin",
+                    "holidays_country": "DE",
+                },
+                {"match": "aschmidt", "timezone": "Europe/Berlin", "holidays_country": "DE"},
+                {
+                    "match": "max.hoffmann@example.com",
+                    "timezone": "Europe/Berlin",
+                    "holidays_country": "DE",
+                },
+                {
+                    "match": "arjun.banerjee@example.com",
+                    "timezone": "Asia/Kolkata",
+                    "holidays_country": "IN",
+                },
+                {
+                    "match": "ananya.das@example.com",
+                    "timezone": "Asia/Kolkata",
+                    "holidays_country": "IN",
+                },
+                {
+                    "match": "rahul.sen@example.com",
+                    "timezone": "Asia/Kolkata",
+                    "holidays_country": "IN",
+                },
+                {
+                    "match": "sneha.roy@example.com",
+                    "timezone": "Asia/Kolkata",
+                    "holidays_country": "IN",
+                },
+            ],
+            "account_overrides": [],
+        },
+        "keytrail.new_country": {
+            "enabled": True,
+            "lookback_days": 30,
+            "min_history_days": 7,
+            "min_history_events": 5,
+            "deny_countries": [],
+            "severity": "medium",
+        },
+        "keytrail.impossible_travel": {
+            "enabled": True,
+            "max_speed_kmh": 900,
+            "min_distance_km": 500,
+            "max_pairs_in_evidence": 20,
+        },
+        "keytrail.failure_burst": {
+            "enabled": True,
+            "min_failures": 10,
+            "window_minutes": 10,
+            "reasons": ["denied", "not_found"],
+            "keys": ["principal", "source_ip"],
+            "high_distinct_secrets": 5,
+            "success_within_minutes": 30,
+        },
     },
     "alerting": {"console": True, "outbox": True, "min_severity": "low", "templates_dir": None},
     "logging": {"level": "INFO", "format": "text"},
@@ -171,8 +292,12 @@ def load_config(path: str | Path) -> Settings:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(_yaml_problem(exc), source=str(path)) from None
-    if data is None:
-        data = {}
+    if data is None or data == {}:
+        raise ConfigError(
+            "config file is empty; expected at least the keys sources and detectors "
+            "(see the config.yaml shipped with keytrail)",
+            source=str(path),
+        )
     if not isinstance(data, dict):
         raise ConfigError(
             f"top level: expected a mapping of settings, found {type(data).__name__}",
@@ -200,12 +325,16 @@ def settings_from_mapping(
     Raises:
         ConfigError: with one line per problem.
     """
-    problems: list[str] = []
+    problems: list[str] = [
+        f"{key}: missing; {hint}" for key, hint in _REQUIRED_KEYS.items() if key not in data
+    ]
     settings: Settings | None = None
+    coerced = _coerced_values(Settings, data)
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        problems.extend(_pydantic_problems(exc, Settings, prefix=()))
+        problems.extend(_pydantic_problems(exc, Settings, prefix=(), skip=coerced))
+    problems.extend(f"{_dotted(loc)}: {message}" for loc, message in coerced.items())
     raw_detectors = data.get("detectors")
     if isinstance(raw_detectors, dict):
         problems.extend(_detector_problems(raw_detectors))
@@ -215,6 +344,44 @@ def settings_from_mapping(
         raise ConfigError(problems, source=source)
     assert settings is not None
     return _resolve_paths(settings, base_dir)
+
+
+_REQUIRED_KEYS: dict[str, str] = {
+    "sources": "list the log folders to read, or write `sources: []` to read only --source paths",
+    "detectors": "list the detectors to run, or write `detectors: {}` to run none",
+}
+
+
+def config_warnings(settings: Settings) -> list[str]:
+    """Return warnings about valid settings that make a run do little: no sources, no detectors."""
+    warnings = []
+    if not settings.sources:
+        warnings.append("sources is empty: `keytrail run` reads only the paths given with --source")
+    if not settings.enabled_detectors:
+        listed = "no detector is listed" if not settings.detectors else "every detector is disabled"
+        warnings.append(f"detectors: {listed}, so runs record events but produce no findings")
+    return warnings
+
+
+def check_files(settings: Settings, *, source: str | None = None) -> None:
+    """Check that the files the settings name exist and can be opened, as a run needs them.
+
+    The GeoIP databases are opened the same way a run opens them.
+
+    Raises:
+        ConfigError: with one line per missing or invalid file.
+    """
+    problems = []
+    if settings.enrich.geoip.enabled:
+        try:
+            GeoIP.from_settings(settings.enrich.geoip).close()
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    templates = settings.alerting.templates_dir
+    if templates is not None and not templates.is_dir():
+        problems.append(f"alerting.templates_dir: folder not found: {templates}")
+    if problems:
+        raise ConfigError(problems, source=source)
 
 
 def build_detectors(settings: Settings) -> list[Detector]:
@@ -237,13 +404,74 @@ def _detector_problems(raw: dict[str, Any]) -> list[str]:
             # The Settings model already reported the wrong type of this entry.
             continue
         params = {key: value for key, value in entry.items() if key != "enabled"}
+        prefix = ("detectors", name)
+        coerced = _coerced_values(known[name].Params, params)
         try:
             known[name](**params)
         except ValidationError as exc:
-            problems.extend(_pydantic_problems(exc, known[name].Params, prefix=("detectors", name)))
+            problems.extend(_pydantic_problems(exc, known[name].Params, prefix, skip=coerced))
         except (TypeError, ValueError) as exc:
             problems.append(f"detectors.{name}: invalid parameters: {exc}")
+        problems.extend(f"{_dotted(prefix + loc)}: {message}" for loc, message in coerced.items())
     return problems
+
+
+def _coerced_values(model: type[BaseModel], data: dict[str, Any]) -> dict[tuple[Any, ...], str]:
+    """Return key path -> message for values that lax validation would coerce between types.
+
+    Pydantic's default (lax) mode turns YAML ``true`` into the integer 1 and ``1`` or ``"yes"``
+    into True. Validating again in strict mode finds those values. Its other strict-mode errors
+    (a string for a path, for example) are expected for YAML input and ignored.
+    """
+    try:
+        model.model_validate(data, strict=True)
+    except ValidationError as exc:
+        errors = exc.errors()
+    else:
+        return {}
+    coerced = {}
+    for error in errors:
+        found = error.get("input")
+        if error["type"] in ("int_type", "float_type") and _lax_number(found):
+            expected = "an integer" if error["type"] == "int_type" else "a number"
+        elif error["type"] == "bool_type" and _lax_bool(found):
+            expected = "true or false"
+        else:
+            continue
+        kind = _TYPE_NAMES.get(type(found), type(found).__name__)
+        coerced[tuple(error["loc"])] = f"expected {expected}, found {kind} {_short(found)}"
+    return coerced
+
+
+_TYPE_NAMES: dict[type, str] = {bool: "boolean", str: "string", int: "integer", float: "number"}
+
+# Strings that pydantic's lax mode accepts as booleans (pydantic 2 documentation, "Conversion
+# Table"). Other strings fail lax validation with pydantic's own message.
+_LAX_BOOL_STRINGS: frozenset[str] = frozenset(
+    {"0", "1", "f", "t", "n", "y", "no", "yes", "off", "on", "false", "true"}
+)
+
+
+def _lax_number(value: Any) -> bool:
+    """Return True for a boolean, or a string that lax validation would read as a number."""
+    if isinstance(value, bool):
+        return True
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _lax_bool(value: Any) -> bool:
+    """Return True for a number, or a string that lax validation would read as a boolean."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    return isinstance(value, str) and value.strip().lower() in _LAX_BOOL_STRINGS
 
 
 def _duplicate_source_names(settings: Settings) -> list[str]:
@@ -260,11 +488,17 @@ def _duplicate_source_names(settings: Settings) -> list[str]:
 
 
 def _pydantic_problems(
-    exc: ValidationError, model: type[BaseModel], prefix: tuple[str, ...]
+    exc: ValidationError,
+    model: type[BaseModel],
+    prefix: tuple[str, ...],
+    skip: Mapping[tuple[Any, ...], str] | None = None,
 ) -> list[str]:
+    """Return one line per validation error, except at the key paths in ``skip``."""
     problems = []
     for error in exc.errors():
         loc = tuple(error["loc"])
+        if skip and loc in skip:
+            continue
         path = _dotted(prefix + loc)
         if error["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, loc[:-1])

@@ -1,18 +1,28 @@
-"""One keytrail run: read new logs, keep new events, detect, write outputs, commit state.
+"""One keytrail run: read new logs, keep new events, detect, commit state, write outputs.
 
 :func:`run_once` is the only entry point the CLI, the scheduler and notebooks use. Its body is
-the steps of a run, each a call into the package that owns it:
+the steps of a run, each a call into the package that owns it. Under the state lock it:
 
-1. deliver alerts pending from earlier runs (not yet: outputs are only written to files);
-2. read what is new in each source and quarantine what cannot be parsed;
-3. drop events already seen, enrich the rest, append them to the history;
-4. run each enabled detector on the new window with a baseline from the history;
-5. drop findings already in the ledger and write the outputs;
-6. commit seen events, the findings ledger, checkpoints and the run row in one transaction;
-7. expire old history and old seen ids, and finish the summary.
+1. deletes history files of earlier runs that never committed (killed or failed), and writes
+   the outputs still pending from earlier runs;
+2. reads what is new in each source and quarantines what cannot be parsed;
+3. drops events already seen, enriches the rest, records the run as started and appends the
+   events to the history;
+4. runs each enabled detector on the new window with a baseline from the history;
+5. drops findings already in the ledger;
+6. commits seen events, the findings ledger, one pending output row per new finding (the finding
+   as JSON), checkpoints and the run row in one transaction;
+7. writes the outputs (findings.jsonl, outbox files, console), then marks them written in a
+   second, small transaction;
+8. expires old history and old seen ids, and finishes the summary.
 
-A failure before the commit deletes the history files this run wrote and leaves the state as it
-was, so the next run reads the same input again and deduplication absorbs the overlap.
+Crash safety: a failure before the commit deletes this run's history files and leaves the state
+as it was, so the next run reads the same input again and deduplication absorbs the overlap. A
+run killed before the commit leaves a ``started`` run row, and step 1 of the next run deletes its
+history files. A crash after the commit loses nothing, because step 1 of the next run writes the
+pending outputs. A crash after the outputs were written but before they were marked written is
+the one ambiguous case: the next run writes those findings again, so findings.jsonl holds at
+most one duplicate line per finding (outbox files have stable names and are replaced).
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ import pandas as pd
 from rich.console import Console
 
 from detectors.base import FINDING_COLUMNS, Detector, FrameHistory, HistoryView, empty_findings
-from pipeline.alerting import render_console, write_outputs
+from pipeline.alerting import findings_to_json_lines, render_console, write_outputs
 from pipeline.config import FilesSourceSettings, Settings, build_detectors
 from pipeline.enrich import enrich_events
 from pipeline.errors import DetectorError, KeytrailError
@@ -112,7 +122,11 @@ def _run(
     console: Console | None,
 ) -> None:
     dry_run = summary.dry_run
-    # Step 1, delivering pending alerts, starts when channels exist: outputs are files for now.
+    history_root = settings.state_dir / "history"
+    if not dry_run:
+        _remove_uncommitted_history(History(history_root), state)
+        _write_pending_outputs(settings, state, summary, console, now)
+
     batches = _read_sources(sources, state, summary)
     quarantined = [item for batch in batches for item in batch.result.quarantined]
     if quarantined and not dry_run:
@@ -129,7 +143,6 @@ def _run(
         summary.geoip.get("geoip_source"),
     )
 
-    history_root = settings.state_dir / "history"
     history = History(history_root) if not dry_run or history_root.exists() else None
     baseline = _baseline(history, events, build_detectors(settings))
     if dry_run:
@@ -142,13 +155,17 @@ def _run(
         return
 
     assert history is not None
+    state.record_started_run(summary.run_id, started=summary.started)
     try:
         summary.history_rows_written = history.append(events, summary.run_id) if len(events) else 0
         logger.info("history: %s rows appended", summary.history_rows_written)
         findings = _detect(settings, events, baseline, now, state, summary)
         findings = _fill_geoip_date(findings, enrich_info)
-        if not _write_outputs(settings, findings, summary, console, now):
-            _roll_back(history, state, summary, "outputs could not be written")
+        try:
+            pending = _finding_texts(findings)
+        except ValueError as exc:
+            summary.problems.append(f"outputs: invalid findings: {exc}")
+            _roll_back(history, state, summary, f"findings could not be serialized: {exc}")
             return
         summary.status = "completed_with_problems" if summary.problems else "completed"
         summary.finished = datetime.now(UTC)
@@ -160,14 +177,70 @@ def _run(
             checkpoints={batch.name: batch.checkpoints for batch in batches},
             summary=summary.to_dict(),
             status=summary.status,
+            pending_outputs=pending,
         )
         logger.info("state: committed %s events, %s findings", len(events), len(findings))
     except BaseException as exc:
         _roll_back(history, state, summary, f"{type(exc).__name__}: {exc}")
         raise
+
+    # From here on the run is committed: a failure leaves its findings pending for the next run.
+    _write_outputs(settings, state, findings, summary, console, now)
     _expire(settings, history, state, summary, now)
     if summary.problems and summary.status == "completed":
         summary.status = "completed_with_problems"
+    try:
+        state.update_run(summary.run_id, status=summary.status, summary=summary.to_dict())
+    except sqlite3.Error as exc:
+        logger.error("run %s: could not store the final summary: %s", summary.run_id, exc)
+
+
+def _remove_uncommitted_history(history: History, state: State) -> None:
+    """Delete the history files of runs that never committed, and mark killed runs.
+
+    A run records itself as ``started`` before it appends to the history, so a run killed before
+    its commit is found here. Files of run ids the state does not know are kept, because they
+    may be all that remains of a state database that was moved away.
+    """
+    uncommitted = state.uncommitted_runs()
+    for run_id in sorted(history.run_ids() & uncommitted):
+        removed = history.delete_run(run_id)
+        logger.warning(
+            "history: deleted %s files of run %s, which ended before its commit", removed, run_id
+        )
+    interrupted = state.mark_runs_interrupted(uncommitted)
+    if interrupted:
+        logger.warning("state: %s earlier runs ended before their commit", interrupted)
+
+
+def _write_pending_outputs(
+    settings: Settings,
+    state: State,
+    summary: RunSummary,
+    console: Console | None,
+    now: pd.Timestamp,
+) -> None:
+    """Write the findings that earlier runs committed but did not write out."""
+    pending = state.pending_outputs()
+    if not pending:
+        return
+    logger.warning("outputs: %s findings of earlier runs are still pending", len(pending))
+    frame = _findings_from_texts([text for _, text in pending])
+    try:
+        report = write_outputs(
+            frame, settings.output_dir, settings.alerting, console=console, now=now.to_pydatetime()
+        )
+    except (KeytrailError, OSError, ValueError) as exc:
+        summary.problems.append(
+            f"outputs: could not write {len(pending)} pending findings to {settings.output_dir}: "
+            f"{exc}; they stay pending"
+        )
+        logger.error("outputs: pending findings could not be written: %s", exc)
+        return
+    # A crash before the next line is the ambiguous case: these findings are written again.
+    state.mark_outputs_written(finding_id for finding_id, _ in pending)
+    summary.findings_pending_written = report.findings_written
+    logger.info("outputs: %s pending findings of earlier runs written", report.findings_written)
 
 
 def _sources(
@@ -329,14 +402,39 @@ def _fill_geoip_date(findings: pd.DataFrame, enrich_info: Any) -> pd.DataFrame:
     return findings
 
 
+def _finding_texts(findings: pd.DataFrame) -> dict[str, str]:
+    """Return finding id -> the finding as one line of JSON, as findings.jsonl stores it.
+
+    Raises:
+        ValueError: a finding cannot be serialized (for example, an invalid severity).
+    """
+    lines = findings_to_json_lines(findings)
+    return {
+        str(finding_id): line.decode().rstrip("\n")
+        for finding_id, line in zip(findings["finding_id"], lines, strict=True)
+    }
+
+
+def _findings_from_texts(texts: list[str]) -> pd.DataFrame:
+    """Rebuild a findings frame from the JSON lines stored with pending outputs."""
+    frame = pd.DataFrame([json.loads(text) for text in texts], columns=list(FINDING_COLUMNS))
+    for name in ("first_seen", "last_seen"):
+        frame[name] = pd.to_datetime(frame[name], utc=True, format="ISO8601")
+    return frame
+
+
 def _write_outputs(
     settings: Settings,
+    state: State,
     findings: pd.DataFrame,
     summary: RunSummary,
     console: Console | None,
     now: pd.Timestamp,
-) -> bool:
-    """Append findings.jsonl, fill the outbox and print to the console; False on failure."""
+) -> None:
+    """Append findings.jsonl, fill the outbox, print to the console, then mark them written.
+
+    On failure the findings stay pending and the next run writes them.
+    """
     try:
         report = write_outputs(
             findings,
@@ -346,9 +444,19 @@ def _write_outputs(
             now=now.to_pydatetime(),
         )
     except (KeytrailError, OSError, ValueError) as exc:
-        summary.problems.append(f"outputs: could not write to {settings.output_dir}: {exc}")
+        summary.problems.append(
+            f"outputs: could not write to {settings.output_dir}: {exc}; the next run writes "
+            f"the {len(findings)} findings of this run"
+        )
         logger.error("outputs could not be written to %s: %s", settings.output_dir, exc)
-        return False
+        return
+    # A crash between writing and the next line is the ambiguous case: the next run writes
+    # these findings again, so findings.jsonl may hold one duplicate line per finding.
+    try:
+        state.mark_outputs_written(str(finding_id) for finding_id in findings["finding_id"])
+    except KeytrailError as exc:
+        summary.problems.append(f"outputs: {exc}")
+        logger.error("%s", exc)
     summary.outputs = {
         "findings_file": str(report.findings_path),
         "findings_written": report.findings_written,
@@ -362,7 +470,6 @@ def _write_outputs(
         report.findings_written,
         len(report.slack_files),
     )
-    return True
 
 
 def _roll_back(history: History, state: State, summary: RunSummary, reason: str) -> None:

@@ -71,7 +71,8 @@ class RunSummary:
     """Everything a run reports about itself.
 
     ``status`` is ``running`` until the run ends, then ``completed``,
-    ``completed_with_problems`` (see ``problems``) or ``failed``.
+    ``completed_with_problems`` (see ``problems``) or ``failed``. ``findings_pending_written``
+    counts findings that earlier runs committed but did not write out, written by this run.
     """
 
     run_id: str
@@ -88,6 +89,7 @@ class RunSummary:
     detectors: list[DetectorSummary] = field(default_factory=list)
     findings_new: int = 0
     findings_already_written: int = 0
+    findings_pending_written: int = 0
     outputs: dict[str, Any] = field(default_factory=dict)
     geoip: dict[str, Any] = field(default_factory=dict)
     quarantine_file: str | None = None
@@ -282,6 +284,9 @@ def _add_geoip(grid: Table, geoip: dict[str, Any]) -> None:
 
 def _add_outputs(grid: Table, summary: RunSummary) -> None:
     outputs = summary.outputs
+    if summary.findings_pending_written:
+        pending = _plural(summary.findings_pending_written, "finding")
+        grid.add_row("pending", f"{pending} of earlier runs written")
     if not outputs:
         grid.add_row("outputs", "none (dry run)" if summary.dry_run else "none written")
         return

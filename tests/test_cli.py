@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -155,7 +156,10 @@ def test_validate_config_valid(workdir: Path) -> None:
 
 def test_validate_config_lists_problems(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
-    path.write_text("state_dirr: x\nhistory: {retention_days: -1}\n", encoding="utf-8")
+    path.write_text(
+        "state_dirr: x\nhistory: {retention_days: -1}\nsources: []\ndetectors: {}\n",
+        encoding="utf-8",
+    )
 
     code, _, stderr = invoke("validate-config", "--config", str(path))
 
@@ -166,6 +170,67 @@ def test_validate_config_lists_problems(tmp_path: Path) -> None:
         "  - state_dirr: unknown key; allowed keys: state_dir, output_dir, sources, enrich, "
         "history, detectors, alerting, logging",
     ]
+
+
+def test_validate_config_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("# nothing configured yet\n", encoding="utf-8")
+
+    code, _, stderr = invoke("validate-config", "--config", str(path))
+
+    assert code == EXIT_CONFIG
+    assert stderr == (
+        f"error: invalid config {path}: config file is empty; expected at least the keys "
+        "sources and detectors (see the config.yaml shipped with keytrail)\n"
+    )
+
+
+def test_validate_config_missing_geoip_db(workdir: Path) -> None:
+    path = workdir / "config.yaml"
+    path.write_text(
+        CONFIG.replace("{enabled: false}", "{city_db: /nonexistent.mmdb}"), encoding="utf-8"
+    )
+
+    code, _, stderr = invoke("validate-config", "--config", str(path))
+
+    assert code == EXIT_CONFIG
+    assert stderr == (
+        f"error: invalid config {path}: enrich.geoip.city_db: file not found: "
+        "/nonexistent.mmdb; expected the path of a MaxMind DB (.mmdb) file\n"
+    )
+
+
+def test_validate_config_warns_empty_lists(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("sources: []\ndetectors: {}\nenrich: {geoip: {enabled: false}}\n")
+
+    code, stdout, stderr = invoke("validate-config", "--config", str(path))
+
+    assert code == EXIT_OK
+    assert stdout == f"{path} is valid: 0 sources, 0 detectors enabled\n"
+    assert stderr.splitlines() == [
+        "warning: sources is empty: `keytrail run` reads only the paths given with --source",
+        "warning: detectors: no detector is listed, so runs record events but produce no findings",
+    ]
+
+
+def test_run_symlink_loop_and_fifo(workdir: Path) -> None:
+    loop = workdir / "logs" / "loop"
+    loop.mkdir()
+    (loop / "self").symlink_to("self")
+    os.mkfifo(workdir / "logs" / "pipe.json")
+    summary_path = workdir / "summary.json"
+
+    code, _, _ = invoke(
+        "run", "--config", str(workdir / "config.yaml"), "--summary-json", str(summary_path)
+    )
+
+    # Quarantined and skipped paths are counted; only --fail-on-quarantine makes them an error.
+    assert code == EXIT_OK
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    assert summary["quarantined_by_reason"] == {"invalid_json": 1, "unreadable_file": 1}
+    assert summary["skipped_by_kind"] == {"not_a_regular_file": 1}
+    assert summary["events_new"] == 4
 
 
 def test_bad_option_exit_code(workdir: Path) -> None:

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from detectors.base import get_detector, registered_detectors
-from pipeline.config import build_detectors, embedded_defaults, load_config
+from pipeline.config import (
+    build_detectors,
+    check_files,
+    config_warnings,
+    embedded_defaults,
+    load_config,
+)
 from pipeline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,6 +23,10 @@ def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+# The two required keys, written empty, for tests about other settings.
+REQUIRED = "sources: []\ndetectors: {}\n"
 
 
 def problems_of(path: Path) -> list[str]:
@@ -66,7 +76,8 @@ def test_relative_paths_resolve_against_config_folder(
         "output_dir: /var/tmp/keytrail-out\n"
         "sources: [{name: s, type: files, paths: [logs, ../shared/logs]}]\n"
         "enrich: {geoip: {city_db: db/city.mmdb}}\n"
-        "alerting: {templates_dir: templates}\n",
+        "alerting: {templates_dir: templates}\n"
+        "detectors: {}\n",
     )
 
     settings = load_config(Path("..") / "conf" / "config.yaml")
@@ -117,7 +128,7 @@ def _test_detectors_suffix() -> str:
 
 
 def test_unknown_nested_key(tmp_path: Path) -> None:
-    path = write(tmp_path, "enrich: {geoip: {enabled: true, city: x}}\n")
+    path = write(tmp_path, REQUIRED + "enrich: {geoip: {enabled: true, city: x}}\n")
 
     assert problems_of(path) == [
         "enrich.geoip.city: unknown key; allowed keys: enabled, city_db, asn_db, max_age_days"
@@ -125,7 +136,9 @@ def test_unknown_nested_key(tmp_path: Path) -> None:
 
 
 def test_unknown_detector_param(tmp_path: Path) -> None:
-    path = write(tmp_path, "detectors:\n  keytrail.off_hours: {enabled: true, hours: 3}\n")
+    path = write(
+        tmp_path, "sources: []\ndetectors:\n  keytrail.off_hours: {enabled: true, hours: 3}\n"
+    )
 
     allowed = ", ".join(get_detector("keytrail.off_hours").Params.model_fields)
     assert problems_of(path) == [
@@ -134,7 +147,7 @@ def test_unknown_detector_param(tmp_path: Path) -> None:
 
 
 def test_seen_retention_longer_than_history(tmp_path: Path) -> None:
-    path = write(tmp_path, "history: {retention_days: 10, seen_retention_days: 20}\n")
+    path = write(tmp_path, REQUIRED + "history: {retention_days: 10, seen_retention_days: 20}\n")
 
     assert problems_of(path) == [
         "history: seen_retention_days (20) must not exceed retention_days (10) "
@@ -145,7 +158,8 @@ def test_seen_retention_longer_than_history(tmp_path: Path) -> None:
 def test_duplicate_source_names(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        "sources:\n  - {name: a, type: files, paths: [x]}\n  - {name: a, type: files, paths: [y]}\n",
+        "sources:\n  - {name: a, type: files, paths: [x]}\n  - {name: a, type: files, paths: [y]}\n"
+        "detectors: {}\n",
     )
 
     assert problems_of(path) == [
@@ -177,17 +191,128 @@ def test_missing_file(tmp_path: Path) -> None:
     ]
 
 
-def test_empty_file_gives_defaults(tmp_path: Path) -> None:
-    settings = load_config(write(tmp_path, ""))
+@pytest.mark.parametrize(
+    "text", ["", "# only a comment\n\n# and another\n", "{}\n"], ids=["empty", "comments", "{}"]
+)
+def test_empty_file_rejected(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+
+    assert problems_of(path) == [
+        "config file is empty; expected at least the keys sources and detectors (see the "
+        "config.yaml shipped with keytrail)"
+    ]
+
+
+def test_required_keys_missing(tmp_path: Path) -> None:
+    path = write(tmp_path, "state_dir: state\n")
+
+    assert problems_of(path) == [
+        "sources: missing; list the log folders to read, or write `sources: []` to read only "
+        "--source paths",
+        "detectors: missing; list the detectors to run, or write `detectors: {}` to run none",
+    ]
+
+
+def test_explicitly_empty_lists_warn(tmp_path: Path) -> None:
+    settings = load_config(write(tmp_path, REQUIRED))
 
     assert settings.sources == []
     assert settings.detectors == {}
     assert settings.state_dir == tmp_path / ".keytrail"
+    assert config_warnings(settings) == [
+        "sources is empty: `keytrail run` reads only the paths given with --source",
+        "detectors: no detector is listed, so runs record events but produce no findings",
+    ]
+
+
+def test_all_detectors_disabled_warn(tmp_path: Path) -> None:
+    path = write(tmp_path, "sources: []\ndetectors:\n  keytrail.off_hours: {enabled: false}\n")
+
+    assert config_warnings(load_config(path))[1] == (
+        "detectors: every detector is disabled, so runs record events but produce no findings"
+    )
+
+
+def test_shipped_config_no_warnings() -> None:
+    assert config_warnings(load_config(REPO / "config.yaml")) == []
+
+
+def test_boolean_for_integer_rejected(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "sources: []\n"
+        "history: {seen_retention_days: true}\n"
+        "enrich: {geoip: {enabled: 1, max_age_days: '30'}}\n"
+        "alerting: {console: 'yes'}\n"
+        "detectors:\n"
+        "  keytrail.failure_burst: {enabled: 0, min_failures: true}\n",
+    )
+
+    # min_failures must be at least 2: the message names the boolean, not the bound.
+    assert problems_of(path) == [
+        "enrich.geoip.enabled: expected true or false, found integer 1",
+        "enrich.geoip.max_age_days: expected an integer, found string '30'",
+        "history.seen_retention_days: expected an integer, found boolean True",
+        "detectors.keytrail.failure_burst.enabled: expected true or false, found integer 0",
+        "alerting.console: expected true or false, found string 'yes'",
+        "detectors.keytrail.failure_burst.min_failures: expected an integer, found boolean True",
+    ]
+
+
+def test_integer_values_accepted(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "sources: []\n"
+        "history: {retention_days: 20, seen_retention_days: 10}\n"
+        "detectors:\n"
+        "  keytrail.failure_burst: {enabled: true, min_failures: 3}\n",
+    )
+
+    settings = load_config(path)
+
+    assert settings.history.retention_days == 20
+    assert build_detectors(settings)[0].params.min_failures == 3  # type: ignore[attr-defined]
+
+
+def test_check_files_missing_geoip_db(tmp_path: Path) -> None:
+    path = write(tmp_path, REQUIRED + "enrich: {geoip: {city_db: /nonexistent.mmdb}}\n")
+    settings = load_config(path)
+
+    with pytest.raises(ConfigError) as caught:
+        check_files(settings, source=str(path))
+
+    assert caught.value.source == str(path)
+    assert caught.value.problems == [
+        "enrich.geoip.city_db: file not found: /nonexistent.mmdb; expected the path of a "
+        "MaxMind DB (.mmdb) file"
+    ]
+
+
+def test_check_files_missing_templates_dir(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, REQUIRED + "enrich: {geoip: {enabled: false}}\nalerting: {templates_dir: tpl}\n"
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        check_files(load_config(path))
+
+    assert caught.value.problems == [
+        f"alerting.templates_dir: folder not found: {tmp_path / 'tpl'}"
+    ]
+
+
+def test_check_files_disabled_geoip_skipped(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, REQUIRED + "enrich: {geoip: {enabled: false, city_db: /nonexistent.mmdb}}\n"
+    )
+
+    check_files(load_config(path))
 
 
 def test_build_detectors_passes_params(tmp_path: Path) -> None:
     path = write(
         tmp_path,
+        "sources: []\n"
         "detectors:\n"
         "  keytrail.off_hours: {enabled: true, min_reads: 3}\n"
         "  keytrail.failure_burst: {enabled: false}\n",

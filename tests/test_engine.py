@@ -23,6 +23,7 @@ from detectors.base import (
 )
 from pipeline.config import Settings, settings_from_mapping
 from pipeline.engine import COMMAND_LINE_SOURCE, run_once
+from pipeline.formats import read_paths
 from pipeline.store.history import History
 from pipeline.store.state import State, StateLockedError, state_lock
 
@@ -329,21 +330,174 @@ def test_missing_source_path_reported(tmp_path: Path, logs: Path) -> None:
     assert summary.exit_code() == 3
 
 
-def test_output_failure_rolls_back(tmp_path: Path, logs: Path) -> None:
+def test_output_failure_keeps_findings_pending(tmp_path: Path, logs: Path) -> None:
     settings = make_settings(tmp_path)
-    (tmp_path / "out").write_text("a file where the output folder should be", encoding="utf-8")
+    blocker = tmp_path / "out"
+    blocker.write_text("a file where the output folder should be", encoding="utf-8")
 
     summary = run_once(settings, now=NOW)
 
-    assert summary.status == "failed"
+    assert summary.status == "completed_with_problems"
     assert summary.exit_code() == 3
-    assert summary.problems[0].startswith(f"outputs: could not write to {tmp_path / 'out'}: ")
-    assert History(tmp_path / "state" / "history").events().empty
+    assert summary.problems[0].startswith(f"outputs: could not write to {blocker}: ")
+    assert summary.problems[0].endswith("; the next run writes the 4 findings of this run")
     with State(tmp_path / "state" / "state.db") as state:
-        assert state.seen_count() == 0
-        assert state.ledger_count() == 0
-        assert state.checkpoints("local") == {}
-        assert [run["status"] for run in state.runs()] == ["failed"]
+        assert state.seen_count() == 4
+        assert state.ledger_count() == 4
+        assert len(state.pending_outputs()) == 4
+        runs = state.runs()
+    assert [run["status"] for run in runs] == ["completed_with_problems"]
+    assert runs[0]["summary"]["problems"] == summary.problems
+
+    blocker.unlink()
+    second = run_once(settings, now=NOW)
+
+    assert second.status == "completed"
+    assert second.findings_pending_written == 4
+    assert second.findings_new == 0
+    assert len(read_findings(tmp_path / "out" / "findings.jsonl")) == 4
+    with State(tmp_path / "state" / "state.db") as state:
+        assert state.pending_outputs() == []
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing in the engine catches it except the pre-commit rollback."""
+
+
+def kill(*args: object, **kwargs: object) -> None:
+    raise Killed
+
+
+def test_killed_before_commit_history_once(
+    tmp_path: Path, logs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(tmp_path)
+    # SIGKILL runs no rollback, so the run's history files stay behind.
+    monkeypatch.setattr("pipeline.engine._roll_back", lambda *args: None)
+    monkeypatch.setattr(State, "commit_run", kill)
+    with pytest.raises(Killed):
+        run_once(settings, now=NOW)
+    assert len(History(tmp_path / "state" / "history").events()) == 4
+    assert not (tmp_path / "out" / "findings.jsonl").exists()
+    monkeypatch.undo()
+
+    second = run_once(settings, now=NOW)
+
+    assert second.events_new == 4
+    events = History(tmp_path / "state" / "history").events()
+    assert len(events) == 4
+    assert events["event_uid"].is_unique
+    assert len(read_findings(tmp_path / "out" / "findings.jsonl")) == 4
+    with State(tmp_path / "state" / "state.db") as state:
+        statuses = [run["status"] for run in state.runs()]
+    assert statuses == ["interrupted", "completed"]
+
+
+def test_uncommitted_history_removed(tmp_path: Path, logs: Path) -> None:
+    history = History(tmp_path / "state" / "history")
+    # A run that appended its events to the history and was killed before its commit.
+    with State(tmp_path / "state" / "state.db") as state:
+        state.record_started_run("20261006T115900Z-dead00", started=NOW)
+    history.append(read_paths([logs]).events, "20261006T115900Z-dead00")
+    assert len(history.events()) == 4
+
+    summary = run_once(make_settings(tmp_path), now=NOW)
+
+    events = history.events()
+    assert summary.history_rows_written == 4
+    assert len(events) == 4
+    assert events["event_uid"].is_unique
+    assert history.run_ids() == {summary.run_id}
+
+
+def test_unknown_run_history_kept(tmp_path: Path, logs: Path) -> None:
+    history = History(tmp_path / "state" / "history")
+    history.append(read_paths([logs / "gcp"]).events, "run-from-moved-state")
+
+    run_once(make_settings(tmp_path), now=NOW)
+
+    assert "run-from-moved-state" in history.run_ids()
+
+
+def test_killed_after_commit_outputs_once(
+    tmp_path: Path, logs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(tmp_path)
+    monkeypatch.setattr("pipeline.engine.write_outputs", kill)
+    with pytest.raises(Killed):
+        run_once(settings, now=NOW)
+    assert not (tmp_path / "out" / "findings.jsonl").exists()
+    monkeypatch.undo()
+
+    second = run_once(settings, now=NOW)
+
+    assert second.events_new == 0
+    assert second.findings_new == 0
+    assert second.findings_pending_written == 4
+    findings = read_findings(tmp_path / "out" / "findings.jsonl")
+    assert len(findings) == 4
+    assert len({finding["finding_id"] for finding in findings}) == 4
+    assert len(History(tmp_path / "state" / "history").events()) == 4
+
+
+def test_killed_before_marking_one_duplicate(
+    tmp_path: Path, logs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(tmp_path)
+    monkeypatch.setattr(State, "mark_outputs_written", kill)
+    with pytest.raises(Killed):
+        run_once(settings, now=NOW)
+    assert len(read_findings(tmp_path / "out" / "findings.jsonl")) == 4
+    monkeypatch.undo()
+
+    second = run_once(settings, now=NOW)
+    third = run_once(settings, now=NOW)
+
+    # The ambiguous case: the outputs were written but not marked, so they are written again.
+    assert second.findings_pending_written == 4
+    assert third.findings_pending_written == 0
+    findings = read_findings(tmp_path / "out" / "findings.jsonl")
+    assert len(findings) == 8
+    assert len({finding["finding_id"] for finding in findings}) == 4
+
+
+def test_pending_findings_written_intact(
+    tmp_path: Path, logs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(tmp_path)
+    monkeypatch.setattr("pipeline.engine.write_outputs", kill)
+    with pytest.raises(Killed):
+        run_once(settings, now=NOW)
+    monkeypatch.undo()
+    with State(tmp_path / "state" / "state.db") as state:
+        stored = {finding_id: json.loads(text) for finding_id, text in state.pending_outputs()}
+
+    run_once(settings, now=NOW)
+
+    written = {f["finding_id"]: f for f in read_findings(tmp_path / "out" / "findings.jsonl")}
+    assert written == stored
+    assert {f["principal"] for f in written.values()} == {
+        "alice",
+        "bob@example.com",
+        "carol@example.com",
+    }
+
+
+def test_dry_run_leaves_pending(
+    tmp_path: Path, logs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(tmp_path)
+    monkeypatch.setattr("pipeline.engine.write_outputs", kill)
+    with pytest.raises(Killed):
+        run_once(settings, now=NOW)
+    monkeypatch.undo()
+
+    summary = run_once(settings, now=NOW, dry_run=True)
+
+    assert summary.findings_pending_written == 0
+    assert not (tmp_path / "out" / "findings.jsonl").exists()
+    with State(tmp_path / "state" / "state.db") as state:
+        assert len(state.pending_outputs()) == 4
 
 
 def test_dry_run_writes_nothing(tmp_path: Path, logs: Path) -> None:

@@ -5,13 +5,19 @@ size or modification time changed since the run that last read them. The checkpo
 entry per file (absolute path -> size and ``st_mtime_ns``). Reading a file again is harmless
 because the engine drops events whose ``event_uid`` was already seen. So a file that grows, such
 as an Azure ``PT1H.json`` blob being appended to, is simply read whole again.
+
+Only regular files are read (symbolic links are followed). A FIFO, socket or device under a
+source path is counted as skipped with kind ``not_a_regular_file`` and never opened, because
+opening a FIFO for reading blocks until a writer appears. A path that cannot be examined, such
+as a symbolic link loop, is quarantined as ``unreadable_file`` with the reason.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import stat
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +25,10 @@ from typing import Any
 from pipeline.formats.base import FileResult, Quarantined
 from pipeline.formats.reader import iter_files, merge_results, read_bytes
 
-__all__ = ["FilesSource", "SourceBatch"]
+__all__ = ["NOT_A_REGULAR_FILE", "FilesSource", "SourceBatch"]
+
+NOT_A_REGULAR_FILE = "not_a_regular_file"
+"""Skip kind counted for a FIFO, socket or device found under a source path."""
 
 logger = logging.getLogger(__name__)
 
@@ -70,27 +79,35 @@ class FilesSource:
         """
         batch = SourceBatch(self.name)
         results = []
-        for path in iter_files(self.paths):
+        for path in self._list():
             batch.files_listed += 1
-            key = str(path.resolve())
             try:
-                stat = path.stat()
-            except OSError as exc:
+                info = path.stat()
+                if not stat.S_ISREG(info.st_mode):
+                    results.append(_not_regular(path, info))
+                    continue
+                key = str(path.resolve())
+            except (OSError, RuntimeError) as exc:
+                # Path.resolve() raises RuntimeError for a symlink loop on Python 3.11 and 3.12.
                 results.append(_unreadable(path, exc))
                 continue
-            marker = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            marker = {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
             if checkpoints.get(key) == marker:
                 batch.files_unchanged += 1
                 continue
             try:
-                data = path.read_bytes()
+                opened = _read_regular(path)
             except OSError as exc:
                 results.append(_unreadable(path, exc))
                 continue
-            # The marker is taken before reading, so a file that changes while it is read is
-            # read again by the next run.
+            if isinstance(opened, FileResult):
+                results.append(opened)
+                continue
+            # The marker is taken when the file is opened, before reading, so a file that
+            # changes while it is read is read again by the next run.
+            info, data = opened
             results.append(read_bytes(data, str(path)))
-            batch.checkpoints[key] = marker
+            batch.checkpoints[key] = {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
         batch.result = merge_results(results)
         logger.debug(
             "source %s: %s files listed, %s unchanged, %s read",
@@ -101,11 +118,69 @@ class FilesSource:
         )
         return batch
 
+    def _list(self) -> Iterator[Path]:
+        """Yield every file under the source's paths, including non-regular ones.
 
-def _unreadable(path: Path, exc: OSError) -> FileResult:
-    logger.warning("cannot read %s: %s", path, exc.strerror)
+        A configured path that exists but is neither a folder nor a regular file (a FIFO, a
+        symlink loop) is yielded as it is, so :meth:`read` counts it instead of reporting it as
+        not found.
+
+        Raises:
+            InputError: a configured path does not exist.
+        """
+        for path in self.paths:
+            try:
+                mode = path.stat().st_mode
+            except FileNotFoundError:
+                mode = None  # iter_files raises the "log path not found" error.
+            except OSError:
+                yield path  # A symlink loop or a path without permission: read() reports it.
+                continue
+            if mode is None or stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+                yield from iter_files([path])
+            else:
+                yield path
+
+
+def _read_regular(path: Path) -> tuple[os.stat_result, bytes] | FileResult:
+    """Open ``path`` without blocking and read it whole if it is still a regular file.
+
+    ``O_NONBLOCK`` makes opening a FIFO return at once when ``path`` was replaced by one after
+    it was listed. The file type is checked again on the open descriptor.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    descriptor = os.open(path, flags)
+    with os.fdopen(descriptor, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return _not_regular(path, info)
+        return info, handle.read()
+
+
+def _not_regular(path: Path, info: os.stat_result) -> FileResult:
+    kind = _file_kind(info.st_mode)
+    logger.warning("skipped %s: a %s, not a regular file", path, kind)
+    result = FileResult()
+    result.skipped[NOT_A_REGULAR_FILE] += 1
+    return result
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "folder"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    )
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def _unreadable(path: Path, exc: OSError | RuntimeError) -> FileResult:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    logger.warning("cannot read %s: %s", path, reason)
     result = FileResult(files=1)
     result.quarantined.append(
-        Quarantined(str(path), "unreadable_file", f"cannot read {path}: {exc.strerror}")
+        Quarantined(str(path), "unreadable_file", f"cannot read {path}: {reason}")
     )
     return result

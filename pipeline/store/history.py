@@ -203,6 +203,18 @@ class History:
         logger.info("history: deleted %s files of run %s", removed, run_id)
         return removed
 
+    def run_ids(self) -> set[str]:
+        """Return the ids of the runs that have files in the history, temporary files included."""
+        found = set()
+        for _, date_folder in self._date_folders():
+            for cloud_folder in _cloud_folders(date_folder):
+                for path in cloud_folder.iterdir():
+                    # "<run_id>.parquet", "<run_id>.<n>.parquet" or ".<run_id>...tmp".
+                    run_id = path.name.removeprefix(".").split(".", 1)[0]
+                    if _RUN_ID.match(run_id):
+                        found.add(run_id)
+        return found
+
     def _date_folders(self) -> list[tuple[date, Path]]:
         """Return the ``date=`` partition folders in date order."""
         if not self.root.is_dir():

@@ -1,9 +1,18 @@
-"""Run state in one SQLite file: seen events, checkpoints, the findings ledger and the runs.
+"""Run state in one SQLite file: seen events, checkpoints, the findings ledger, the output
+queue and the runs.
 
-The file is ``<state_dir>/state.db`` in WAL mode. A run reads from it freely and writes to it
-once, in :meth:`State.commit_run`, inside a single transaction: either the seen event ids, the
-findings ledger, the checkpoints and the run row are all stored, or none of them is. A run that
-fails before the commit leaves the state as it was, so the next run reads the same input again.
+The file is ``<state_dir>/state.db`` in WAL mode. A run writes to it in three places:
+
+1. :meth:`State.record_started_run` stores a ``started`` run row before the run writes any
+   history file, so a run killed before its commit can be found and its files deleted.
+2. :meth:`State.commit_run` stores, in one transaction, the seen event ids, the findings ledger,
+   one pending output row per new finding (with the finding as JSON), the checkpoints and the
+   finished run row. Either all of them are stored or none is.
+3. :meth:`State.mark_outputs_written` marks pending output rows written once the outputs exist.
+
+A run that fails before the commit leaves the state as it was (apart from its run row), so the
+next run reads the same input again. Outputs still pending after a crash are written by the
+next run.
 
 :func:`state_lock` keeps two runs from using one state directory at the same time.
 """
@@ -25,11 +34,11 @@ import pandas as pd
 
 from pipeline.errors import StateError
 
-__all__ = ["SCHEMA_VERSION", "State", "StateLockedError", "state_lock"]
+__all__ = ["COMMITTED_STATUSES", "SCHEMA_VERSION", "State", "StateLockedError", "state_lock"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS seen_events (
@@ -59,7 +68,20 @@ CREATE TABLE IF NOT EXISTS findings_ledger (
     first_written TEXT NOT NULL,
     run_id TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS pending_outputs (
+    finding_id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    finding_json TEXT NOT NULL,
+    queued TEXT NOT NULL,
+    written TEXT
+);
+CREATE INDEX IF NOT EXISTS pending_outputs_unwritten ON pending_outputs (queued)
+    WHERE written IS NULL;
 """
+
+COMMITTED_STATUSES: Final = ("completed", "completed_with_problems")
+"""Run statuses stored by :meth:`State.commit_run`; any other status means the run never
+committed, so its history files are not part of the history."""
 
 # Rows per executemany batch and per temporary-table probe.
 _BATCH = 50_000
@@ -208,6 +230,25 @@ class State:
         """Return the number of findings in the ledger."""
         return int(self._conn.execute("SELECT count(*) FROM findings_ledger").fetchone()[0])
 
+    def pending_outputs(self) -> list[tuple[str, str]]:
+        """Return ``(finding_id, finding_json)`` of committed findings not yet written out.
+
+        The order is the order in which the findings were committed.
+        """
+        rows = self._conn.execute(
+            "SELECT finding_id, finding_json FROM pending_outputs WHERE written IS NULL "
+            "ORDER BY queued, rowid"
+        ).fetchall()
+        return [(str(finding_id), str(text)) for finding_id, text in rows]
+
+    def uncommitted_runs(self) -> set[str]:
+        """Return the ids of recorded runs that never committed (started, failed, interrupted)."""
+        marks = ", ".join("?" for _ in COMMITTED_STATUSES)
+        rows = self._conn.execute(
+            f"SELECT run_id FROM runs WHERE status NOT IN ({marks})", COMMITTED_STATUSES
+        ).fetchall()
+        return {str(row[0]) for row in rows}
+
     def runs(self) -> list[dict[str, Any]]:
         """Return the recorded runs, oldest first, with their decoded summaries."""
         rows = self._conn.execute(
@@ -261,6 +302,7 @@ class State:
         checkpoints: Mapping[str, Mapping[str, Any]],
         summary: Mapping[str, Any],
         status: str = "completed",
+        pending_outputs: Mapping[str, str] | None = None,
     ) -> None:
         """Store everything a run produced in one transaction.
 
@@ -271,17 +313,24 @@ class State:
             findings: the findings written by the run; they enter the ledger.
             checkpoints: source name -> key -> JSON-ready value, upserted.
             summary: the run summary, stored as JSON with the run row.
-            status: the run's final status.
+            status: the run's status, one of :data:`COMMITTED_STATUSES`.
+            pending_outputs: finding id -> the finding as one JSON text, queued as pending
+                until :meth:`mark_outputs_written`. None queues nothing.
 
         Raises:
             StateError: the transaction failed; nothing of it was stored.
         """
         self._require_writable()
+        if status not in COMMITTED_STATUSES:
+            raise ValueError(
+                f"invalid commit status {status!r}; expected one of {COMMITTED_STATUSES}"
+            )
         now = _utc_text(datetime.now(UTC))
         try:
             self._conn.execute("BEGIN IMMEDIATE")
             self._insert_seen(run_id, events)
             self._insert_ledger(run_id, findings, now)
+            self._insert_pending(run_id, pending_outputs or {}, now)
             for source, values in checkpoints.items():
                 self._conn.executemany(
                     "INSERT INTO checkpoints (source, key, value, updated) VALUES (?, ?, ?, ?) "
@@ -302,6 +351,66 @@ class State:
                 "the next run reads the same input again"
             ) from exc
         logger.debug("committed run %s: %s events, %s findings", run_id, len(events), len(findings))
+
+    def record_started_run(self, run_id: str, *, started: datetime) -> None:
+        """Record a run as ``started`` before it writes history files.
+
+        A run killed before :meth:`commit_run` keeps this status, so the next run finds its id in
+        :meth:`uncommitted_runs` and deletes its history files.
+        """
+        self._require_writable()
+        self._conn.execute(
+            "INSERT OR REPLACE INTO runs (run_id, started, finished, status, summary_json) "
+            "VALUES (?, ?, NULL, 'started', NULL)",
+            (run_id, _utc_text(started)),
+        )
+
+    def mark_runs_interrupted(self, run_ids: Iterable[str]) -> int:
+        """Set the status of runs still ``started`` to ``interrupted`` (they never finished).
+
+        Returns:
+            The number of runs changed.
+        """
+        self._require_writable()
+        now = _utc_text(datetime.now(UTC))
+        cursor = self._conn.executemany(
+            "UPDATE runs SET status = 'interrupted', finished = ? "
+            "WHERE run_id = ? AND status = 'started'",
+            [(now, run_id) for run_id in run_ids],
+        )
+        return int(cursor.rowcount)
+
+    def mark_outputs_written(self, finding_ids: Iterable[str]) -> int:
+        """Mark pending outputs as written, in one transaction.
+
+        Returns:
+            The number of rows that were pending and are now marked written.
+        """
+        self._require_writable()
+        now = _utc_text(datetime.now(UTC))
+        rows = [(now, str(finding_id)) for finding_id in finding_ids]
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            cursor = self._conn.executemany(
+                "UPDATE pending_outputs SET written = ? WHERE finding_id = ? AND written IS NULL",
+                rows,
+            )
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._conn.execute("ROLLBACK")
+            raise StateError(
+                f"could not mark {len(rows)} outputs written in {self.path}: {exc}; the next run "
+                "writes them again"
+            ) from exc
+        return int(cursor.rowcount)
+
+    def update_run(self, run_id: str, *, status: str, summary: Mapping[str, Any]) -> None:
+        """Replace the status and summary of a committed run (after its outputs were written)."""
+        self._require_writable()
+        self._conn.execute(
+            "UPDATE runs SET status = ?, summary_json = ?, finished = ? WHERE run_id = ?",
+            (status, json.dumps(dict(summary)), _utc_text(datetime.now(UTC)), run_id),
+        )
 
     def record_failed_run(self, run_id: str, *, started: datetime, error: str) -> None:
         """Record a run that ended before its commit, for the runs listing."""
@@ -362,6 +471,16 @@ class State:
             "INSERT OR IGNORE INTO findings_ledger "
             "(finding_id, dedup_key, detector, first_written, run_id) VALUES (?, ?, ?, ?, ?)",
             rows,
+        )
+
+    def _insert_pending(self, run_id: str, outputs: Mapping[str, str], now: str) -> None:
+        if not outputs:
+            return
+        # OR IGNORE keeps the first queued copy when a caller queues a finding id twice.
+        self._conn.executemany(
+            "INSERT OR IGNORE INTO pending_outputs (finding_id, run_id, finding_json, queued) "
+            "VALUES (?, ?, ?, ?)",
+            [(str(finding_id), run_id, text, now) for finding_id, text in outputs.items()],
         )
 
     def _require_writable(self) -> None:

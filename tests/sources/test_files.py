@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.errors import InputError
 from pipeline.sources import FilesSource
+from pipeline.sources.files import NOT_A_REGULAR_FILE
 from tests.test_engine import azure_record, cloudtrail_record, gcp_record
 
 
@@ -90,3 +91,68 @@ def test_dangling_link_quarantined(folder: Path) -> None:
     )
     # No checkpoint, so the next run tries the file again.
     assert str((folder / "broken.json").resolve()) not in batch.checkpoints
+
+
+def test_fifo_in_folder_skipped(folder: Path) -> None:
+    # Opening a FIFO for reading blocks until a writer appears, so read() returning at all is
+    # the check that it was never opened.
+    os.mkfifo(folder / "pipe.json")
+
+    batch = FilesSource("local", [folder]).read({})
+
+    assert batch.files_listed == 3
+    assert batch.result.skipped[NOT_A_REGULAR_FILE] == 1
+    assert batch.result.quarantined == []
+    assert batch.result.records == 2
+    assert str((folder / "pipe.json").resolve()) not in batch.checkpoints
+
+
+def test_fifo_as_configured_path_skipped(tmp_path: Path) -> None:
+    pipe = tmp_path / "pipe.json"
+    os.mkfifo(pipe)
+
+    batch = FilesSource("local", [pipe]).read({})
+
+    assert batch.files_listed == 1
+    assert batch.result.summary()["skipped_by_kind"] == {NOT_A_REGULAR_FILE: 1}
+    assert batch.result.records == 0
+    assert batch.checkpoints == {}
+
+
+def test_symlink_to_regular_file_read(folder: Path, tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.json"
+    target.write_text(json.dumps(azure_record()), encoding="utf-8")
+    (folder / "linked.json").symlink_to(target)
+
+    batch = FilesSource("local", [folder]).read({})
+
+    assert batch.files_listed == 3
+    assert batch.result.records == 3
+    assert batch.result.skipped[NOT_A_REGULAR_FILE] == 0
+    assert str(target.resolve()) in batch.checkpoints
+
+
+def test_symlink_loop_quarantined(folder: Path) -> None:
+    loop = folder / "loop"
+    loop.mkdir()
+    (loop / "self").symlink_to("self")
+
+    batch = FilesSource("local", [folder]).read({})
+
+    assert batch.files_listed == 3
+    assert [q.reason for q in batch.result.quarantined] == ["unreadable_file"]
+    assert batch.result.quarantined[0].origin == str(loop / "self")
+    assert batch.result.quarantined[0].detail == (
+        f"cannot read {loop / 'self'}: Too many levels of symbolic links"
+    )
+    assert batch.result.records == 2
+
+
+def test_symlink_loop_as_configured_path_quarantined(tmp_path: Path) -> None:
+    (tmp_path / "self").symlink_to("self")
+
+    batch = FilesSource("local", [tmp_path / "self"]).read({})
+
+    assert batch.files_listed == 1
+    assert [q.reason for q in batch.result.quarantined] == ["unreadable_file"]
+    assert batch.checkpoints == {}

@@ -300,3 +300,14 @@ def test_delete_run_does_not_match_prefix(history: History, second_run: pd.DataF
 def test_delete_unknown_run(history: History) -> None:
     assert history.delete_run("run-9") == 0
     assert len(history.events()) == 6
+
+
+def test_run_ids_lists_writers(history: History, second_run: pd.DataFrame) -> None:
+    history.append(second_run, "run-2")  # a second file of run-2: "run-2.1.parquet"
+    (history.root / "date=2024-05-03/cloud=aws/.run-3.parquet.tmp").write_bytes(b"partial")
+
+    assert history.run_ids() == {"run-1", "run-2", "run-3"}
+
+
+def test_run_ids_empty_history(tmp_path: Path) -> None:
+    assert History(tmp_path / "absent").run_ids() == set()

@@ -192,3 +192,110 @@ def test_lock_released_after_block(tmp_path: Path) -> None:
     with state_lock(tmp_path):
         pass
     assert (tmp_path / "lock").read_text(encoding="ascii") == ""
+
+
+def test_commit_queues_pending_outputs(tmp_path: Path) -> None:
+    with State(tmp_path / "state.db") as state:
+        state.commit_run(
+            "run-1",
+            started=STARTED,
+            events=events("a"),
+            findings=findings("f1", "f2"),
+            checkpoints={},
+            summary={},
+            pending_outputs={"f1": '{"finding_id": "f1"}', "f2": '{"finding_id": "f2"}'},
+        )
+        assert state.pending_outputs() == [
+            ("f1", '{"finding_id": "f1"}'),
+            ("f2", '{"finding_id": "f2"}'),
+        ]
+        assert state.ledger_count() == 2
+
+
+def test_mark_outputs_written_clears_pending(tmp_path: Path) -> None:
+    with State(tmp_path / "state.db") as state:
+        state.commit_run(
+            "run-1",
+            started=STARTED,
+            events=events("a"),
+            findings=findings("f1", "f2"),
+            checkpoints={},
+            summary={},
+            pending_outputs={"f1": "{}", "f2": "{}"},
+        )
+        assert state.mark_outputs_written(["f1"]) == 1
+        assert state.mark_outputs_written(["f1"]) == 0
+        assert state.pending_outputs() == [("f2", "{}")]
+    with State(tmp_path / "state.db") as state:
+        assert state.pending_outputs() == [("f2", "{}")]
+
+
+def test_failed_commit_queues_nothing(tmp_path: Path) -> None:
+    with State(tmp_path / "state.db") as state:
+        with pytest.raises(StateError):
+            state.commit_run(
+                "run-1",
+                started=STARTED,
+                events=events("a"),
+                findings=findings("f1"),
+                checkpoints={"local": {"/b": {"size": object()}}},
+                summary={},
+                pending_outputs={"f1": "{}"},
+            )
+        assert state.pending_outputs() == []
+
+
+def test_commit_rejects_uncommitted_status(tmp_path: Path) -> None:
+    with State(tmp_path / "state.db") as state, pytest.raises(ValueError) as caught:
+        state.commit_run(
+            "run-1",
+            started=STARTED,
+            events=events("a"),
+            findings=empty_findings(),
+            checkpoints={},
+            summary={},
+            status="started",
+        )
+    assert str(caught.value) == (
+        "invalid commit status 'started'; expected one of ('completed', 'completed_with_problems')"
+    )
+
+
+def test_started_run_is_uncommitted(tmp_path: Path) -> None:
+    with State(tmp_path / "state.db") as state:
+        state.record_started_run("run-1", started=STARTED)
+        state.record_started_run("run-2", started=STARTED)
+        state.record_failed_run("run-3", started=STARTED, error="outputs could not be written")
+        commit(state, "run-2")
+
+        assert state.uncommitted_runs() == {"run-1", "run-3"}
+        assert state.mark_runs_interrupted(["run-1", "run-2", "run-3"]) == 1
+        statuses = {run["run_id"]: run["status"] for run in state.runs()}
+    assert statuses == {"run-1": "interrupted", "run-2": "completed", "run-3": "failed"}
+
+
+def test_update_run_replaces_status(tmp_path: Path) -> None:
+    with State(tmp_path / "state.db") as state:
+        commit(state, "run-1")
+        state.update_run("run-1", status="completed_with_problems", summary={"problems": ["x"]})
+        runs = state.runs()
+    assert runs[0]["status"] == "completed_with_problems"
+    assert runs[0]["summary"] == {"problems": ["x"]}
+
+
+def test_version_1_database_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            "CREATE TABLE findings_ledger (finding_id TEXT PRIMARY KEY, dedup_key TEXT, "
+            "detector TEXT NOT NULL, first_written TEXT NOT NULL, run_id TEXT NOT NULL);"
+            "INSERT INTO findings_ledger VALUES ('f0', 'k', 'tests.x', '2026-01-01', 'run-0');"
+            "PRAGMA user_version=1;"
+        )
+
+    with State(path) as state:
+        # Findings of version 1 were written before their commit, so none is pending.
+        assert state.pending_outputs() == []
+        assert state.ledger_count() == 1
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
