@@ -10,6 +10,8 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
+from pipeline.formats.fields import expect_object, expect_string
+
 __all__ = ["resolve_aws_outcome", "resolve_aws_principal"]
 
 # IAM Identity Center creates its roles under this path and with this name prefix; the role
@@ -77,14 +79,17 @@ def resolve_aws_principal(user_identity: Mapping[str, Any] | None) -> dict[str, 
     Returns:
         A dict with ``principal``, ``principal_type``, ``principal_arn``, ``principal_id`` and
         ``session_name``; values are None where the record does not name them.
+
+    Raises:
+        RecordError: an identity field is not a string, or a nested part is not an object.
     """
     identity = user_identity if isinstance(user_identity, Mapping) else {}
-    kind = _text(identity.get("type"))
-    arn = _text(identity.get("arn"))
-    principal_id = _text(identity.get("principalId"))
-    account = _text(identity.get("accountId"))
-    user_name = _text(identity.get("userName"))
-    invoked_by = _text(identity.get("invokedBy"))
+    kind = _identity_text(identity, "type")
+    arn = _identity_text(identity, "arn")
+    principal_id = _identity_text(identity, "principalId")
+    account = _identity_text(identity, "accountId")
+    user_name = _identity_text(identity, "userName")
+    invoked_by = _identity_text(identity, "invokedBy")
     resolved: dict[str, str | None] = {
         "principal": None,
         "principal_type": "unknown",
@@ -128,9 +133,11 @@ def resolve_aws_principal(user_identity: Mapping[str, Any] | None) -> dict[str, 
 def _resolve_assumed_role(
     identity: Mapping[str, Any], assumed: re.Match[str] | None, resolved: dict[str, str | None]
 ) -> None:
-    session_context = identity.get("sessionContext")
-    issuer = session_context.get("sessionIssuer") if isinstance(session_context, Mapping) else None
-    issuer_arn = _text(issuer.get("arn")) if isinstance(issuer, Mapping) else None
+    session_context = expect_object(identity.get("sessionContext"), "userIdentity.sessionContext")
+    issuer = expect_object(
+        session_context.get("sessionIssuer"), "userIdentity.sessionContext.sessionIssuer"
+    )
+    issuer_arn = expect_string(issuer.get("arn"), "userIdentity.sessionContext.sessionIssuer.arn")
     session = assumed.group("session") if assumed else None
     if session is None:
         principal_id = resolved["principal_id"] or ""
@@ -155,10 +162,8 @@ def _resolve_assumed_role(
 
 
 def _identity_center_user(identity: Mapping[str, Any]) -> str | None:
-    on_behalf = identity.get("onBehalfOf")
-    if isinstance(on_behalf, Mapping):
-        return _text(on_behalf.get("userId"))
-    return None
+    on_behalf = expect_object(identity.get("onBehalfOf"), "userIdentity.onBehalfOf")
+    return expect_string(on_behalf.get("userId"), "userIdentity.onBehalfOf.userId")
 
 
 def resolve_aws_outcome(
@@ -190,12 +195,8 @@ def resolve_aws_outcome(
     return "failure", "error"
 
 
-def _text(value: Any) -> str | None:
-    """Return ``value`` as a non-empty string, or None."""
-    if value is None:
-        return None
-    text = value if isinstance(value, str) else str(value)
-    return text or None
+def _identity_text(identity: Mapping[str, Any], key: str) -> str | None:
+    return expect_string(identity.get(key), f"userIdentity.{key}")
 
 
 def _arn_last_part(arn: str | None) -> str | None:

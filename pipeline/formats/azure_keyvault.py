@@ -28,7 +28,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from pipeline.formats.base import LogFormat, Row, Skip, register
+from pipeline.formats.base import LogFormat, RecordError, Row, Skip, register
+from pipeline.formats.fields import expect_string, json_type, loose_text
 from pipeline.formats.gcp_audit import canonical_time
 from pipeline.formats.ip import classify_address
 
@@ -323,24 +324,27 @@ class AzureKeyVaultFormat(_KeyVaultShape):
         properties = record.get("properties")
         if isinstance(properties, (str, bytes)):
             properties = _loads_object(properties)
-        properties = properties if isinstance(properties, Mapping) else {}
-        claims = normalize_claims(record.get("identity"))
+        if properties is not None and not isinstance(properties, Mapping):
+            raise RecordError(
+                "properties", f"expected an object or its JSON text, found {json_type(properties)}"
+            )
+        properties = properties or {}
         return AuditFields(
-            time=_text(record.get("time")),
-            operation=_text(record.get("operationName")),
-            status_code=_as_int(properties.get("httpStatusCode")),
-            result_type=_text(record.get("resultType")),
-            result_signature=_text(record.get("resultSignature")),
-            result_description=_text(record.get("resultDescription")),
-            correlation_id=_text(record.get("correlationId")),
-            caller_ip=_text(record.get("callerIpAddress")),
-            claims=claims,
-            object_id=_text(properties.get("id")),
-            request_uri=_text(properties.get("requestUri")),
-            resource_id=_text(record.get("resourceId")),
+            time=_string(record, "time"),
+            operation=_string(record, "operationName"),
+            status_code=_status_code(properties.get("httpStatusCode"), "properties.httpStatusCode"),
+            result_type=_string(record, "resultType"),
+            result_signature=_string(record, "resultSignature"),
+            result_description=_string(record, "resultDescription"),
+            correlation_id=_string(record, "correlationId"),
+            caller_ip=_string(record, "callerIpAddress"),
+            claims=_identity_claims(record.get("identity"), "identity"),
+            object_id=_string(properties, "id", "properties.id"),
+            request_uri=_string(properties, "requestUri", "properties.requestUri"),
+            resource_id=_string(record, "resourceId"),
             subscription_id=None,
-            location=_text(record.get("location")),
-            user_agent=_text(properties.get("clientInfo")),
+            location=_loose(record.get("location")),
+            user_agent=_loose(properties.get("clientInfo")),
         )
 
 
@@ -375,21 +379,21 @@ class AzureDiagnosticsFormat(_KeyVaultShape):
             }
         )
         return AuditFields(
-            time=_text(record.get("TimeGenerated")),
-            operation=_text(record.get("OperationName")),
-            status_code=_as_int(record.get("httpStatusCode_d")),
-            result_type=_text(record.get("ResultType")),
-            result_signature=_text(record.get("ResultSignature")),
-            result_description=_text(record.get("ResultDescription")),
-            correlation_id=_text(record.get("CorrelationId")),
-            caller_ip=_text(record.get("CallerIPAddress")),
+            time=_string(record, "TimeGenerated"),
+            operation=_string(record, "OperationName"),
+            status_code=_status_code(record.get("httpStatusCode_d"), "httpStatusCode_d"),
+            result_type=_string(record, "ResultType"),
+            result_signature=_string(record, "ResultSignature"),
+            result_description=_string(record, "ResultDescription"),
+            correlation_id=_string(record, "CorrelationId"),
+            caller_ip=_string(record, "CallerIPAddress"),
             claims=claims,
-            object_id=_text(record.get("id_s")),
-            request_uri=_text(record.get("requestUri_s")),
-            resource_id=_text(record.get("ResourceId") or record.get("_ResourceId")),
-            subscription_id=_text(record.get("SubscriptionId")),
-            location=_text(record.get("Location") or record.get("location_s")),
-            user_agent=_text(record.get("clientInfo_s")),
+            object_id=_string(record, "id_s"),
+            request_uri=_string(record, "requestUri_s"),
+            resource_id=_string(record, "ResourceId") or _string(record, "_ResourceId"),
+            subscription_id=_string(record, "SubscriptionId"),
+            location=_loose(record.get("Location") or record.get("location_s")),
+            user_agent=_loose(record.get("clientInfo_s")),
         )
 
 
@@ -414,21 +418,21 @@ class AzureKeyVaultResourceSpecificFormat(_KeyVaultShape):
     def read_fields(self, record: Mapping[str, Any]) -> AuditFields:
         """Read the typed row: ``Identity`` is an object or JSON text."""
         return AuditFields(
-            time=_text(record.get("TimeGenerated")),
-            operation=_text(record.get("OperationName")),
-            status_code=_as_int(record.get("HttpStatusCode")),
-            result_type=_text(record.get("ResultType")),
-            result_signature=_text(record.get("ResultSignature")),
-            result_description=_text(record.get("ResultDescription")),
-            correlation_id=_text(record.get("CorrelationId")),
-            caller_ip=_text(record.get("CallerIpAddress")),
-            claims=normalize_claims(record.get("Identity")),
-            object_id=_text(record.get("Id")),
-            request_uri=_text(record.get("RequestUri")),
-            resource_id=_text(record.get("_ResourceId") or record.get("ResourceId")),
-            subscription_id=_text(record.get("_SubscriptionId") or record.get("SubscriptionId")),
-            location=_text(record.get("Location")),
-            user_agent=_text(record.get("ClientInfo")),
+            time=_string(record, "TimeGenerated"),
+            operation=_string(record, "OperationName"),
+            status_code=_status_code(record.get("HttpStatusCode"), "HttpStatusCode"),
+            result_type=_string(record, "ResultType"),
+            result_signature=_string(record, "ResultSignature"),
+            result_description=_string(record, "ResultDescription"),
+            correlation_id=_string(record, "CorrelationId"),
+            caller_ip=_string(record, "CallerIpAddress"),
+            claims=_identity_claims(record.get("Identity"), "Identity"),
+            object_id=_string(record, "Id"),
+            request_uri=_string(record, "RequestUri"),
+            resource_id=_string(record, "_ResourceId") or _string(record, "ResourceId"),
+            subscription_id=_string(record, "_SubscriptionId") or _string(record, "SubscriptionId"),
+            location=_loose(record.get("Location")),
+            user_agent=_loose(record.get("ClientInfo")),
         )
 
 
@@ -582,6 +586,53 @@ def _event_uid(fields: AuditFields, principal: Mapping[str, str | None]) -> str:
     ]
     joined = "\x1f".join(part or "" for part in parts)
     return hashlib.sha256(joined.encode("utf-8")).hexdigest()[:32]
+
+
+def _string(record: Mapping[str, Any], key: str, field: str | None = None) -> str | None:
+    """Return a string field without surrounding whitespace; RecordError for another type."""
+    value = expect_string(record.get(key), field or key)
+    return value.strip() or None if value is not None else None
+
+
+def _loose(value: Any) -> str | None:
+    text = loose_text(value)
+    return text.strip() or None if text is not None else None
+
+
+def _status_code(value: Any, field: str) -> int | None:
+    """Return an HTTP status code written as a number (200, 200.0) or as numeric text.
+
+    Raises:
+        RecordError: the value is of another JSON type, or text or a number that is not a
+            whole number, because the status decides whether the call succeeded.
+    """
+    if value is None or value == "":
+        return None
+    numeric = isinstance(value, int | float | str) and not isinstance(value, bool)
+    code = _as_int(value) if numeric else None
+    if code is None:
+        found = "text that is not a whole number" if isinstance(value, str) else json_type(value)
+        raise RecordError(field, f"expected a whole number or numeric text, found {found}")
+    return code
+
+
+def _identity_claims(value: Any, field: str) -> dict[str, str]:
+    """Return the claims of an identity object or its JSON text (see :func:`normalize_claims`).
+
+    Raises:
+        RecordError: the value is neither null, an object nor JSON text of an object.
+    """
+    if isinstance(value, str) and value.strip():
+        try:
+            parsed = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            raise RecordError(
+                field, "expected an object or its JSON text, found text that is not JSON"
+            ) from None
+        value = parsed
+    if value is not None and value != "" and not isinstance(value, Mapping):
+        raise RecordError(field, f"expected an object or its JSON text, found {json_type(value)}")
+    return normalize_claims(value)
 
 
 def _loads_object(text: str | bytes) -> Mapping[str, Any]:

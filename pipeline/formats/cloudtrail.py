@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 
 from pipeline.formats.aws_identity import resolve_aws_outcome, resolve_aws_principal
 from pipeline.formats.base import FileResult, LogFormat, RecordError, Row, Skip, register
+from pipeline.formats.fields import expect_array, expect_object, expect_string, loose_text
 from pipeline.formats.ip import classify_address
 from pipeline.schema import COLUMNS, parse_times
 
@@ -123,7 +124,9 @@ class CloudTrailFormat(LogFormat):
         """Turn one CloudTrail event into one row per secret it touched, or a :class:`Skip`.
 
         Raises:
-            RecordError: the event names a secret-store call but has no ``eventTime``.
+            RecordError: the event names a secret-store call but has no ``eventTime``, or a
+                field that decides the caller, outcome, time or secret has the wrong JSON type.
+                ``awsRegion`` and ``userAgent`` of the wrong type become null instead.
         """
         detail = _eventbridge_detail(record)
         if detail is not None:
@@ -133,49 +136,53 @@ class CloudTrailFormat(LogFormat):
         if record.get("eventType") == "AwsCloudTrailInsight" or "insightDetails" in record:
             return Skip("insight")
 
-        identity = _mapping(record.get("userIdentity"))
-        source_raw = _text(record.get("sourceIPAddress"))
+        identity = expect_object(record.get("userIdentity"), "userIdentity")
+        principal = resolve_aws_principal(identity)
+        event_source = expect_string(record.get("eventSource"), "eventSource")
+        event_name = expect_string(record.get("eventName"), "eventName")
+        source_raw = expect_string(record.get("sourceIPAddress"), "sourceIPAddress")
         source_ip, source_kind = classify_address(source_raw)
         invoked_by = _invoked_by(identity, record, source_raw, source_kind)
         resolved = resolve_targets(
-            _text(record.get("eventSource")),
-            _text(record.get("eventName")),
-            _mapping(record.get("requestParameters")),
-            _mapping(record.get("responseElements")),
-            _mapping(record.get("additionalEventData")),
-            record.get("resources"),
+            event_source,
+            event_name,
+            expect_object(record.get("requestParameters"), "requestParameters"),
+            expect_object(record.get("responseElements"), "responseElements"),
+            expect_object(record.get("additionalEventData"), "additionalEventData"),
+            expect_array(record.get("resources"), "resources"),
             invoked_by,
         )
         if isinstance(resolved, Skip):
             return resolved
         targets, invoked_by = resolved
 
-        time = record.get("eventTime")
-        if time is None or time == "":
+        time = expect_string(record.get("eventTime"), "eventTime")
+        if time is None:
             raise RecordError("eventTime", "missing")
-        principal = resolve_aws_principal(identity)
-        outcome, failure_reason = resolve_aws_outcome(
-            _text(record.get("errorCode")), _text(record.get("errorMessage"))
-        )
+        error_code = expect_string(record.get("errorCode"), "errorCode")
+        error_message = expect_string(record.get("errorMessage"), "errorMessage")
+        outcome, failure_reason = resolve_aws_outcome(error_code, error_message)
+        event_id = expect_string(record.get("eventID"), "eventID")
+        account = expect_string(record.get("recipientAccountId"), "recipientAccountId")
         common: Row = {
-            "event_uid": _text(record.get("eventID")) or _fallback_uid(record, principal),
-            "time": time if isinstance(time, str) else str(time),
+            "event_uid": event_id or _fallback_uid(record, principal),
+            "time": time,
             "cloud": "aws",
             "log_format": self.id,
-            "service": _service(_text(record.get("eventSource"))),
-            "operation": _text(record.get("eventName")),
+            "service": _service(event_source),
+            "operation": event_name,
             "outcome": outcome,
             "failure_reason": failure_reason,
-            "error_code": _text(record.get("errorCode")),
-            "error_message": _text(record.get("errorMessage")),
+            "error_code": error_code,
+            "error_message": error_message,
             **principal,
             "invoked_by": invoked_by,
-            "account": _text(record.get("recipientAccountId")) or _text(identity.get("accountId")),
-            "region": _text(record.get("awsRegion")),
+            "account": account or _text(identity.get("accountId")),
+            "region": loose_text(record.get("awsRegion")),
             "source_ip": source_ip,
             "source_kind": source_kind,
             "source_raw": source_raw,
-            "user_agent": _text(record.get("userAgent")),
+            "user_agent": loose_text(record.get("userAgent")),
             "origin": origin,
         }
         return [
@@ -187,9 +194,13 @@ class CloudTrailFormat(LogFormat):
         """Read a ``{"Records": [...]}`` file column-wise; None for any other shape.
 
         Also returns None when any record needs the record path: a missing ``eventTime``, a
-        digest, Insight or EventBridge record, a value of an unexpected JSON type, or a
-        secret-store call whose time does not parse. Quarantine entries and their origins then
+        digest, Insight or EventBridge record, a top-level value of an unexpected JSON type, or
+        a secret-store call whose time does not parse. Quarantine entries and their origins then
         come from one place.
+
+        Raises:
+            RecordError: a nested part (``userIdentity``, ``requestParameters``, ...) has a JSON
+                type the record path rejects. The reader then reads the file record by record.
         """
         if not _RECORDS_PREFIX.match(data[:256]):
             return None
@@ -242,7 +253,7 @@ def _secrets_manager_targets(
     additional: Mapping[str, Any],
 ) -> list[Target] | None:
     action = _SECRETS_MANAGER_ACTIONS.get(name)
-    secret_id = _text(request.get("secretId"))
+    secret_id = _request_text(request, "secretId")
     if action is None:
         # An operation added after this table was written still counts when it names a secret.
         return [("other", secret_id, None)] if secret_id else None
@@ -251,18 +262,23 @@ def _secrets_manager_targets(
     if name in _LIST_OPERATIONS:
         return [(action, None, None)]
 
-    resource = _first_arn(response) or secret_id or _text(request.get("name"))
-    resource = resource or _text(additional.get("SecretId"))
-    version = _text(request.get("versionId")) or _text(request.get("versionStage"))
-    version = version or _text(response.get("versionId"))
+    resource = _first_arn(response) or secret_id or _request_text(request, "name")
+    resource = resource or expect_string(additional.get("SecretId"), "additionalEventData.SecretId")
+    version = _request_text(request, "versionId") or _request_text(request, "versionStage")
+    version = version or expect_string(response.get("versionId"), "responseElements.versionId")
     return [(action, resource, version)]
+
+
+def _request_text(request: Mapping[str, Any], key: str) -> str | None:
+    return expect_string(request.get(key), f"requestParameters.{key}")
 
 
 def _batch_targets(request: Mapping[str, Any], response: Mapping[str, Any]) -> list[Target]:
     """Build one target per secret that a BatchGetSecretValue call names."""
-    id_list = request.get("secretIdList")
-    if isinstance(id_list, list) and id_list:
-        names = dict.fromkeys(text for item in id_list if (text := _text(item)))
+    id_list = expect_array(request.get("secretIdList"), "requestParameters.secretIdList")
+    if id_list:
+        field = "requestParameters.secretIdList[]"
+        names = dict.fromkeys(text for item in id_list if (text := expect_string(item, field)))
         return [("read", name, None) for name in names]
     returned = response.get("secretValues")
     if isinstance(returned, list):
@@ -296,9 +312,10 @@ def _ssm_targets(name: str, request: Mapping[str, Any]) -> list[Target] | None:
         return [(action, None, None)]
     value = request.get(field)
     if isinstance(value, list):
-        names = dict.fromkeys(text for item in value if (text := _text(item)))
+        item_field = f"requestParameters.{field}[]"
+        names = dict.fromkeys(text for item in value if (text := expect_string(item, item_field)))
         return [(action, item, None) for item in names] or [(action, None, None)]
-    return [(action, _text(value), None)]
+    return [(action, _request_text(request, field), None)]
 
 
 def _kms_targets(
@@ -307,29 +324,36 @@ def _kms_targets(
     action = _KMS_TIED_ACTIONS.get(name)
     if action is None:
         return Skip("not_secret_activity")
-    context = _mapping(request.get("encryptionContext"))
-    secret = _text(context.get("SecretARN"))
-    parameter = _parameter_name(_text(context.get("PARAMETER_ARN"))) or _text(
-        context.get("aws:ssm:parameter-name")
+    context = expect_object(request.get("encryptionContext"), "requestParameters.encryptionContext")
+    secret = _context_text(context, "SecretARN")
+    parameter = _parameter_name(_context_text(context, "PARAMETER_ARN")) or _context_text(
+        context, "aws:ssm:parameter-name"
     )
     if secret or parameter:
         service = SECRETS_MANAGER if secret else SSM
         if invoked_by not in _SECRET_STORE_SERVICES:
             invoked_by = service
-        return [(action, secret or parameter, _text(context.get("SecretVersionId")))], invoked_by
+        version = _context_text(context, "SecretVersionId")
+        return [(action, secret or parameter, version)], invoked_by
     if name != "Decrypt":
         return Skip("not_secret_activity")
     return [("decrypt", _kms_key(request, resources), None)], invoked_by
 
 
+def _context_text(context: Mapping[str, Any], key: str) -> str | None:
+    return expect_string(context.get(key), f"requestParameters.encryptionContext.{key}")
+
+
 def _kms_key(request: Mapping[str, Any], resources: Any) -> str | None:
     if isinstance(resources, list):
         for item in resources:
-            entry = _mapping(item)
-            arn = _text(entry.get("ARN")) or _text(entry.get("arn"))
+            entry = expect_object(item, "resources[]")
+            arn = expect_string(entry.get("ARN"), "resources[].ARN") or expect_string(
+                entry.get("arn"), "resources[].arn"
+            )
             if arn and ":key/" in arn:
                 return arn
-    return _text(request.get("keyId"))
+    return _request_text(request, "keyId")
 
 
 def _parameter_name(arn: str | None) -> str | None:
@@ -351,7 +375,7 @@ def _invoked_by(
     source_kind: str,
 ) -> str | None:
     """Return the AWS service that made the call for the principal, if the record names one."""
-    named = _text(identity.get("invokedBy")) or _text(record.get("invokedBy"))
+    named = _text(identity.get("invokedBy")) or expect_string(record.get("invokedBy"), "invokedBy")
     if named:
         return named
     if source_kind == "cloud_service":
@@ -389,8 +413,8 @@ def _eventbridge_detail(record: Mapping[str, Any]) -> Mapping[str, Any] | None:
 
 def _first_arn(value: Mapping[str, Any]) -> str | None:
     for key in _ARN_KEYS:
-        text = _text(value.get(key))
-        if text and text.startswith("arn:"):
+        text = value.get(key)
+        if isinstance(text, str) and text.startswith("arn:"):
             return text
     return None
 
@@ -499,11 +523,17 @@ _PRINCIPAL_COLUMNS: Final = (
     "session_name",
 )
 
-# Resolutions are pure functions of these keys, so they are kept across files; both caches are
-# emptied when either grows past _MAX_CACHED entries.
-_MAX_CACHED: Final = 50_000
+# Resolutions are pure functions of these keys, so they are kept across files. A cache that grows
+# past _MAX_CACHED entries loses its older half. When the caches were emptied at 50,000 entries,
+# the peak memory of benchmarks/ingest.py was about 30 MB higher than at 5,000.
+_MAX_CACHED: Final = 10_000
 _WHO_CACHE: dict[bytes, _Who] = {}
 _TARGET_CACHE: dict[tuple[Any, ...], tuple[list[Target], str | None] | Skip] = {}
+_ADDRESS_CACHE: dict[str | None, tuple[str | None, str]] = {}
+# Columns with one value in every row (a constant, or null) are slices of one array per value
+# and type, shared by every file's frame, so they take no memory per row.
+_SHARED_COLUMNS: dict[tuple[str | None, pa.DataType], pa.Array] = {}
+_SHARED_MIN_ROWS: Final = 16_384
 _NESTED_SEPARATOR: Final = b"\x1e"
 
 
@@ -515,7 +545,8 @@ def _resolve_who(raw: bytes) -> _Who:
     who = _WHO_CACHE.get(raw)
     if who is not None:
         return who
-    identity = _mapping(_load_raw(raw))
+    # The record path's type checks: a RecordError makes read_fast decline the file.
+    identity = expect_object(_load_raw(raw), "userIdentity")
     principal = resolve_aws_principal(identity)
     who = (
         principal["principal"],
@@ -530,6 +561,40 @@ def _resolve_who(raw: bytes) -> _Who:
     return who
 
 
+def _evict_older_half(cache: dict[Any, Any]) -> None:
+    """Remove the older half of ``cache`` when it holds more than ``_MAX_CACHED`` entries."""
+    if len(cache) <= _MAX_CACHED:
+        return
+    # dicts keep insertion order, so the first keys are the oldest.
+    for key in list(cache)[: len(cache) // 2]:
+        del cache[key]
+
+
+def _classify_address_cached(raw: str | None) -> tuple[str | None, str]:
+    address = _ADDRESS_CACHE.get(raw)
+    if address is None:
+        address = classify_address(raw)
+        _ADDRESS_CACHE[raw] = address
+    return address
+
+
+def _shared_column(value: str | None, kind: pa.DataType, rows: int) -> pa.Array:
+    """Return ``rows`` copies of ``value`` (null when None) as a slice of a shared array.
+
+    A slice from offset 0 shares the shared array's buffers, and pandas wraps it without a copy.
+    """
+    key = (value, kind)
+    shared = _SHARED_COLUMNS.get(key)
+    if shared is None or len(shared) < rows:
+        size = max(rows, _SHARED_MIN_ROWS, 2 * len(shared) if shared is not None else 0)
+        if value is None:
+            shared = pa.nulls(size, kind, memory_pool=_POOL)
+        else:
+            shared = pa.repeat(pa.scalar(value, kind), size, memory_pool=_POOL)
+        _SHARED_COLUMNS[key] = shared
+    return shared.slice(0, rows)
+
+
 def _resolve_targets_cached(
     source: str | None, name: str | None, nested: bytes, invoked_by: str | None
 ) -> tuple[list[Target], str | None] | Skip:
@@ -540,10 +605,10 @@ def _resolve_targets_cached(
         resolved = resolve_targets(
             source,
             name,
-            _mapping(_load_raw(request)),
-            _mapping(_load_raw(response)),
-            _mapping(_load_raw(additional)),
-            _load_raw(resources),
+            expect_object(_load_raw(request), "requestParameters"),
+            expect_object(_load_raw(response), "responseElements"),
+            expect_object(_load_raw(additional), "additionalEventData"),
+            expect_array(_load_raw(resources), "resources"),
             invoked_by,
         )
         _TARGET_CACHE[key] = resolved
@@ -652,14 +717,13 @@ class _Explode:
 def _build_result(fields: _Fields, origin: str, result: FileResult) -> FileResult | None:
     if not all(fields.eventTime):
         return None
-    if len(_WHO_CACHE) > _MAX_CACHED or len(_TARGET_CACHE) > _MAX_CACHED:
-        _WHO_CACHE.clear()
-        _TARGET_CACHE.clear()
+    for cache in (_WHO_CACHE, _TARGET_CACHE, _ADDRESS_CACHE):
+        _evict_older_half(cache)
 
     identity_codes, identities = _factorize(list(map(bytes, fields.userIdentity)))
     whos = [_resolve_who(raw) for raw in identities]
     address_codes, raw_addresses = _factorize(fields.sourceIPAddress)
-    addresses = [classify_address(raw) for raw in raw_addresses]
+    addresses = [_classify_address_cached(raw) for raw in raw_addresses]
     invoked_by_codes, invokers = _invoked_by_codes(
         fields, identity_codes, whos, address_codes, raw_addresses, addresses
     )
@@ -723,8 +787,8 @@ def _build_result(fields: _Fields, origin: str, result: FileResult) -> FileResul
     columns: dict[str, pa.Array] = {
         "event_uid": explode.take(_event_uids(fields, identity_codes, whos)),
         "time": explode.take(times),
-        "cloud": pa.repeat(pa.scalar("aws", _LARGE_STRING), explode.rows, _POOL),
-        "log_format": pa.repeat(pa.scalar("cloudtrail", _LARGE_STRING), explode.rows, _POOL),
+        "cloud": _shared_column("aws", _LARGE_STRING, explode.rows),
+        "log_format": _shared_column("cloudtrail", _LARGE_STRING, explode.rows),
         "service": explode.take_distinct([_service(source) for source in sources], source_codes),
         "operation": explode.take_distinct(names, name_codes),
     }
@@ -815,7 +879,7 @@ def _outcome_columns(fields: _Fields, explode: _Explode) -> dict[str, pa.Array]:
 def _assemble_frame(columns: dict[str, pa.Array], rows: int) -> pd.DataFrame:
     """Build the events frame in schema column order and dtypes; absent columns are null."""
     arrays = [
-        columns[name] if name in columns else pa.nulls(rows, kind, memory_pool=_POOL)
+        columns[name] if name in columns else _shared_column(None, kind, rows)
         for name, kind in _ARROW_COLUMNS.items()
     ]
     table = pa.Table.from_arrays(arrays, names=list(_ARROW_COLUMNS))

@@ -15,7 +15,14 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from pipeline.formats.base import LogFormat, Row, Skip, register
+from pipeline.formats.base import LogFormat, RecordError, Row, Skip, register
+from pipeline.formats.fields import (
+    expect_array,
+    expect_object,
+    expect_string,
+    json_type,
+    loose_text,
+)
 from pipeline.formats.ip import classify_address
 
 __all__ = [
@@ -125,10 +132,13 @@ def resolve_gcp_principal(
         principal is ``"unknown"``. ``principal_arn`` is ``principalSubject`` or else
         ``principalEmail``. ``principal_id`` is the first identity in the delegation chain when
         the call was made by impersonating a service account.
+
+    Raises:
+        RecordError: ``authenticationInfo`` is not an object, or its principal is not a string.
     """
-    info = authentication_info if isinstance(authentication_info, Mapping) else {}
-    email = _text(info.get("principalEmail"))
-    subject = _text(info.get("principalSubject"))
+    info = expect_object(authentication_info, "protoPayload.authenticationInfo")
+    email = _strip(expect_string(info.get("principalEmail"), _AUTH + ".principalEmail"))
+    subject = _strip(expect_string(info.get("principalSubject"), _AUTH + ".principalSubject"))
     first_delegate = _first_delegate(info.get("serviceAccountDelegationInfo"), delegation_chain)
 
     if email is not None:
@@ -157,20 +167,21 @@ def resolve_gcp_outcome(status: Any, authorization_info: Any = None) -> dict[str
 
     Returns:
         ``outcome``, ``failure_reason``, ``error_code`` and ``error_message``.
-    """
-    status_map = status if isinstance(status, Mapping) else {}
-    message = _text(status_map.get("message"))
-    raw_code = status_map.get("code")
-    code = _as_int(raw_code)
 
-    if raw_code is None or code == 0:
+    Raises:
+        RecordError: ``status`` is not an object, its ``code`` is not an integer, its
+            ``message`` not a string, ``authorizationInfo`` not an array or a ``granted``
+            value not a boolean.
+    """
+    status_map = expect_object(status, "protoPayload.status")
+    message = _strip(expect_string(status_map.get("message"), "protoPayload.status.message"))
+    code = _status_code(status_map.get("code"))
+
+    if code is None or code == 0:
         # Proto3 JSON omits a zero code, so a status with only a message is still OK.
         if _any_denied(authorization_info):
             return _outcome("failure", "denied", None, message)
         return _outcome("success", None, None, None)
-
-    if code is None:
-        return _outcome("failure", "error", str(raw_code), message)
     return _outcome("failure", _FAILURE_BY_CODE.get(code, "error"), str(code), message)
 
 
@@ -213,8 +224,10 @@ class GcpAuditFormat(LogFormat):
     def normalize(self, record: Mapping[str, Any], origin: str) -> list[Row] | Skip:
         """Turn one audit entry into one event row, or skip a call that touches no secret."""
         payload = _payload(record) or {}
-        service_name = _text(payload.get("serviceName"))
-        method = _short_method(_text(payload.get("methodName")))
+        service_name = _strip(expect_string(payload.get("serviceName"), "protoPayload.serviceName"))
+        method = _short_method(
+            _strip(expect_string(payload.get("methodName"), "protoPayload.methodName"))
+        )
 
         if service_name == SECRET_MANAGER_SERVICE:
             service = "secretmanager"
@@ -226,7 +239,9 @@ class GcpAuditFormat(LogFormat):
             return Skip("not_secret_activity")
 
         labels = _mapping(_mapping(record.get("resource")).get("labels"))
-        request_metadata = _mapping(payload.get("requestMetadata"))
+        request_metadata = expect_object(
+            payload.get("requestMetadata"), "protoPayload.requestMetadata"
+        )
         resource_name = _resource_name(payload, labels)
         resource, version = split_gcp_resource(resource_name)
         principal = resolve_gcp_principal(
@@ -234,18 +249,34 @@ class GcpAuditFormat(LogFormat):
             _mapping(payload.get("metadata")).get("identityDelegationChain"),
         )
         outcome = resolve_gcp_outcome(payload.get("status"), payload.get("authorizationInfo"))
-        caller = _text(request_metadata.get("callerIp") or request_metadata.get("callerIP"))
+        caller = _strip(
+            expect_string(
+                request_metadata.get("callerIp") or request_metadata.get("callerIP"),
+                "protoPayload.requestMetadata.callerIp",
+            )
+        )
         source_ip, source_kind = classify_address(caller)
         # The request time is when the call happened and receiveTimestamp is when Logging got
         # the entry, so the request time is preferred when the entry has no timestamp.
-        time = (
-            _text(record.get("timestamp"))
-            or _text(_mapping(request_metadata.get("requestAttributes")).get("time"))
-            or _text(record.get("receiveTimestamp"))
+        attributes = expect_object(
+            request_metadata.get("requestAttributes"),
+            "protoPayload.requestMetadata.requestAttributes",
         )
+        time = (
+            _strip(expect_string(record.get("timestamp"), "timestamp"))
+            or _strip(
+                expect_string(
+                    attributes.get("time"), "protoPayload.requestMetadata.requestAttributes.time"
+                )
+            )
+            or _strip(expect_string(record.get("receiveTimestamp"), "receiveTimestamp"))
+        )
+        insert_id = _strip(expect_string(record.get("insertId"), "insertId"))
 
         row: Row = {
-            "event_uid": _event_uid(record, payload, time, principal["principal"], caller),
+            "event_uid": _event_uid(
+                record, payload, time, principal["principal"], caller, insert_id
+            ),
             "time": time,
             "cloud": self.cloud,
             "log_format": self.id,
@@ -261,7 +292,7 @@ class GcpAuditFormat(LogFormat):
             "source_ip": source_ip,
             "source_kind": source_kind,
             "source_raw": caller,
-            "user_agent": _text(request_metadata.get("callerSuppliedUserAgent")),
+            "user_agent": _strip(loose_text(request_metadata.get("callerSuppliedUserAgent"))),
             "origin": origin,
         }
         return [row]
@@ -290,15 +321,26 @@ def _text(value: Any) -> str | None:
     return text or None
 
 
-def _as_int(value: Any) -> int | None:
-    if isinstance(value, bool):
+def _status_code(value: Any) -> int | None:
+    """Return ``status.code`` as an int; proto3 JSON writes an int32 as a number or digit text."""
+    if value is None:
         return None
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
-    try:
-        return int(str(value).strip())
-    except ValueError:
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise RecordError("protoPayload.status.code", f"expected an integer, found {json_type(value)}")
+
+
+def _strip(value: str | None) -> str | None:
+    """Return a string without surrounding whitespace, None when nothing is left."""
+    if value is None:
         return None
+    return value.strip() or None
+
+
+# Field path prefix of the caller's identity in an audit entry.
+_AUTH: Final = "protoPayload.authenticationInfo"
 
 
 def _short_method(method: str | None) -> str | None:
@@ -352,11 +394,18 @@ def _first_delegate(delegation_info: Any, delegation_chain: Sequence[Any] | None
 
 
 def _any_denied(authorization_info: Any) -> bool:
-    if not isinstance(authorization_info, list):
-        return False
-    return any(
-        isinstance(item, Mapping) and item.get("granted") is False for item in authorization_info
-    )
+    entries = expect_array(authorization_info, "protoPayload.authorizationInfo") or []
+    denied = False
+    for item in entries:
+        entry = expect_object(item, "protoPayload.authorizationInfo[]")
+        granted = entry.get("granted")
+        if granted is not None and not isinstance(granted, bool):
+            raise RecordError(
+                "protoPayload.authorizationInfo[].granted",
+                f"expected a boolean, found {json_type(granted)}",
+            )
+        denied = denied or granted is False
+    return denied
 
 
 def _outcome(
@@ -372,7 +421,7 @@ def _outcome(
 
 def _resource_name(payload: Mapping[str, Any], labels: Mapping[str, Any]) -> str | None:
     """Return the most specific resource name the entry gives, in order of trust."""
-    name = _text(payload.get("resourceName"))
+    name = _strip(expect_string(payload.get("resourceName"), "protoPayload.resourceName"))
     if name:
         return name
     name = _text(_mapping(payload.get("request")).get("name"))
@@ -420,6 +469,7 @@ def _event_uid(
     time: str | None,
     principal: str | None,
     caller: str | None,
+    insert_id: str | None,
 ) -> str:
     """Hash insertId, logName and timestamp, the triple that identifies a LogEntry.
 
@@ -427,7 +477,6 @@ def _event_uid(
     duplicates (LogEntry.insertId in the Logging API reference), so the triple names one entry
     however it was exported.
     """
-    insert_id = _text(record.get("insertId"))
     if insert_id is not None:
         parts = [insert_id, _text(record.get("logName")), canonical_time(record.get("timestamp"))]
     else:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.formats.base import FileResult, Quarantined
-from pipeline.formats.reader import iter_files, merge_results, read_bytes
+from pipeline.formats.reader import BatchReader, iter_files, merge_results
 
 __all__ = ["NOT_A_REGULAR_FILE", "FilesSource", "SourceBatch"]
 
@@ -78,6 +78,9 @@ class FilesSource:
             InputError: a configured path does not exist.
         """
         batch = SourceBatch(self.name)
+        # Files are read through one BatchReader, which builds frames for many files at once;
+        # files that cannot be read at all are counted in small results merged at the end.
+        reader = BatchReader()
         results = []
         for path in self._list():
             batch.files_listed += 1
@@ -106,9 +109,9 @@ class FilesSource:
             # The marker is taken when the file is opened, before reading, so a file that
             # changes while it is read is read again by the next run.
             info, data = opened
-            results.append(read_bytes(data, str(path)))
+            reader.add(data, str(path))
             batch.checkpoints[key] = {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
-        batch.result = merge_results(results)
+        batch.result = merge_results([reader.finish(), *results])
         logger.debug(
             "source %s: %s files listed, %s unchanged, %s read",
             self.name,

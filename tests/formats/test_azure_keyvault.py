@@ -688,3 +688,98 @@ def test_status_code_as_text_and_float() -> None:
     float_status = audit_event()
     float_status["properties"] = dict(float_status["properties"], httpStatusCode=404.0)
     assert first_value(read_one(float_status), "failure_reason") == "not_found"
+
+
+# --- fields of the wrong JSON type ------------------------------------------------------------
+
+AZURE_WRONG_TYPE_CASES = [
+    (
+        "status code text",
+        {"properties": {"httpStatusCode": "forbidden", "id": f"{VAULT}/secrets/db"}},
+        "field properties.httpStatusCode: expected a whole number or numeric text, "
+        "found text that is not a whole number",
+    ),
+    (
+        "status code object",
+        {"properties": {"httpStatusCode": {"value": 403}}},
+        "field properties.httpStatusCode: expected a whole number or numeric text, found object",
+    ),
+    (
+        "status code boolean",
+        {"properties": {"httpStatusCode": True}},
+        "field properties.httpStatusCode: expected a whole number or numeric text, found boolean",
+    ),
+    (
+        "identity array",
+        {"identity": ["ana@contoso.example"]},
+        "field identity: expected an object or its JSON text, found array",
+    ),
+    (
+        "identity text not JSON",
+        {"identity": "ana@contoso.example"},
+        "field identity: expected an object or its JSON text, found text that is not JSON",
+    ),
+    (
+        "properties number",
+        {"properties": 5},
+        "field properties: expected an object or its JSON text, found number",
+    ),
+    (
+        "object id number",
+        {"properties": {"httpStatusCode": 200, "id": 12}},
+        "field properties.id: expected a string, found number",
+    ),
+    (
+        "time number",
+        {"time": 1738555506},
+        "field time: expected a string, found number",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "overrides", "detail"),
+    AZURE_WRONG_TYPE_CASES,
+    ids=[case[0] for case in AZURE_WRONG_TYPE_CASES],
+)
+def test_wrong_type_quarantined(case: str, overrides: dict[str, Any], detail: str) -> None:
+    record = audit_event(**overrides)
+    result = read_bytes(orjson.dumps(record), "memory")
+    assert result.records == 1
+    assert len(result.events) == 0
+    assert [(q.reason, q.detail) for q in result.quarantined] == [
+        ("invalid_record", f"azure_keyvault: {detail}")
+    ]
+    assert result.quarantined[0].raw == orjson.dumps(record).decode()
+
+
+def test_status_code_numeric_text_accepted() -> None:
+    events = read_one(
+        audit_event(properties={"httpStatusCode": "403", "id": f"{VAULT}/secrets/db"})
+    )
+    assert first_value(events, "outcome") == "failure"
+    assert first_value(events, "failure_reason") == "denied"
+
+
+def test_diagnostics_status_code_wrong_type() -> None:
+    row = {
+        "TimeGenerated": "2025-02-03T04:05:06.765Z",
+        "OperationName": "SecretGet",
+        "ResourceProvider": "MICROSOFT.KEYVAULT",
+        "Category": "AuditEvent",
+        "httpStatusCode_d": [403],
+        "id_s": f"{VAULT}/secrets/db/01",
+    }
+    result = read_bytes(orjson.dumps(row), "memory")
+    assert [(q.reason, q.detail) for q in result.quarantined] == [
+        (
+            "invalid_record",
+            "azure_diagnostics: field httpStatusCode_d: expected a whole number or numeric text, "
+            "found array",
+        )
+    ]
+
+
+def test_wrong_type_location_null() -> None:
+    events = read_one(audit_event(location={"name": "westeurope"}))
+    assert pd.isna(first_value(events, "region"))

@@ -839,3 +839,136 @@ def test_fast_path_many_events(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_fast_fields_follow_struct_order() -> None:
     # The fast path transposes each decoded struct by position into these named columns.
     assert _Fields._fields == _FastEvent.__struct_fields__
+
+
+# --- fields of the wrong JSON type ------------------------------------------------------------
+
+# (case, fields merged into a GetSecretValue event, expected quarantine detail). A field that
+# decides who, the outcome, the time or the secret must not be coerced: a failed call read as a
+# success, or a number read as an account, would be wrong data in every later step.
+WRONG_TYPE_CASES = [
+    (
+        "identity string",
+        {"userIdentity": "deploy-bot"},
+        "cloudtrail: field userIdentity: expected an object, found string",
+    ),
+    (
+        "identity arn number",
+        {"userIdentity": USER | {"arn": 5}},
+        "cloudtrail: field userIdentity.arn: expected a string, found number",
+    ),
+    (
+        "issuer arn array",
+        {"userIdentity": ROLE | {"sessionContext": {"sessionIssuer": {"arn": ["x"]}}}},
+        "cloudtrail: field userIdentity.sessionContext.sessionIssuer.arn: "
+        "expected a string, found array",
+    ),
+    (
+        "account number",
+        {"recipientAccountId": 1.5},
+        "cloudtrail: field recipientAccountId: expected a string, found number",
+    ),
+    (
+        "error code object",
+        {"errorCode": {}},
+        "cloudtrail: field errorCode: expected a string, found object",
+    ),
+    (
+        "error message boolean",
+        {"errorMessage": False},
+        "cloudtrail: field errorMessage: expected a string, found boolean",
+    ),
+    (
+        "caller address object",
+        {"sourceIPAddress": {}},
+        "cloudtrail: field sourceIPAddress: expected a string, found object",
+    ),
+    (
+        "request array",
+        {"requestParameters": []},
+        "cloudtrail: field requestParameters: expected an object, found array",
+    ),
+    (
+        "secret id object",
+        {"requestParameters": {"secretId": {"name": "billing/stripe"}}},
+        "cloudtrail: field requestParameters.secretId: expected a string, found object",
+    ),
+    (
+        "event time number",
+        {"eventTime": 1743588930},
+        "cloudtrail: field eventTime: expected a string, found number",
+    ),
+    (
+        "event id number",
+        {"eventID": 17},
+        "cloudtrail: field eventID: expected a string, found number",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "fields", "detail"), WRONG_TYPE_CASES, ids=[case[0] for case in WRONG_TYPE_CASES]
+)
+def test_wrong_type_quarantined_record_path(case: str, fields: dict[str, Any], detail: str) -> None:
+    record = make_event("GetSecretValue", requestParameters={"secretId": SECRET_ARN}) | fields
+    result = read_bytes(orjson.dumps(record) + b"\n", "trail.jsonl")
+    assert result.records == 1
+    assert len(result.events) == 0
+    assert len(result.quarantined) == 1
+    entry = result.quarantined[0]
+    assert entry.origin == "trail.jsonl"
+    assert entry.reason == "invalid_record"
+    assert entry.detail == detail
+    assert entry.raw == orjson.dumps(record).decode()
+
+
+@pytest.mark.parametrize(
+    ("case", "fields", "detail"), WRONG_TYPE_CASES, ids=[case[0] for case in WRONG_TYPE_CASES]
+)
+def test_wrong_type_quarantined_records_file(
+    case: str, fields: dict[str, Any], detail: str
+) -> None:
+    good = make_event("GetSecretValue", eventID="good-1", requestParameters={"secretId": "a"})
+    record = make_event("GetSecretValue", requestParameters={"secretId": SECRET_ARN}) | fields
+    result = read_bytes(orjson.dumps({"Records": [good, record]}), "trail.json")
+    assert result.records == 2
+    assert result.events["event_uid"].tolist() == ["good-1"]
+    assert [(q.origin, q.reason, q.detail) for q in result.quarantined] == [
+        ("trail.json Records[2]", "invalid_record", detail)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fields", "column"),
+    [({"awsRegion": 5}, "region"), ({"userAgent": {"name": "cli"}}, "user_agent")],
+    ids=["region number", "user agent object"],
+)
+def test_wrong_type_descriptive_field_null(fields: dict[str, Any], column: str) -> None:
+    record = make_event("GetSecretValue", requestParameters={"secretId": SECRET_ARN}) | fields
+    for data in (orjson.dumps(record) + b"\n", orjson.dumps({"Records": [record]})):
+        result = read_bytes(data, "trail.json")
+        assert result.quarantined == []
+        assert len(result.events) == 1
+        assert result.events[column].isna().tolist() == [True]
+
+
+def test_wrong_type_kms_context() -> None:
+    record = make_event(
+        "Decrypt",
+        source="kms.amazonaws.com",
+        requestParameters={"encryptionContext": {"SecretARN": 12}},
+    )
+    with pytest.raises(RecordError) as raised:
+        FORMAT.normalize(record, "memory")
+    assert str(raised.value) == (
+        "field requestParameters.encryptionContext.SecretARN: expected a string, found number"
+    )
+
+
+def test_wrong_type_ssm_names_item() -> None:
+    record = make_event(
+        "GetParameters", source="ssm.amazonaws.com", requestParameters={"names": ["/a", 7]}
+    )
+    with pytest.raises(RecordError) as raised:
+        FORMAT.normalize(record, "memory")
+    assert str(raised.value) == "field requestParameters.names[]: expected a string, found number"

@@ -9,7 +9,7 @@ import orjson
 import pandas as pd
 import pytest
 
-from pipeline.formats import get_format, read_bytes, read_paths
+from pipeline.formats import RecordError, get_format, read_bytes, read_paths
 from pipeline.formats.gcp_audit import (
     AUDIT_LOG_TYPE,
     canonical_time,
@@ -315,16 +315,6 @@ OUTCOME_CASES: list[tuple[Any, ...]] = [
     ("internal", {"code": 13}, None, "failure", "error", "13", None),
     ("unavailable", {"code": 14}, None, "failure", "error", "14", None),
     ("code as text", {"code": "7"}, None, "failure", "denied", "7", None),
-    (
-        "code not a number",
-        {"code": "PERMISSION_DENIED"},
-        None,
-        "failure",
-        "error",
-        "PERMISSION_DENIED",
-        None,
-    ),
-    ("status not an object", "broken", None, "success", None, None, None),
 ]
 
 
@@ -347,6 +337,72 @@ def test_resolve_gcp_outcome(
     assert resolved["failure_reason"] == reason
     assert resolved["error_code"] == code
     assert resolved["error_message"] == message
+
+
+# A status that cannot be read must not become a success, so these raise RecordError.
+WRONG_TYPE_OUTCOME_CASES = [
+    (
+        "status string",
+        "broken",
+        None,
+        "field protoPayload.status: expected an object, found string",
+    ),
+    (
+        "code enum name",
+        {"code": "PERMISSION_DENIED"},
+        None,
+        "field protoPayload.status.code: expected an integer, found string",
+    ),
+    (
+        "code fraction",
+        {"code": 7.5},
+        None,
+        "field protoPayload.status.code: expected an integer, found number",
+    ),
+    (
+        "code boolean",
+        {"code": True},
+        None,
+        "field protoPayload.status.code: expected an integer, found boolean",
+    ),
+    (
+        "code object",
+        {"code": {}},
+        None,
+        "field protoPayload.status.code: expected an integer, found object",
+    ),
+    (
+        "message number",
+        {"code": 7, "message": 3},
+        None,
+        "field protoPayload.status.message: expected a string, found number",
+    ),
+    (
+        "authorization object",
+        None,
+        {"granted": False},
+        "field protoPayload.authorizationInfo: expected an array, found object",
+    ),
+    (
+        "granted text",
+        None,
+        [{"granted": "false"}],
+        "field protoPayload.authorizationInfo[].granted: expected a boolean, found string",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "authorization", "message"),
+    WRONG_TYPE_OUTCOME_CASES,
+    ids=[case[0] for case in WRONG_TYPE_OUTCOME_CASES],
+)
+def test_resolve_gcp_outcome_wrong_type(
+    name: str, status: Any, authorization: Any, message: str
+) -> None:
+    with pytest.raises(RecordError) as raised:
+        resolve_gcp_outcome(status, authorization)
+    assert str(raised.value) == message
 
 
 # --- resource names and times -------------------------------------------------------------
@@ -623,3 +679,73 @@ def test_event_uid_without_insert_id() -> None:
     first_uid = first_value(read_one(first), "event_uid")
     assert first_uid == first_value(read_one(first), "event_uid")
     assert first_uid != first_value(read_one(second), "event_uid")
+
+
+# --- fields of the wrong JSON type ------------------------------------------------------------
+
+WRONG_TYPE_ENTRY_CASES = [
+    (
+        "authentication string",
+        {"authenticationInfo": "dev@example.org"},
+        "field protoPayload.authenticationInfo: expected an object, found string",
+    ),
+    (
+        "principal email number",
+        {"authenticationInfo": {"principalEmail": 42}},
+        "field protoPayload.authenticationInfo.principalEmail: expected a string, found number",
+    ),
+    (
+        "status code text",
+        {"status": {"code": "denied"}},
+        "field protoPayload.status.code: expected an integer, found string",
+    ),
+    (
+        "caller address array",
+        {"requestMetadata": {"callerIp": ["81.2.69.160"]}},
+        "field protoPayload.requestMetadata.callerIp: expected a string, found array",
+    ),
+    (
+        "resource name object",
+        {"resourceName": {"name": "projects/shop/secrets/api-key"}},
+        "field protoPayload.resourceName: expected a string, found object",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "payload", "detail"),
+    WRONG_TYPE_ENTRY_CASES,
+    ids=[case[0] for case in WRONG_TYPE_ENTRY_CASES],
+)
+def test_wrong_type_entry_quarantined(case: str, payload: dict[str, Any], detail: str) -> None:
+    entry = audit_entry(**payload)
+    result = read_bytes(orjson.dumps(entry), "entry.json")
+    assert result.records == 1
+    assert len(result.events) == 0
+    assert [(q.reason, q.detail) for q in result.quarantined] == [
+        ("invalid_record", f"gcp_audit: {detail}")
+    ]
+    assert result.quarantined[0].raw == orjson.dumps(entry).decode()
+
+
+def test_wrong_type_timestamp_quarantined() -> None:
+    entry = audit_entry() | {"timestamp": 1735787045}
+    result = read_bytes(orjson.dumps(entry), "entry.json")
+    assert [(q.reason, q.detail) for q in result.quarantined] == [
+        ("invalid_record", "gcp_audit: field timestamp: expected a string, found number")
+    ]
+
+
+def test_status_code_digit_text_accepted() -> None:
+    # Proto3 JSON accepts an int32 written as a number or as a decimal string.
+    events = read_one(audit_entry(status={"code": "7"}))
+    assert first_value(events, "outcome") == "failure"
+    assert first_value(events, "failure_reason") == "denied"
+    assert first_value(events, "error_code") == "7"
+
+
+def test_wrong_type_user_agent_null() -> None:
+    events = read_one(
+        audit_entry(requestMetadata={"callerIp": "81.2.69.160", "callerSuppliedUserAgent": 3})
+    )
+    assert pd.isna(first_value(events, "user_agent"))

@@ -9,11 +9,12 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pandas as pd
 import pytest
 
 from pipeline.errors import InputError
 from pipeline.formats import read_bytes, read_paths
-from pipeline.formats.reader import _duplicated_keys
+from pipeline.formats.reader import MAX_FUTURE_SKEW, MAX_RAW_CHARS, BatchReader, _duplicated_keys
 from pipeline.schema import check_events
 
 ACCOUNT = "777788889999"
@@ -211,9 +212,9 @@ def test_non_object_record_quarantined() -> None:
     assert reasons(result) == Counter({"invalid_record": 2})
     first, second = result.quarantined
     assert first.origin == "mixed.json record 2"
-    assert first.detail == "expected a JSON object, found int"
+    assert first.detail == "expected a JSON object, found number"
     assert first.raw == "42"
-    assert second.detail == "expected a JSON object, found str"
+    assert second.detail == "expected a JSON object, found string"
 
 
 def test_unknown_format_names_keys() -> None:
@@ -233,6 +234,10 @@ def test_invalid_time_quarantined() -> None:
     assert len(result.events) == 0
     assert reasons(result) == Counter({"invalid_time": 1})
     assert result.quarantined[0].detail == "event time missing or not a timestamp: 'soon'"
+    assert (
+        result.quarantined[0].raw
+        == orjson.dumps(secret_read("bad") | {"eventTime": "soon"}).decode()
+    )
 
 
 # --- several files -------------------------------------------------------------------------
@@ -308,3 +313,325 @@ def test_empty_folder(tmp_path: Path) -> None:
     assert result.records == 0
     assert len(result.events) == 0
     assert check_events(result.events) == []
+
+
+# --- encodings and files that are not JSON ---------------------------------------------------
+
+
+def test_utf8_bom_single_line_records_file() -> None:
+    data = b"\xef\xbb\xbf" + orjson.dumps({"Records": [secret_read("bom1")]})
+    result = read_bytes(data, "bom.json")
+    assert result.events["event_uid"].tolist() == ["bom1"]
+    assert result.quarantined == []
+    assert result.skipped == Counter()
+
+
+@pytest.mark.parametrize(
+    ("encoding", "bom"),
+    [
+        ("utf-16", b""),
+        ("utf-16-le", b""),
+        ("utf-16-be", b""),
+        ("utf-32", b""),
+        ("utf-32-le", b""),
+        ("utf-32-be", b""),
+        ("utf-16-le", b"\xff\xfe"),
+        ("utf-16-be", b"\xfe\xff"),
+    ],
+    ids=["utf16_bom", "utf16le", "utf16be", "utf32_bom", "utf32le", "utf32be", "le_bom", "be_bom"],
+)
+def test_utf16_and_utf32_decoded(encoding: str, bom: bytes) -> None:
+    text = orjson.dumps({"Records": [secret_read("wide1", secret="café/key")]}).decode()
+    result = read_bytes(bom + text.encode(encoding), "wide.json")
+    assert result.quarantined == []
+    assert result.events["event_uid"].tolist() == ["wide1"]
+    assert result.events["resource"].tolist() == ["café/key"]
+
+
+def test_latin1_byte_in_document_quarantined() -> None:
+    data = orjson.dumps({"Records": [secret_read("l1", secret="caf")]}).replace(b"caf", b"caf\xe9")
+    result = read_bytes(data, "latin.json")
+    assert result.records == 1
+    assert len(result.events) == 0
+    assert result.skipped == Counter()
+    assert len(result.quarantined) == 1
+    entry = result.quarantined[0]
+    assert entry.origin == "latin.json line 1"
+    assert entry.reason == "invalid_encoding"
+    offset = data.index(b"\xe9")
+    assert (
+        entry.detail == f"line 1 is not valid UTF-8: byte 0xe9 at byte offset {offset} of the file"
+    )
+
+
+def test_latin1_byte_in_json_line_quarantined() -> None:
+    bad = orjson.dumps(secret_read("l2", secret="caf")).replace(b"caf", b"caf\xe9") + b"\n"
+    data = lines(secret_read("l1")) + bad + lines(secret_read("l3"))
+    result = read_bytes(data, "latin.jsonl")
+    assert result.records == 3
+    assert result.events["event_uid"].tolist() == ["l1", "l3"]
+    assert reasons(result) == Counter({"invalid_encoding": 1})
+    entry = result.quarantined[0]
+    assert entry.origin == "latin.jsonl line 2"
+    offset = data.index(b"\xe9")
+    assert (
+        entry.detail == f"line 2 is not valid UTF-8: byte 0xe9 at byte offset {offset} of the file"
+    )
+
+
+def test_invalid_utf16_quarantined() -> None:
+    # A lone high surrogate (D800) followed by ASCII is not valid UTF-16.
+    data = b"\xff\xfe" + '{"Records": []}'.encode("utf-16-le")[:4] + b"\x00\xd8A\x00"
+    result = read_bytes(data, "wide.json")
+    assert [(q.reason, q.detail) for q in result.quarantined] == [
+        (
+            "invalid_encoding",
+            "file looks like UTF-16 but byte offset 6 is invalid: illegal UTF-16 surrogate",
+        )
+    ]
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
+def test_nan_literal_single_line_invalid_json(literal: bytes) -> None:
+    data = b'{"Records": [{"eventTime": ' + literal + b"}]}"
+    result = read_bytes(data, "nan.json")
+    assert result.skipped == Counter()
+    assert result.records == 1
+    assert reasons(result) == Counter({"invalid_json": 1})
+    entry = result.quarantined[0]
+    assert entry.origin == "nan.json line 1"
+    assert entry.raw == data.decode()
+
+
+def test_nan_in_last_json_line_not_skipped() -> None:
+    data = lines(secret_read("n1")) + b'{"eventID": "n2", "eventTime": NaN}'
+    result = read_bytes(data, "nan.jsonl")
+    assert result.skipped == Counter()
+    assert reasons(result) == Counter({"invalid_json": 1})
+    assert result.quarantined[0].origin == "nan.jsonl line 2"
+
+
+def test_zip_file_not_json() -> None:
+    data = b"PK\x03\x04\x14\x00\x00\x00\x08\x00" + bytes(range(200)) * 3
+    result = read_bytes(data, "logs.zip")
+    assert result.files == 1
+    assert result.records == 0
+    assert len(result.quarantined) == 1
+    entry = result.quarantined[0]
+    assert entry.origin == "logs.zip"
+    assert entry.reason == "not_json"
+    assert entry.detail == (
+        "file is not JSON or JSON Lines: it starts with "
+        "'PK\\x03\\x04\\x14\\x00\\x00\\x00\\x08\\x00\\x00\\x01\\x02\\x03\\x04\\x05\\x06\\x07"
+        "\\x08\\t\\n\\x0b\\x0c\\r'"
+    )
+
+
+def test_markdown_beside_logs_quarantined_once(tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text("# Logs\n\n" + "Some notes.\n" * 60)
+    (tmp_path / "a.json").write_bytes(lines(secret_read("md1")))
+    result = read_paths([tmp_path])
+    assert result.files == 2
+    assert result.records == 1
+    assert result.events["event_uid"].tolist() == ["md1"]
+    assert [(q.origin, q.reason) for q in result.quarantined] == [
+        (str(tmp_path / "README.md"), "not_json")
+    ]
+    assert result.quarantined[0].detail == (
+        "file is not JSON or JSON Lines: it starts with '# Logs\\n\\nSome notes.\\nSome'"
+    )
+
+
+def test_whitespace_only_file_empty() -> None:
+    result = read_bytes(b" \n\t\n", "blank.json")
+    assert result.records == 0
+    assert result.quarantined == []
+
+
+def test_deeply_nested_json_invalid_json() -> None:
+    data = b"[" * 100_000 + b"]" * 100_000
+    result = read_bytes(data, "deep.json")
+    assert result.records == 1
+    assert result.skipped == Counter()
+    assert reasons(result) == Counter({"invalid_json": 1})
+    entry = result.quarantined[0]
+    assert entry.detail.startswith("line 1 is not valid JSON: depth limit exceeded")
+    assert entry.raw == "[" * MAX_RAW_CHARS + "…"
+
+
+def test_nested_arrays_beyond_limit_quarantined() -> None:
+    data = b"[" * 10 + orjson.dumps(secret_read("deep")) + b"]" * 10
+    result = read_bytes(data, "deep.json")
+    assert result.records == 1
+    assert len(result.events) == 0
+    assert reasons(result) == Counter({"invalid_record": 1})
+    entry = result.quarantined[0]
+    assert entry.origin == "deep.json record 1 item 1 item 1 item 1 item 1"
+    assert entry.detail == "records nested in more than 4 arrays or wrappers"
+
+
+def test_single_cut_records_file_quarantined() -> None:
+    data = orjson.dumps({"Records": [secret_read("c1"), secret_read("c2")]})[:-40]
+    result = read_bytes(data, "cut.json")
+    assert result.skipped == Counter()
+    assert result.records == 1
+    assert reasons(result) == Counter({"invalid_json": 1})
+    assert result.quarantined[0].raw == data.decode()
+
+
+def test_single_cut_json_line_skipped() -> None:
+    # The first record of an appended blob (Azure PT1H.json) while it is being written.
+    data = orjson.dumps(secret_read("a1"))[:-30]
+    result = read_bytes(data, "PT1H.json")
+    assert result.records == 0
+    assert result.quarantined == []
+    assert result.skipped == Counter({"incomplete_last_line": 1})
+
+
+# --- records that vanish or lose their raw text -------------------------------------------------
+
+
+def test_null_and_scalars_in_records_counted() -> None:
+    result = read_bytes(b'{"Records": [1, "x", null]}', "nulls.json")
+    assert result.records == 3
+    assert len(result.quarantined) == 3
+    assert [(q.origin, q.detail, q.raw) for q in result.quarantined] == [
+        ("nulls.json Records[1]", "expected a JSON object, found number", "1"),
+        ("nulls.json Records[2]", "expected a JSON object, found string", '"x"'),
+        ("nulls.json Records[3]", "expected a JSON object, found null", "null"),
+    ]
+
+
+def test_null_lookup_event_counted() -> None:
+    result = read_bytes(b'{"Events": [null]}', "lookup.json")
+    assert result.records == 1
+    assert [(q.origin, q.reason) for q in result.quarantined] == [
+        ("lookup.json Events[1]", "invalid_record")
+    ]
+
+
+def test_invalid_time_keeps_raw() -> None:
+    record = secret_read("raw1") | {"eventTime": "yesterday"}
+    result = read_bytes(lines(secret_read("ok1"), record), "t.jsonl")
+    assert result.events["event_uid"].tolist() == ["ok1"]
+    assert len(result.quarantined) == 1
+    entry = result.quarantined[0]
+    assert entry.origin == "t.jsonl line 2"
+    assert entry.reason == "invalid_time"
+    assert entry.raw == orjson.dumps(record).decode()
+
+
+def test_invalid_time_batch_read_once_per_record() -> None:
+    batch = secret_read("b1") | {
+        "eventName": "BatchGetSecretValue",
+        "requestParameters": {"secretIdList": ["one", "two"]},
+        "eventTime": "later",
+    }
+    result = read_bytes(lines(batch), "t.jsonl")
+    assert len(result.events) == 0
+    assert reasons(result) == Counter({"invalid_time": 1})
+
+
+# --- implausible event times --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "time", ["9999-12-31T23:59:59Z", "0001-01-01T00:00:00Z", "2005-12-31T23:59:59Z"]
+)
+@pytest.mark.parametrize("shape", ["json_lines", "records_file"])
+def test_implausible_time_quarantined(time: str, shape: str) -> None:
+    good = secret_read("ok1")
+    bad = secret_read("far1") | {"eventTime": time}
+    if shape == "json_lines":
+        data, origin = lines(good, bad), "t.json line 2"
+    else:
+        data, origin = orjson.dumps({"Records": [good, bad]}), "t.json Records[2]"
+    result = read_bytes(data, "t.json")
+    assert result.records == 2
+    assert result.events["event_uid"].tolist() == ["ok1"]
+    assert len(result.quarantined) == 1
+    entry = result.quarantined[0]
+    assert entry.origin == origin
+    assert entry.reason == "invalid_time"
+    assert entry.detail == (
+        f"event time {time!r} is outside the plausible range: before 2006-01-01 or more than "
+        "1 days 00:00:00 after this host's clock"
+    )
+    assert entry.raw == orjson.dumps(bad).decode()
+
+
+def test_time_shortly_ahead_accepted() -> None:
+    ahead = pd.Timestamp.now(tz="UTC") + MAX_FUTURE_SKEW - pd.Timedelta(hours=1)
+    record = secret_read("soon1") | {"eventTime": ahead.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    result = read_bytes(lines(record), "t.jsonl")
+    assert result.quarantined == []
+    assert result.events["event_uid"].tolist() == ["soon1"]
+
+
+def test_earliest_time_accepted() -> None:
+    record = secret_read("old1") | {"eventTime": "2006-01-01T00:00:00Z"}
+    result = read_bytes(lines(record), "t.jsonl")
+    assert result.quarantined == []
+
+
+# --- fast path set aside ------------------------------------------------------------------------
+
+
+def test_fast_path_record_error_uses_record_path() -> None:
+    bad = secret_read("x1") | {"userIdentity": IDENTITY | {"userName": 7}}
+    result = read_bytes(orjson.dumps({"Records": [secret_read("ok1"), bad]}), "t.json")
+    assert result.events["event_uid"].tolist() == ["ok1"]
+    assert [(q.origin, q.reason, q.detail) for q in result.quarantined] == [
+        (
+            "t.json Records[2]",
+            "invalid_record",
+            "cloudtrail: field userIdentity.userName: expected a string, found number",
+        )
+    ]
+
+
+# --- batches across files -----------------------------------------------------------------------
+
+
+def test_batch_reader_keeps_file_order_and_counts() -> None:
+    # Every file size goes to the fast path, so fast-path frames and record-path batches mix.
+    reader = BatchReader(batch_rows=2, fast_path_min_bytes=0)
+    reader.add(lines(secret_read("r1"), secret_read("r2"), secret_read("r3")), "one.jsonl")
+    reader.add(orjson.dumps({"Records": [secret_read("f1")]}), "two.json")
+    reader.add(lines(secret_read("r4")) + b"{bad\n", "three.jsonl")
+    reader.add(lines(secret_read("r5") | {"eventTime": "never"}), "four.jsonl")
+    reader.add_unreadable("five.json", "cannot read five.json: Permission denied")
+    reader.add(lines(secret_read("r1")), "six.jsonl")
+    result = reader.finish()
+    assert result.files == 6
+    assert result.records == 8
+    assert result.events["event_uid"].tolist() == ["r1", "r2", "r3", "f1", "r4"]
+    assert result.events["origin"].tolist() == [
+        "one.jsonl line 1",
+        "one.jsonl line 2",
+        "one.jsonl line 3",
+        "two.json Records[1]",
+        "three.jsonl line 1",
+    ]
+    assert reasons(result) == Counter({"invalid_json": 1, "invalid_time": 1, "unreadable_file": 1})
+    assert result.skipped == Counter({"duplicate": 1})
+    assert result.formats == Counter({"cloudtrail": 7})
+    assert check_events(result.events) == []
+
+
+def test_read_paths_equals_per_file_reads(tmp_path: Path) -> None:
+    contents = {
+        "a.jsonl": lines(secret_read("p1"), secret_read("p2")),
+        "b.json": orjson.dumps({"Records": [secret_read("p3")]}),
+        "c.jsonl": lines(secret_read("p4"), secret_read("p2")),
+    }
+    for name, data in contents.items():
+        (tmp_path / name).write_bytes(data)
+    result = read_paths([tmp_path])
+    expected = pd.concat(
+        [read_bytes(data, str(tmp_path / name)).events for name, data in contents.items()],
+        ignore_index=True,
+    ).drop_duplicates(["event_uid", "resource"], ignore_index=True)
+    pd.testing.assert_frame_equal(result.events, expected)
+    assert result.records == 5
+    assert result.skipped == Counter({"duplicate": 1})
