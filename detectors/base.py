@@ -227,6 +227,9 @@ def build_findings(
         _digest(detector.id, str(principal), *uids)
         for principal, uids in zip(frame["principal"], frame["event_uids"], strict=True)
     ]
+    # One detector can reach the same events twice (a failure burst keyed by principal and by
+    # the one address it came from); identical ids are the same finding, so keep the first.
+    frame = frame.drop_duplicates(subset="finding_id", keep="first").reset_index(drop=True)
     for name in ("first_seen", "last_seen"):
         frame[name] = pd.to_datetime(frame[name], utc=True).astype("datetime64[us, UTC]")
     frame["event_count"] = frame["event_count"].astype("int64")
