@@ -1,4 +1,10 @@
-"""The ``keytrail`` command.
+"""keytrail reads secret-access audit logs (AWS CloudTrail, GCP Cloud Audit Logs and Azure Key
+Vault AuditEvent), normalizes them into one event schema, runs detectors for off-hours reads,
+new countries, impossible travel and failure bursts, and writes findings and alerts. Start with
+`keytrail run --source LOG_FOLDER`, or `keytrail run` in a folder that contains config.yaml.
+
+The logging options --log-level and --log-format are accepted before the command name and
+after it: `keytrail --log-format json run` and `keytrail run --log-format json` do the same.
 
 \b
 Exit codes:
@@ -12,13 +18,17 @@ Exit codes:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import io
 import json
 import logging
 import os
+import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final, ParamSpec, TypeVar
+from typing import Any, Final, ParamSpec, TextIO, TypeVar, cast
 
 import click
 import pyarrow as pa
@@ -26,11 +36,18 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.config import Settings, check_files, config_warnings, load_config
+from pipeline.config import (
+    Settings,
+    check_files,
+    config_warnings,
+    embedded_defaults,
+    load_config,
+)
 from pipeline.engine import run_once
 from pipeline.enrich import GeoIPSettings, enrich_events
 from pipeline.errors import ConfigError, KeytrailError
 from pipeline.formats import read_paths
+from pipeline.formats.base import Quarantined
 from pipeline.logs import setup_logging
 from pipeline.schema import ARROW_SCHEMA, COLUMNS
 from pipeline.store.state import StateLockedError
@@ -54,6 +71,8 @@ EXIT_PROBLEMS: Final = 3
 EXIT_LOCKED: Final = 4
 
 DEFAULT_CONFIG: Final = Path("config.yaml")
+PIPED_WIDTH: Final = 400
+"""Console width when stdout is not a terminal: wide enough that values are not cut."""
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -95,24 +114,56 @@ def _handle_errors(func: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+_LOG_LEVELS: Final = ["DEBUG", "INFO", "WARNING", "ERROR"]
+_LOG_LEVEL_HELP: Final = "Log level (default: logging.level from the config, else INFO)."
+_LOG_FORMAT_HELP: Final = (
+    "Log line format on stderr (default: logging.format from the config, else text)."
+)
+
+
 @click.group("keytrail", help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--log-level",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    type=click.Choice(_LOG_LEVELS, case_sensitive=False),
     default=None,
-    help="Log level (default: logging.level from the config, else INFO).",
+    help=_LOG_LEVEL_HELP,
 )
 @click.option(
-    "--log-format",
-    type=click.Choice(["text", "json"]),
-    default=None,
-    help="Log line format on stderr (default: logging.format from the config, else text).",
+    "--log-format", type=click.Choice(["text", "json"]), default=None, help=_LOG_FORMAT_HELP
 )
 @click.version_option(package_name="keytrail", prog_name="keytrail")
 @click.pass_context
 def main(ctx: click.Context, log_level: str | None, log_format: str | None) -> None:
     """Group callback: keep the logging options for the subcommand."""
     ctx.obj = {"log_level": log_level, "log_format": log_format}
+
+
+def _remember_log_option(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """Store a logging option given after the command name; it wins over the group option."""
+    if value is None:
+        return
+    assert param.name is not None
+    ctx.ensure_object(dict)[param.name] = value
+
+
+def _log_options(command: Callable[P, R]) -> Callable[P, R]:
+    """Accept --log-level and --log-format after the subcommand name as well."""
+    command = click.option(
+        "--log-format",
+        type=click.Choice(["text", "json"]),
+        default=None,
+        expose_value=False,
+        callback=_remember_log_option,
+        help=_LOG_FORMAT_HELP,
+    )(command)
+    return click.option(
+        "--log-level",
+        type=click.Choice(_LOG_LEVELS, case_sensitive=False),
+        default=None,
+        expose_value=False,
+        callback=_remember_log_option,
+        help=_LOG_LEVEL_HELP,
+    )(command)
 
 
 def _start_logging(settings: Settings | None = None) -> None:
@@ -123,7 +174,7 @@ def _start_logging(settings: Settings | None = None) -> None:
     fmt = options.get("log_format") or (settings.logging.format if settings else "text")
     root = logging.getLogger()
     previous_level = root.level
-    handler = setup_logging(level, fmt)
+    handler = setup_logging(level.upper(), fmt)
 
     def detach() -> None:
         root.removeHandler(handler)
@@ -132,13 +183,81 @@ def _start_logging(settings: Settings | None = None) -> None:
     ctx.call_on_close(detach)
 
 
+def _stdout_console() -> Console:
+    """Return the console for stdout.
+
+    A terminal keeps rich's layout at the terminal's width. Piped output (CI, cron logs) gets a
+    wide console, so long paths and secret names stay on one line instead of being cut at 80
+    columns, and the key/value blocks keep their alignment.
+    """
+    console = Console()
+    if console.is_terminal:
+        return console
+    # The trimmer implements the write/flush/isatty part of TextIO that rich calls.
+    stream = cast(TextIO, _TrailingSpaceTrimmer(sys.stdout))
+    return Console(file=stream, width=PIPED_WIDTH, soft_wrap=True)
+
+
+class _TrailingSpaceTrimmer(io.TextIOBase):
+    """A text stream that drops the spaces rich pads table cells with at the end of each line.
+
+    Only used for piped output, which rich writes without colour codes, so the spaces before a
+    newline are padding and never part of a value.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(_TRAILING_SPACES.sub("\n", text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+_TRAILING_SPACES: Final = re.compile(r" +\n")
+
+
+def _load_settings(config_path: Path | None) -> tuple[Settings, str | None]:
+    """Load ``--config``, else ./config.yaml, else the embedded defaults without sources.
+
+    Returns:
+        the settings and the config file they came from (None for the embedded defaults).
+
+    Raises:
+        ConfigError: the config file given or found is missing or invalid.
+    """
+    if config_path is None and DEFAULT_CONFIG.is_file():
+        config_path = DEFAULT_CONFIG
+    if config_path is not None:
+        return load_config(config_path), str(config_path)
+    # The shipped sources name sample_logs/ folders beside config.yaml, which do not exist here.
+    return embedded_defaults().model_copy(update={"sources": []}), None
+
+
+def _log_settings_origin(origin: str | None) -> None:
+    if origin is None:
+        logger.info(
+            "no --config given and %s not found in %s: using the built-in defaults",
+            DEFAULT_CONFIG,
+            Path.cwd(),
+        )
+
+
 _config_option = click.option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_CONFIG,
-    show_default=True,
-    help="Config file; relative paths in it resolve against its folder.",
+    default=None,
+    help=(
+        "Config file; relative paths in it resolve against its folder. Default: ./config.yaml "
+        "if it exists, else the built-in defaults with no sources (then give --source)."
+    ),
 )
 
 
@@ -172,9 +291,10 @@ _config_option = click.option(
     is_flag=True,
     help="Exit with code 3 when any record was quarantined.",
 )
+@_log_options
 @_handle_errors
 def run(
-    config_path: Path,
+    config_path: Path | None,
     sources: tuple[Path, ...],
     state_dir: Path | None,
     output_dir: Path | None,
@@ -183,7 +303,13 @@ def run(
     fail_on_quarantine: bool,
 ) -> None:
     """Read new logs, detect, write findings and outputs, and commit state (one run)."""
-    settings = load_config(config_path)
+    settings, origin = _load_settings(config_path)
+    if origin is None and not sources:
+        raise click.UsageError(
+            f"no config file: --config was not given and {DEFAULT_CONFIG} is not in {Path.cwd()}; "
+            "pass --source PATH (repeatable) to read logs with the built-in defaults, or "
+            "--config FILE"
+        )
     updates: dict[str, Any] = {}
     if state_dir is not None:
         updates["state_dir"] = state_dir.resolve()
@@ -191,13 +317,14 @@ def run(
         updates["output_dir"] = output_dir.resolve()
     settings = settings.model_copy(update=updates)
     _start_logging(settings)
-    check_files(settings, source=str(config_path))
+    _log_settings_origin(origin)
+    check_files(settings, source=origin or "defaults")
     for warning in config_warnings(settings):
         if sources and warning.startswith("sources"):
             continue
-        logger.warning("config %s: %s", config_path, warning)
+        logger.warning("config %s: %s", origin or "defaults", warning)
 
-    console = Console()
+    console = _stdout_console()
     summary = run_once(
         settings,
         sources_override=[path.resolve() for path in sources] or None,
@@ -233,6 +360,17 @@ def run(
     help="Take the GeoIP settings from this config file (default: the built-in defaults).",
 )
 @click.option("--no-geoip", is_flag=True, help="Leave the geo columns empty.")
+@click.option(
+    "--quarantine",
+    "quarantine_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help=(
+        "Write the quarantined records to this file as JSON lines with origin, reason, detail "
+        "and raw (replaced if it exists)."
+    ),
+)
+@_log_options
 @_handle_errors
 def normalize(
     paths: tuple[Path, ...],
@@ -240,6 +378,7 @@ def normalize(
     summary_json: Path | None,
     config_path: Path | None,
     no_geoip: bool,
+    quarantine_path: Path | None,
 ) -> None:
     """Read log files into one events table (enriched) and write it as Parquet. No state."""
     settings = load_config(config_path) if config_path is not None else None
@@ -259,13 +398,33 @@ def normalize(
     counts = result.summary()
     counts["geoip_build_date"] = info.geoip_build_date
     counts["output"] = str(out)
+    if quarantine_path is not None:
+        _write_quarantined(quarantine_path, result.quarantined)
+        counts["quarantine_file"] = str(quarantine_path)
     if summary_json is not None:
         summary_json.parent.mkdir(parents=True, exist_ok=True)
         summary_json.write_text(json.dumps(counts, indent=2) + "\n", encoding="utf-8")
-    click.echo(
+    message = (
         f"wrote {len(events)} events from {counts['records']} records in {counts['files']} files "
-        f"to {out} ({counts['quarantined']} quarantined)"
+        f"to {out} ({counts['quarantined']} quarantined"
     )
+    if quarantine_path is not None:
+        message += f", written to {quarantine_path})"
+    elif counts["quarantined"]:
+        message += "; pass --quarantine FILE to keep them)"
+    else:
+        message += ")"
+    click.echo(message)
+
+
+def _write_quarantined(path: Path, items: list[Quarantined]) -> None:
+    """Write quarantined records as JSON lines, replacing ``path`` atomically (also when empty)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w", encoding="utf-8") as handle:
+        for item in items:
+            handle.write(json.dumps(dataclasses.asdict(item), ensure_ascii=False) + "\n")
+    os.replace(temporary, path)
 
 
 @main.command()
@@ -276,15 +435,25 @@ def normalize(
     help="Folder to write the synthetic logs and labels.json into.",
 )
 @click.option("--seed", type=int, default=7, show_default=True, help="Random seed.")
-@click.option("--days", type=click.IntRange(min=1), default=30, show_default=True, help="Days.")
+@click.option(
+    "--days",
+    type=click.IntRange(min=1),
+    default=30,
+    show_default=True,
+    help="Number of days to simulate, from 2026-10-01.",
+)
+@_log_options
 @_handle_errors
 def simulate(out: Path, seed: int, days: int) -> None:
-    """Generate realistic native-format logs of three clouds with labeled incidents."""
+    """Generate realistic native-format logs of three clouds with labeled incidents.
+
+    The logs go to OUT/aws, OUT/gcp and OUT/azure; labels.json and population.json go to OUT.
+    """
     from pipeline.simulate import generate  # the generator is large and only needed here
 
     _start_logging()
     report = generate(out, seed=seed, days=days)
-    click.echo(f"wrote synthetic logs to {out}: {report.summary()}")
+    click.echo(report.cli_message())
 
 
 @main.command()
@@ -302,17 +471,24 @@ def simulate(out: Path, seed: int, days: int) -> None:
     help="Findings to score (default: findings.jsonl in the configured output_dir).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as one JSON object.")
+@_log_options
 @_handle_errors
-def evaluate(config_path: Path, labels: Path | None, findings: Path | None, as_json: bool) -> None:
+def evaluate(
+    config_path: Path | None, labels: Path | None, findings: Path | None, as_json: bool
+) -> None:
     """Score findings against the labeled incidents: precision and recall per detector."""
     from pipeline import evaluate as evaluation  # only this command needs it
 
-    settings = None
-    if labels is None or findings is None:
-        settings = load_config(config_path)
+    settings: Settings | None = None
+    origin: str | None = None
+    if config_path is not None or labels is None or findings is None:
+        settings, origin = _load_settings(config_path)
     _start_logging(settings)
+    if settings is not None:
+        _log_settings_origin(origin)
     if labels is None:
-        labels = config_path.resolve().parent / "sample_logs" / "labels.json"
+        base = Path(origin).resolve().parent if origin is not None else Path.cwd()
+        labels = base / "sample_logs" / "labels.json"
     if findings is None:
         assert settings is not None
         findings = settings.output_dir / "findings.jsonl"
@@ -339,17 +515,20 @@ def evaluate(config_path: Path, labels: Path | None, findings: Path | None, as_j
             str(score.get("false_positives")),
             str(score.get("false_negatives")),
         )
-    Console().print(table)
+    _stdout_console().print(table)
 
 
 @main.command("validate-config")
 @_config_option
+@_log_options
 @_handle_errors
-def validate_config(config_path: Path) -> None:
+def validate_config(config_path: Path | None) -> None:
     """Check a config file and the files it names; print every problem (exit code 2) or a summary.
 
     Warnings (no sources, no enabled detector) go to stderr and do not change the exit code.
     """
+    if config_path is None:
+        config_path = DEFAULT_CONFIG
     settings = load_config(config_path)
     check_files(settings, source=str(config_path))
     for warning in config_warnings(settings):

@@ -214,9 +214,10 @@ class EnrichSettings(_Strict):
 class HistorySettings(_Strict):
     """How long events are kept.
 
-    ``retention_days`` applies to the Parquet history. ``seen_retention_days`` is how long seen
-    event ids are kept for deduplication. It must cover the longest overlap with which a source
-    re-delivers events.
+    ``retention_days`` applies to the Parquet history and counts back from the newest event
+    time in the history, at most the run time, so a run over old logs keeps what it wrote.
+    ``seen_retention_days`` is how long seen event ids are kept for deduplication, counted back
+    from the run time. It must cover the longest overlap with which a source re-delivers events.
     """
 
     retention_days: int = Field(default=400, ge=1)

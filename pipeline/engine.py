@@ -14,7 +14,8 @@ the steps of a run, each a call into the package that owns it. Under the state l
    as JSON), checkpoints and the run row in one transaction;
 7. writes the outputs (findings.jsonl, outbox files, console), then marks them written in a
    second, small transaction;
-8. expires old history and old seen ids, and finishes the summary.
+8. expires old history (counted back from the newest event time in the history, at most the
+   run time) and old seen ids (counted back from the run time), and finishes the summary.
 
 Crash safety: a failure before the commit deletes this run's history files and leaves the state
 as it was, so the next run reads the same input again and deduplication absorbs the overlap. A
@@ -35,7 +36,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -489,10 +490,20 @@ def _roll_back(history: History, state: State, summary: RunSummary, reason: str)
 def _expire(
     settings: Settings, history: History, state: State, summary: RunSummary, now: pd.Timestamp
 ) -> None:
-    """Drop history partitions and seen ids older than their retention."""
+    """Drop history partitions and seen ids older than their retention.
+
+    History retention counts back from the newest event time in the history, capped at ``now``
+    (:func:`_history_cutoff`), so a run over old logs keeps what it appended. Seen-id retention
+    counts back from ``now``, and :meth:`State.expire_seen` also keeps ids first read by a run
+    that started after the cutoff, so a backfill keeps its ids for the full period.
+
+    NOTE: an unchanged file is not read again (its checkpoint is size and mtime), but a file
+    whose size or mtime changes after its ids expired is read again and its old events are
+    appended to the history a second time.
+    """
     try:
-        history_cutoff = (now - timedelta(days=settings.history.retention_days)).date()
-        partitions = history.expire(history_cutoff)
+        history_cutoff = _history_cutoff(history, now, settings.history.retention_days)
+        partitions = history.expire(history_cutoff) if history_cutoff is not None else 0
         seen_cutoff = (now - timedelta(days=settings.history.seen_retention_days)).to_pydatetime()
         forgotten = state.expire_seen(seen_cutoff)
     except (KeytrailError, OSError) as exc:
@@ -500,6 +511,22 @@ def _expire(
         logger.error("retention: could not expire old data: %s", exc)
         return
     logger.info("retention: %s history partitions and %s seen ids expired", partitions, forgotten)
+
+
+def _history_cutoff(history: History, now: pd.Timestamp, retention_days: int) -> date | None:
+    """Return the first history date to keep, or None when the history is empty.
+
+    The reference time is ``min(newest event time in the history, now)``. On a live system the
+    newest event is about ``now``, so old partitions expire as the days pass. Over old logs (a
+    backfill, the 2025 samples) the newest event is old, so the partitions a run just wrote are
+    kept unless they lie more than ``retention_days`` before the newest event. Capping at ``now``
+    stops an event time in the future (a skewed clock) from expiring recent days.
+    """
+    span = history.span()
+    if span is None:
+        return None
+    reference = min(span[1], now)
+    return (reference - timedelta(days=retention_days)).date()
 
 
 def _new_run_id(started: datetime) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 # People work between these local times; every routine read falls inside them.
 WORKDAY_START: Final = time(8, 0)
 WORKDAY_END: Final = time(19, 0)
+# Subfolders of the output folder that hold one cloud's logs each.
+LOG_FOLDERS: Final = ("aws", "gcp", "azure")
 # Share of working days a person is away (leave, sick days).
 ABSENCE_RATE: Final = 0.08
 
@@ -61,13 +64,42 @@ class SimulationReport:
     incomplete: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        """Return a one-line summary for logs and the CLI."""
+        """Return a one-line summary of the counts for logs and the CLI."""
         records = ", ".join(f"{cloud} {count}" for cloud, count in self.records.items())
         return (
-            f"wrote {self.files} files ({self.bytes / 1e6:.1f} MB) to {self.out}: records {records}; "
+            f"{self.files} files ({self.bytes / 1e6:.1f} MB) in {self.out}: records {records}; "
             f"{self.principals} principals, {self.incidents} incidents, {self.decoys} decoys, "
             f"{len(self.broken)} broken records"
         )
+
+    def log_folders(self) -> list[Path]:
+        """Return the folders that hold the logs, without ``labels.json`` and ``population.json``."""
+        return [self.out / cloud for cloud in LOG_FOLDERS]
+
+    def cli_message(self) -> str:
+        """Return what ``keytrail simulate`` prints: the counts, the command to run and warnings.
+
+        The command names the log folders one by one, because ``keytrail run --source OUT``
+        would also read ``labels.json`` and ``population.json`` and quarantine them as
+        ``unknown_format``.
+        """
+        sources = " ".join(f"--source {shlex.quote(str(folder))}" for folder in self.log_folders())
+        state = shlex.quote(str(self.out / ".keytrail"))
+        labels = shlex.quote(str(self.out / "labels.json"))
+        lines = [
+            f"wrote {self.summary()}",
+            "run keytrail on them with:",
+            f"  keytrail run {sources} --state-dir {state} --output-dir {state}/output",
+            f"  keytrail evaluate --labels {labels} --findings {state}/output/findings.jsonl",
+        ]
+        if not self.incidents:
+            end = self.start + timedelta(days=self.days - 1)
+            lines.append(
+                f"warning: no labeled incident falls in {self.start} to {end}; the incidents "
+                "are placed on fixed days of October 2026, so simulate at least 30 days from "
+                "2026-10-01 (--days 30) to get them"
+            )
+        return "\n".join(lines)
 
 
 def local_to_us(day: date, clock: time, timezone: str) -> int:

@@ -256,7 +256,10 @@ def test_normalize_writes_parquet(workdir: Path) -> None:
     )
 
     assert code == EXIT_OK
-    assert stdout == f"wrote 4 events from 5 records in 3 files to {out} (1 quarantined)\n"
+    assert stdout == (
+        f"wrote 4 events from 5 records in 3 files to {out} "
+        "(1 quarantined; pass --quarantine FILE to keep them)\n"
+    )
     table = pq.read_table(out)
     assert table.num_rows == 4
     assert table.schema.remove_metadata().equals(ARROW_SCHEMA)
@@ -270,3 +273,207 @@ def test_help_documents_exit_codes() -> None:
 
     assert code == EXIT_OK
     assert "4  another keytrail run holds the lock on the state directory" in stdout
+
+
+def test_run_without_config_uses_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    logs = write_logs(tmp_path / "logs")
+    monkeypatch.chdir(tmp_path)
+
+    code, stdout, stderr = invoke(
+        "run",
+        "--source",
+        str(logs),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--log-level",
+        "INFO",
+    )
+
+    assert code == EXIT_OK
+    assert (
+        f"INFO pipeline.cli: no --config given and config.yaml not found in {tmp_path}: "
+        "using the built-in defaults"
+    ) in stderr
+    words = [" ".join(line.split()) for line in stdout.splitlines()]
+    assert "events 4 read, 4 new, 0 already seen" in words
+    assert (tmp_path / "state" / "state.db").is_file()
+    assert (tmp_path / "out" / "findings.jsonl").is_file()
+
+
+def test_run_without_config_needs_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    code, stdout, stderr = invoke("run")
+
+    assert code == EXIT_CONFIG
+    assert stdout == ""
+    assert stderr.splitlines()[-1] == (
+        f"Error: no config file: --config was not given and config.yaml is not in {tmp_path}; "
+        "pass --source PATH (repeatable) to read logs with the built-in defaults, or "
+        "--config FILE"
+    )
+    assert not (tmp_path / ".keytrail").exists()
+
+
+def test_run_prefers_config_in_folder(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(workdir)
+
+    code, _, _ = invoke("run")
+
+    assert code == EXIT_OK
+    assert len((workdir / "out" / "findings.jsonl").read_text(encoding="utf-8").splitlines()) == 4
+
+
+def test_evaluate_without_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    labels = tmp_path / "labels.json"
+    labels.write_text('{"incidents": [], "decoys": []}', encoding="utf-8")
+    findings = tmp_path / "findings.jsonl"
+    findings.write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+
+    code, stdout, stderr = invoke(
+        "evaluate", "--labels", str(labels), "--findings", str(findings), "--json"
+    )
+
+    assert code == EXIT_OK, stderr
+    assert isinstance(json.loads(stdout), dict)
+
+
+def test_evaluate_missing_explicit_config(tmp_path: Path) -> None:
+    path = tmp_path / "missing.yaml"
+
+    code, _, stderr = invoke("evaluate", "--config", str(path))
+
+    assert code == EXIT_CONFIG
+    assert stderr.startswith(f"error: invalid config {path}: config file not found: {path}")
+
+
+def test_run_without_findings_creates_file(workdir: Path) -> None:
+    (workdir / "empty").mkdir()
+
+    code, stdout, _ = invoke(
+        "run", "--config", str(workdir / "config.yaml"), "--source", str(workdir / "empty")
+    )
+
+    path = workdir / "out" / "findings.jsonl"
+    assert code == EXIT_OK
+    assert f"outputs   0 findings appended to {path}" in stdout.splitlines()
+    assert path.read_bytes() == b""
+
+
+def test_piped_output_keeps_long_paths(workdir: Path) -> None:
+    output_dir = workdir / ("a-very-long-output-folder-name-" * 3) / "out"
+
+    code, stdout, _ = invoke(
+        "run", "--config", str(workdir / "config.yaml"), "--output-dir", str(output_dir)
+    )
+
+    assert code == EXIT_OK
+    lines = stdout.splitlines()
+    assert f"outputs     4 findings appended to {output_dir / 'findings.jsonl'}" in lines
+    assert [line for line in lines if line != line.rstrip()] == []
+
+
+def test_normalize_quarantine_file(workdir: Path) -> None:
+    out = workdir / "events.parquet"
+    quarantine = workdir / "bad" / "quarantined.jsonl"
+
+    code, stdout, _ = invoke(
+        "normalize",
+        str(workdir / "logs"),
+        "--out",
+        str(out),
+        "--no-geoip",
+        "--quarantine",
+        str(quarantine),
+    )
+
+    assert code == EXIT_OK
+    assert stdout == (
+        f"wrote 4 events from 5 records in 3 files to {out} "
+        f"(1 quarantined, written to {quarantine})\n"
+    )
+    entries = [json.loads(line) for line in quarantine.read_text(encoding="utf-8").splitlines()]
+    assert len(entries) == 1
+    assert sorted(entries[0]) == ["detail", "origin", "raw", "reason"]
+    assert entries[0]["origin"] == f"{workdir / 'logs' / 'aws' / 'trail.jsonl'} line 2"
+    assert entries[0]["reason"] == "invalid_json"
+    assert entries[0]["raw"] == '{"eventVersion": "1.09", "eventID": '
+
+
+def test_log_format_after_command(workdir: Path) -> None:
+    code, _, stderr = invoke(
+        "run",
+        "--config",
+        str(workdir / "config.yaml"),
+        "--log-format",
+        "json",
+        "--log-level",
+        "INFO",
+    )
+
+    assert code == EXIT_OK
+    records = [json.loads(line) for line in stderr.splitlines()]
+    assert any(record.get("message", "").startswith("run ") for record in records)
+
+
+def test_log_option_after_command_wins(workdir: Path) -> None:
+    code, _, stderr = invoke(
+        "--log-level",
+        "INFO",
+        "run",
+        "--config",
+        str(workdir / "config.yaml"),
+        "--log-level",
+        "ERROR",
+    )
+
+    assert code == EXIT_OK
+    assert stderr == ""
+
+
+def test_help_describes_keytrail() -> None:
+    code, stdout, _ = invoke("--help")
+
+    assert code == EXIT_OK
+    assert "``" not in stdout
+    assert "keytrail reads secret-access audit logs" in stdout
+    assert "`keytrail --log-format json run` and `keytrail" in stdout
+
+
+def test_subcommand_help_lists_log_options() -> None:
+    for command in ("run", "normalize", "simulate", "evaluate", "validate-config"):
+        code, stdout, _ = invoke(command, "--help")
+
+        assert code == EXIT_OK
+        assert "--log-level" in stdout, command
+        assert "--log-format" in stdout, command
+
+
+def test_simulate_prints_run_command(tmp_path: Path) -> None:
+    out = tmp_path / "sim"
+
+    code, stdout, _ = invoke("simulate", "--out", str(out), "--days", "3")
+
+    assert code == EXIT_OK
+    lines = stdout.splitlines()
+    assert len(lines) == 5
+    assert lines[0].startswith("wrote 403 files (")
+    assert lines[0].count("wrote") == 1
+    assert lines[1] == "run keytrail on them with:"
+    state = out / ".keytrail"
+    assert lines[2] == (
+        f"  keytrail run --source {out / 'aws'} --source {out / 'gcp'} --source {out / 'azure'} "
+        f"--state-dir {state} --output-dir {state}/output"
+    )
+    assert lines[3] == (
+        f"  keytrail evaluate --labels {out / 'labels.json'} "
+        f"--findings {state}/output/findings.jsonl"
+    )
+    assert lines[4] == (
+        "warning: no labeled incident falls in 2026-10-01 to 2026-10-03; the incidents are "
+        "placed on fixed days of October 2026, so simulate at least 30 days from 2026-10-01 "
+        "(--days 30) to get them"
+    )

@@ -529,3 +529,79 @@ def test_locked_state_raises(tmp_path: Path, logs: Path) -> None:
         f"another keytrail run holds the lock on {settings.state_dir} (pid {os.getpid()}); "
         "wait for it to finish or use a different --state-dir"
     )
+
+
+def retention_settings(tmp_path: Path, retention_days: int) -> Settings:
+    settings = make_settings(tmp_path)
+    history = settings.history.model_copy(
+        update={"retention_days": retention_days, "seen_retention_days": retention_days}
+    )
+    return settings.model_copy(update={"history": history})
+
+
+def test_old_logs_keep_their_history(tmp_path: Path, logs: Path) -> None:
+    # The events are from 2026-10-05; the run happens 400 days later with 30 days retention.
+    settings = retention_settings(tmp_path, 30)
+
+    summary = run_once(settings, now=NOW + timedelta(days=400))
+
+    assert summary.history_rows_written == 4
+    assert len(History(tmp_path / "state" / "history").events()) == 4
+
+
+def test_retention_counts_from_newest_event(tmp_path: Path, logs: Path) -> None:
+    settings = retention_settings(tmp_path, 30)
+    run_once(settings, now=NOW)
+    later = logs / "aws" / "later.jsonl"
+    later.write_text(
+        json.dumps(cloudtrail_record(9, time="2026-11-20T10:00:00Z")) + "\n", encoding="utf-8"
+    )
+
+    run_once(settings, now=datetime(2026, 11, 21, tzinfo=UTC))
+
+    events = History(tmp_path / "state" / "history").events()
+    assert len(events) == 1
+    assert events["time"].iloc[0] == pd.Timestamp("2026-11-20T10:00:00Z")
+
+
+def test_retention_capped_at_run_time(tmp_path: Path, logs: Path) -> None:
+    # An event dated after the run time (a skewed clock) must not expire the days before it.
+    settings = retention_settings(tmp_path, 30)
+    run_once(settings, now=NOW)
+    future = logs / "aws" / "future.jsonl"
+    future.write_text(
+        json.dumps(cloudtrail_record(9, time="2026-11-20T10:00:00Z")) + "\n", encoding="utf-8"
+    )
+
+    run_once(settings, now=NOW + timedelta(days=1))
+
+    assert len(History(tmp_path / "state" / "history").events()) == 5
+
+
+def test_rerun_after_seen_expiry_no_duplicates(tmp_path: Path, logs: Path) -> None:
+    settings = make_settings(tmp_path)
+    run_once(settings, now=NOW)
+    # 120 days later the seen ids of the first run (30 days retention) are forgotten.
+    second = run_once(settings, now=NOW + timedelta(days=120))
+    with State(tmp_path / "state" / "state.db") as state:
+        assert state.seen_count() == 0
+
+    third = run_once(settings, now=NOW + timedelta(days=121))
+
+    assert second.events_new == 0
+    assert third.sources[0].files_unchanged == 3
+    assert third.events_new == 0
+    assert third.history_rows_written == 0
+    assert len(History(tmp_path / "state" / "history").events()) == 4
+    assert len(read_findings(tmp_path / "out" / "findings.jsonl")) == 4
+
+
+def test_no_findings_creates_empty_file(tmp_path: Path, logs: Path) -> None:
+    settings = make_settings(tmp_path, **{"tests.every_read": {"enabled": False}})
+
+    summary = run_once(settings, now=NOW)
+
+    path = tmp_path / "out" / "findings.jsonl"
+    assert summary.findings_new == 0
+    assert summary.outputs["findings_file"] == str(path)
+    assert path.read_bytes() == b""

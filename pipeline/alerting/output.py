@@ -133,6 +133,8 @@ def write_outputs(
 ) -> OutputReport:
     """Append ``findings`` to ``findings.jsonl`` and write the alerts' outbox files.
 
+    ``findings.jsonl`` is created even when ``findings`` is empty.
+
     Args:
         findings: a frame with :data:`detectors.base.FINDING_COLUMNS`.
         output_dir: created if missing.
@@ -340,9 +342,11 @@ def _append_lines(path: Path, lines: Sequence[bytes]) -> None:
     """Append ``lines`` to ``path`` in one write, never changing bytes already in the file.
 
     If an earlier run crashed in the middle of a line, a newline is written first so the new
-    lines start on a line of their own.
+    lines start on a line of their own. With no lines the file is only created, so a run
+    without findings still leaves a findings file that other commands can read.
     """
     if not lines:
+        path.touch(exist_ok=True)
         return
     data = b"".join(lines)
     with path.open("ab") as handle:

@@ -120,11 +120,22 @@ def test_outbox_off_writes_no_files(tmp_path: Path, make_findings: MakeFindings)
     assert not (tmp_path / "outbox").exists()
 
 
-def test_empty_findings_write_nothing(tmp_path: Path, make_findings: MakeFindings) -> None:
+def test_empty_findings_create_empty_file(tmp_path: Path, make_findings: MakeFindings) -> None:
     empty = make_findings(travel_row()).iloc[0:0]
     report = write_outputs(empty, tmp_path, QUIET)
     assert report.findings_written == 0
-    assert not (tmp_path / "findings.jsonl").exists()
+    assert (tmp_path / "findings.jsonl").read_bytes() == b""
+    assert not (tmp_path / "outbox").exists()
+
+
+def test_empty_findings_keep_existing_lines(tmp_path: Path, make_findings: MakeFindings) -> None:
+    write_outputs(make_findings(travel_row()), tmp_path, QUIET)
+    before = (tmp_path / "findings.jsonl").read_bytes()
+
+    write_outputs(make_findings(travel_row()).iloc[0:0], tmp_path, QUIET)
+
+    assert (tmp_path / "findings.jsonl").read_bytes() == before
+    assert before.count(b"\n") == 1
 
 
 def _console_lines(console: Console) -> list[str]:
