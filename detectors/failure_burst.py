@@ -39,10 +39,12 @@ _COLUMNS: Final = (
     "invoked_by",
     "principal",
     "principal_type",
+    "principal_arn",
     "account",
     "source_ip",
     "source_kind",
     "geo_country",
+    "geo_city",
 )
 
 
@@ -139,7 +141,7 @@ class FailureBurstDetector(Detector):
             if bursts.empty:
                 continue
             bursts = _add_baseline(bursts, keyed, key)
-            bursts = self._add_success(bursts, successes)
+            bursts = self._add_success(bursts, successes, key)
             rows.extend(self._finding_rows(bursts, key))
         logger.debug("%s: %s bursts", self.id, len(rows))
         return build_findings(rows, detector=self)
@@ -182,14 +184,25 @@ class FailureBurstDetector(Detector):
         in_window = members.groupby("burst")[IN_WINDOW].transform("any")
         return members[in_window.to_numpy(dtype=bool)]
 
-    def _add_success(self, bursts: pd.DataFrame, successes: pd.DataFrame) -> pd.DataFrame:
-        """Attach the first successful read by a burst principal soon after each burst."""
-        summary = bursts.groupby("burst").agg(end=("time", "max")).reset_index()
+    def _add_success(self, bursts: pd.DataFrame, successes: pd.DataFrame, key: str) -> pd.DataFrame:
+        """Attach the first successful read by a burst principal soon after each burst.
+
+        For a burst keyed by source IP, the read must also come from that address: a success
+        by the same principal from another address says nothing about the caller that failed.
+        """
+        summary = bursts.groupby("burst").agg(end=("time", "max"), key=("key", "first"))
         involved = bursts[["burst", "principal"]].dropna().drop_duplicates()
-        candidates = involved.merge(summary, on="burst")
+        candidates = involved.merge(summary.reset_index(), on="burst")
         reads = successes[["principal", "time", "event_uid", "resource", "source_ip"]].dropna(
             subset=["principal"]
         )
+        match_on = ["principal"]
+        if key == "source_ip":
+            reads = reads.dropna(subset=["source_ip"])
+            reads = reads.assign(source_ip=reads["source_ip"].astype(str))
+            candidates["source_ip"] = candidates["key"].astype(str)
+            match_on.append("source_ip")
+        candidates = candidates.drop(columns="key")
         if candidates.empty or reads.empty:
             bursts["success"] = None
             return bursts
@@ -201,7 +214,7 @@ class FailureBurstDetector(Detector):
             reads.drop(columns="time").sort_values("success_time"),
             left_on="end",
             right_on="success_time",
-            by="principal",
+            by=match_on,
             direction="forward",
             tolerance=limit,
             allow_exact_matches=False,
@@ -212,8 +225,8 @@ class FailureBurstDetector(Detector):
                 "principal": row.principal,
                 "time": utc_iso(row.success_time),
                 "event_uid": row.event_uid,
-                "resource": row.resource if isinstance(row.resource, str) else None,
-                "source_ip": row.source_ip if isinstance(row.source_ip, str) else None,
+                "resource": _text(row.resource),
+                "source_ip": _text(row.source_ip),
                 "minutes_after_burst": round((row.success_time - row.end).total_seconds() / 60, 1),
             }
             for row in iter_rows(first)
@@ -239,10 +252,13 @@ class FailureBurstDetector(Detector):
                 if len(secrets) >= params.high_distinct_secrets or isinstance(success, dict)
                 else "medium"
             )
-            if key == "principal" or len(principals) == 1:
-                principal = principals[0] if principals else key_value
-            else:
-                principal = f"{len(principals)} principals"
+            # A burst from one address across several principals has no single principal:
+            # the evidence lists them and the title names the address.
+            principal: str | None = None
+            if key == "principal":
+                principal = key_value
+            elif len(principals) == 1:
+                principal = principals[0]
             subject = key_value if key == "principal" else f"source IP {key_value}"
             median = float(burst["baseline_median"].iloc[0])
             rows.append(
@@ -276,6 +292,10 @@ class FailureBurstDetector(Detector):
                         "window_minutes": params.window_minutes,
                         "min_failures": params.min_failures,
                         "success_after": success if isinstance(success, dict) else None,
+                        "locations": _locations(burst),
+                        "principal_arns": sorted(
+                            set(burst["principal_arn"].dropna().astype(str)) - set(principals)
+                        ),
                     },
                     "baseline": {
                         "days": _BASELINE_DAYS,
@@ -312,6 +332,22 @@ def _add_baseline(bursts: pd.DataFrame, failures: pd.DataFrame, key: str) -> pd.
     bursts["baseline_median"] = bursts["burst"].map(medians)
     bursts["baseline_daily"] = bursts["burst"].map(series).astype(object)
     return bursts
+
+
+def _locations(burst: pd.DataFrame) -> list[dict[str, str | None]]:
+    """List each source address of ``burst`` once with its city and country, earliest first."""
+    first = burst.sort_values("time", kind="stable").drop_duplicates("source_ip")
+    first = first[first["source_ip"].notna()]
+    return [
+        {"ip": str(ip), "city": _text(city), "country": _text(country)}
+        for ip, city, country in zip(
+            first["source_ip"], first["geo_city"], first["geo_country"], strict=True
+        )
+    ]
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _single(values: pd.Series) -> str | None:

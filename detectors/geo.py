@@ -55,6 +55,7 @@ _GEO_COLUMNS: Final = (
     "outcome",
     "principal",
     "principal_type",
+    "principal_arn",
     "account",
     "source_ip",
     "source_kind",
@@ -69,6 +70,32 @@ _GEO_COLUMNS: Final = (
 
 def _distinct(values: pd.Series) -> list[str]:
     return values.dropna().astype(str).unique().tolist()
+
+
+def _counts_per_group(grouped: Any) -> list[dict[str, int]]:
+    """Count the values of each group of a ``SeriesGroupBy``, in group order.
+
+    ``agg(to_counts)`` is not used because pandas turns the dicts it returns into a pyarrow
+    struct column on Arrow-backed frames, which gives every group every key (missing ones as
+    null) and float counts.
+    """
+    return [to_counts(values) for _, values in grouped]
+
+
+def _objects(values: list[Any], index: pd.Index) -> pd.Series:
+    return pd.Series(values, index=index, dtype=object)
+
+
+def _locations(events: pd.DataFrame) -> list[dict[str, str | None]]:
+    """List each source address of ``events`` once with its city and country, earliest first."""
+    first = events.sort_values("time", kind="stable").drop_duplicates("source_ip")
+    first = first[first["source_ip"].notna()]
+    return [
+        {"ip": str(ip), "city": _text(city), "country": _text(country)}
+        for ip, city, country in zip(
+            first["source_ip"], first["geo_city"], first["country"], strict=True
+        )
+    ]
 
 
 def _public_geolocated(context: pd.DataFrame) -> pd.Series:
@@ -191,6 +218,7 @@ class NewCountryDetector(Detector):
         found = grouped.agg(
             principal=("principal", "first"),
             principal_type=("principal_type", "first"),
+            principal_arns=("principal_arn", _distinct),
             cloud=("cloud", "first"),
             account=("account", "first"),
             first_seen=("time", "min"),
@@ -204,7 +232,8 @@ class NewCountryDetector(Detector):
             events=("event_uid", "nunique"),
             failures=("outcome", lambda values: int((values == "failure").sum())),
         ).reset_index()
-        found["operations"] = grouped["operation"].agg(to_counts).to_numpy()
+        found["operations"] = _objects(_counts_per_group(grouped["operation"]), found.index)
+        found["locations"] = _objects([_locations(group) for _, group in grouped], found.index)
 
         # Known countries: the principal's events in the look-back before the first new event.
         pairs = found[["code", "country", "first_seen"]].merge(
@@ -212,12 +241,9 @@ class NewCountryDetector(Detector):
         )
         since = pairs["first_seen"] - pd.Timedelta(self.lookback)
         pairs = pairs[(pairs["time"] >= since) & (pairs["time"] < pairs["first_seen"])]
-        known = (
-            pairs.groupby(["code", "country"])["known"]
-            .agg(to_counts)
-            .rename("known_countries")
-            .reset_index()
-        )
+        known_groups = pairs.groupby(["code", "country"], sort=True)
+        known = known_groups.size().reset_index()[["code", "country"]]
+        known["known_countries"] = _objects(_counts_per_group(known_groups["known"]), known.index)
         found = found.merge(known, on=["code", "country"], how="left")
         denied = found["country"].isin(params.deny_countries)
         found["severity"] = np.where(denied, "high", params.severity)
@@ -253,6 +279,10 @@ class NewCountryDetector(Detector):
                         "asns": item.asns,
                         "as_orgs": item.as_orgs,
                         "operations": item.operations,
+                        "locations": item.locations,
+                        "principal_arns": [
+                            arn for arn in item.principal_arns if arn != item.principal
+                        ],
                     },
                     "baseline": {
                         "days": params.lookback_days,

@@ -43,6 +43,7 @@ _COLUMNS: Final = (
     "invoked_by",
     "principal",
     "principal_type",
+    "principal_arn",
     "account",
     "resource",
     "source_ip",
@@ -315,6 +316,7 @@ class OffHoursDetector(Detector):
                 default="",
             )
             group["holiday"] = holiday
+            group["holiday_country"] = profile.country
             group["timezone"] = profile.timezone
             group["business_hours"] = profile.hours
             parts.append(group)
@@ -372,6 +374,7 @@ def _day_findings(flagged: pd.DataFrame) -> pd.DataFrame:
         timezone=("timezone", "first"),
         business_hours=("business_hours", "first"),
         holiday=("holiday", "first"),
+        holiday_country=("holiday_country", "first"),
         first_seen=("time", "min"),
         last_seen=("time", "max"),
         events=("event_uid", "nunique"),
@@ -386,6 +389,7 @@ def _day_findings(flagged: pd.DataFrame) -> pd.DataFrame:
         ("countries", "geo_country"),
         ("local_times", "local_time"),
         ("reasons", "reason"),
+        ("principal_arns", "principal_arn"),
     ):
         days[name] = distinct_lists(group, flagged[column], size)
     operations = value_counts_by_group(group, flagged["operation"], size)
@@ -439,8 +443,8 @@ def _finding_rows(days: pd.DataFrame, baseline_days: int) -> list[dict[str, Any]
             {
                 "severity": day.severity,
                 "title": (
-                    f"{day.principal} read {day.distinct_secrets} secret(s) off-hours on "
-                    f"{local_date.isoformat()} ({day.timezone})"
+                    f"{day.principal} read {_count_text(int(day.distinct_secrets), 'secret')} "
+                    f"{_why_text(day)}, {local_date.isoformat()} ({day.timezone})"
                 ),
                 "principal": day.principal,
                 "principal_type": day.principal_type,
@@ -463,6 +467,7 @@ def _finding_rows(days: pd.DataFrame, baseline_days: int) -> list[dict[str, Any]
                     "distinct_secrets": int(day.distinct_secrets),
                     "local_times": day.local_times,
                     "operations": day.operations,
+                    "principal_arns": [arn for arn in day.principal_arns if arn != day.principal],
                 },
                 "baseline": {
                     "days": baseline_days,
@@ -474,3 +479,22 @@ def _finding_rows(days: pd.DataFrame, baseline_days: int) -> list[dict[str, Any]
             }
         )
     return rows
+
+
+def _count_text(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _why_text(day: Any) -> str:
+    """Say why a day's reads are off-hours, for the title.
+
+    A holiday and a weekend apply to the whole local day, so the reads of one day share the
+    first of these reasons that applies: holiday, then weekend, then outside business hours.
+    """
+    reasons = list(day.reasons)
+    if "holiday" in reasons:
+        where = f", {day.holiday_country}" if isinstance(day.holiday_country, str) else ""
+        return f"on a public holiday ({day.holiday}{where})"
+    if "weekend" in reasons:
+        return "on a weekend day"
+    return "outside business hours"

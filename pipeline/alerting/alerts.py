@@ -23,6 +23,7 @@ from pipeline.alerting.runbooks import Step, next_steps, silence_hint
 
 __all__ = [
     "Alert",
+    "Location",
     "alerts_from_findings",
     "finding_records",
     "format_time",
@@ -35,6 +36,28 @@ logger = logging.getLogger(__name__)
 
 _LIST_FIELDS: Final = ("resources", "source_ips", "countries", "event_uids", "mitre")
 _TIME_FIELDS: Final = ("first_seen", "last_seen")
+# Evidence keys left out of the "why" list because the alert shows them elsewhere: locations in
+# the "where" line. findings.jsonl keeps them.
+_SHOWN_ELSEWHERE: Final = frozenset({"locations"})
+
+
+@dataclass(frozen=True)
+class Location:
+    """A source address with the place GeoIP gave it (``None`` where unknown)."""
+
+    ip: str
+    city: str | None = None
+    country: str | None = None
+
+    @property
+    def place(self) -> str:
+        """The place as ``City, CC``, ``CC`` or an empty string."""
+        return ", ".join(part for part in (self.city, self.country) if part)
+
+    @property
+    def text(self) -> str:
+        """The address with its place, such as ``Berlin, DE (198.51.100.7)``."""
+        return f"{self.place} ({self.ip})" if self.place else self.ip
 
 
 @dataclass(frozen=True)
@@ -44,6 +67,12 @@ class Alert:
     ``findings`` contains finding dicts as returned by :func:`finding_records`. The other fields
     are derived from them by :meth:`from_findings`: lists are the sorted union over findings,
     ``severity`` is the highest, and times span all findings.
+
+    ``principal`` joins the principals the findings name, and is empty when none names one (a
+    failure burst from one address across several principals). ``principals`` lists every
+    principal involved, including those only in the evidence. ``who`` is the text to show for
+    the actor: the principal, or the source address and how many principals used it.
+    ``locations`` lists each source address once with its city and country.
     """
 
     alert_id: str
@@ -53,6 +82,9 @@ class Alert:
     principal: str
     findings: list[dict[str, Any]]
     dedup_key: str
+    who: str = ""
+    principals: list[str] = field(default_factory=list)
+    locations: list[Location] = field(default_factory=list)
     resources: list[str] = field(default_factory=list)
     source_ips: list[str] = field(default_factory=list)
     countries: list[str] = field(default_factory=list)
@@ -79,7 +111,7 @@ class Alert:
         items.sort(key=lambda f: (-severity_rank(f["severity"]), str(f["finding_id"])))
         finding_ids = sorted(str(f["finding_id"]) for f in items)
         detectors = sorted({str(f["detector"]) for f in items})
-        principals = sorted({str(f["principal"]) for f in items})
+        principals = sorted({str(f["principal"]) for f in items if f.get("principal")})
         first_times = [f["first_seen"] for f in items if f.get("first_seen") is not None]
         last_times = [f["last_seen"] for f in items if f.get("last_seen") is not None]
 
@@ -87,10 +119,13 @@ class Alert:
             title = str(items[0]["title"])
             dedup_key = str(items[0].get("dedup_key") or _digest("finding", *finding_ids))
         else:
-            title = f"{len(items)} findings from {', '.join(detectors)} for {', '.join(principals)}"
+            actors = ", ".join(principals) or "unnamed principals"
+            title = f"{len(items)} findings from {', '.join(detectors)} for {actors}"
             keys = sorted({str(f.get("dedup_key") or f["finding_id"]) for f in items})
             dedup_key = _digest("group", *keys)
 
+        source_ips = _union(items, "source_ips")
+        involved = _involved_principals(items)
         alert = cls(
             alert_id=_digest("alert", *finding_ids),
             severity=items[0]["severity"],
@@ -99,8 +134,11 @@ class Alert:
             principal=", ".join(principals),
             findings=items,
             dedup_key=dedup_key,
+            who=_who(principals, involved, source_ips),
+            principals=involved,
+            locations=_locations(items),
             resources=_union(items, "resources"),
-            source_ips=_union(items, "source_ips"),
+            source_ips=source_ips,
             countries=_union(items, "countries"),
             clouds=_distinct(items, "cloud"),
             accounts=_distinct(items, "account"),
@@ -203,12 +241,33 @@ def summary_items(values: Mapping[str, Any]) -> list[tuple[str, str]]:
 
     A ``summary`` key comes first, the others keep their order. Nested dicts become
     ``key=value`` lists, lists become comma-separated text, and times use :func:`format_time`.
+
+    Only what helps a reader is kept: values that are missing, empty or ``False`` are left
+    out (also inside nested dicts), and so are ``locations`` (shown as the alert's "where")
+    and a ``pairs`` list with one pair, which repeats ``from`` and ``to``.
     """
-    keys = list(values)
-    if "summary" in values:
+    keys = [key for key in values if _worth_showing(key, values)]
+    if "summary" in keys:
         keys.remove("summary")
         keys.insert(0, "summary")
-    return [(str(key), _display(values[key])) for key in keys]
+    items = [(str(key), _display(values[key])) for key in keys]
+    return [(key, text) for key, text in items if text]
+
+
+def _worth_showing(key: Any, values: Mapping[str, Any]) -> bool:
+    value = _plain(values[key])
+    if key in _SHOWN_ELSEWHERE or _is_empty(value):
+        return False
+    if key == "pairs" and isinstance(value, list) and len(value) == 1:
+        return not ("from" in values and "to" in values)
+    return True
+
+
+def _is_empty(value: Any) -> bool:
+    value = _plain(value)
+    if value is None or value is False or value == "":
+        return True
+    return isinstance(value, (Mapping, list, tuple, set, frozenset)) and len(value) == 0
 
 
 def _display(value: Any) -> str:
@@ -218,12 +277,71 @@ def _display(value: Any) -> str:
     if isinstance(value, dt.datetime):
         return format_time(value)
     if isinstance(value, Mapping):
-        return ", ".join(f"{key}={_display(item)}" for key, item in value.items())
+        shown = [(key, _display(item)) for key, item in value.items() if not _is_empty(item)]
+        return ", ".join(f"{key}={text}" for key, text in shown if text)
     if isinstance(value, (list, tuple, set, frozenset)):
-        return ", ".join(_display(item) for item in value)
+        return ", ".join(text for text in (_display(item) for item in value) if text)
     if isinstance(value, float):
         return f"{value:g}" if math.isfinite(value) else ""
     return str(value)
+
+
+def _involved_principals(items: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Return the principals the findings name, plus those listed in their evidence."""
+    names: set[str] = set()
+    for item in items:
+        if item.get("principal"):
+            names.add(str(item["principal"]))
+        listed = _plain((item.get("evidence") or {}).get("principals"))
+        if isinstance(listed, list):
+            names.update(str(name) for name in listed if name)
+    return sorted(names)
+
+
+def _who(principals: Sequence[str], involved: Sequence[str], source_ips: Sequence[str]) -> str:
+    if principals:
+        return ", ".join(principals)
+    address = ", ".join(source_ips) or "an unknown address"
+    if not involved:
+        return f"unknown principal from {address}"
+    count = len(involved)
+    return f"{count} principal{'s' if count != 1 else ''} from {address}"
+
+
+def _locations(items: Iterable[Mapping[str, Any]]) -> list[Location]:
+    """Pair each source address with its city and country.
+
+    The places come from the evidence: a ``locations`` list, or the ``from``/``to`` places and
+    ``pairs`` of impossible travel. An address without a place there gets the finding's
+    country when the finding has exactly one country, and no place otherwise.
+    """
+    found: dict[str, Location] = {}
+
+    def add(place: Any) -> None:
+        place = _plain(place)
+        if not isinstance(place, Mapping) or not place.get("ip"):
+            return
+        ip = str(place["ip"])
+        city = str(place["city"]) if place.get("city") else None
+        country = str(place["country"]) if place.get("country") else None
+        known = found.get(ip)
+        if known is None or (not known.place and (city or country)):
+            found[ip] = Location(ip, city, country)
+
+    for item in items:
+        evidence = item.get("evidence") or {}
+        places = [*(_plain(evidence.get("locations")) or [])]
+        places += [evidence.get("from"), evidence.get("to")]
+        for pair in _plain(evidence.get("pairs")) or []:
+            if isinstance(pair, Mapping):
+                places += [pair.get("from"), pair.get("to")]
+        for place in places:
+            add(place)
+        countries = [str(country) for country in item.get("countries") or []]
+        only_country = countries[0] if len(countries) == 1 else None
+        for ip in item.get("source_ips") or []:
+            add({"ip": ip, "country": only_country})
+    return list(found.values())
 
 
 def _plain(value: Any) -> Any:

@@ -240,8 +240,13 @@ def _error_location(error: jinja2.TemplateError, name: str) -> tuple[str, int | 
 
 
 def email_subject(alert: Alert) -> str:
-    """Return the email subject: ``[keytrail] HIGH: <title> (<principal>)``, one line."""
-    subject = f"[keytrail] {alert.severity.upper()}: {alert.title} ({alert.principal})"
+    """Return the email subject: ``[keytrail] HIGH: <title> (<principal>)``, one line.
+
+    The principal is left out when the title already names it or the alert has none.
+    """
+    subject = f"[keytrail] {alert.severity.upper()}: {alert.title}"
+    if alert.principal and alert.principal not in alert.title:
+        subject += f" ({alert.principal})"
     return header_text(subject, MAX_SUBJECT_CHARS)
 
 
@@ -249,8 +254,9 @@ def alert_view(alert: Alert, clean: Callable[[str], str]) -> dict[str, Any]:
     """Return the template context for ``alert`` with every string passed through ``clean``.
 
     Times are formatted with :func:`format_time`, ``evidence`` and ``baseline`` become lists
-    of ``{"key", "value"}`` items with ``summary`` first, and next steps become
-    ``{"text", "commands"}`` dicts.
+    of ``{"key", "value"}`` items with ``summary`` first (see :func:`summary_items` for what
+    is left out), next steps become ``{"text", "commands"}`` dicts, and locations become
+    ``{"place", "ip"}`` dicts whose ``place`` is empty when GeoIP named none.
     """
     findings = []
     for finding in alert.findings:
@@ -266,6 +272,15 @@ def alert_view(alert: Alert, clean: Callable[[str], str]) -> dict[str, Any]:
         "title": alert.title,
         "detector": alert.detector,
         "principal": alert.principal,
+        "who": alert.who or alert.principal,
+        "principals": alert.principals,
+        "locations": [{"place": loc.place, "ip": loc.ip} for loc in alert.locations],
+        # Countries no location names, shown after the addresses so that none is lost.
+        "other_countries": [
+            country
+            for country in alert.countries
+            if country not in {loc.country for loc in alert.locations}
+        ],
         "dedup_key": alert.dedup_key,
         "resources": alert.resources,
         "source_ips": alert.source_ips,

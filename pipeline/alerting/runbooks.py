@@ -8,6 +8,7 @@ a name someone chose. Commands use the documented CLI forms of AWS CLI v2, gclou
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import re
 import shlex
@@ -23,6 +24,10 @@ __all__ = ["Step", "next_steps", "silence_hint"]
 
 # Commands are listed for at most this many secrets; the rest are counted.
 MAX_SECRETS_WITH_COMMANDS: Final = 5
+
+# Review commands search the logs from this long before the first event to this long after
+# the last one, to show what the actor did just before and after the finding.
+REVIEW_MARGIN: Final = dt.timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -48,17 +53,37 @@ def next_steps(alert: Alert) -> list[Step]:
     first = alert.findings[0]
     detector = str(first["detector"])
     cloud = str(first.get("cloud") or "")
-    principal = str(first["principal"])
+    principal = str(first["principal"]) if first.get("principal") else None
     principal_type = str(first.get("principal_type") or "unknown")
+    evidence = first.get("evidence") or {}
 
     intro = _INTRO_STEPS.get(detector, _generic_intro)
     steps = list(intro(alert, first))
-    steps.extend(_revoke_steps(cloud, principal, principal_type))
+    if principal is None:
+        steps.append(_unnamed_principals_step(alert))
+    else:
+        arns = [str(arn) for arn in evidence.get("principal_arns") or []]
+        steps.extend(_revoke_steps(cloud, principal, principal_type, arns))
     rotate = _rotate_step(cloud, alert.resources)
     if rotate is not None and detector != "keytrail.failure_burst":
         steps.append(rotate)
-    steps.extend(_review_steps(cloud, principal, alert.source_ips, alert.accounts))
+    window = _review_window(alert)
+    steps.extend(_review_steps(cloud, principal, alert.source_ips, alert.accounts, window))
     return steps
+
+
+def _unnamed_principals_step(alert: Alert) -> Step:
+    """Return the containment step for an alert about an address, not one principal."""
+    address = ", ".join(alert.source_ips) or "the source address"
+    if not alert.principals:
+        return Step(
+            f"Find which credentials were used from {address} and revoke them if the "
+            "caller is not a known workload."
+        )
+    return Step(
+        f"Check each principal that called from {address}: {', '.join(alert.principals)}. "
+        "Revoke the credentials of every one that is not expected to call from there."
+    )
 
 
 # Detector-specific opening steps -------------------------------------------------------------
@@ -67,18 +92,24 @@ def next_steps(alert: Alert) -> list[Step]:
 def _generic_intro(alert: Alert, first: dict[str, Any]) -> list[Step]:
     return [
         Step(
-            f"Confirm with {alert.principal} (or the owner of that workload) whether this "
+            f"Confirm with {_actor(alert)} (or the owner of that workload) whether this "
             "access was expected. If it was not, continue with the steps below."
         )
     ]
 
 
 def _off_hours_intro(alert: Alert, first: dict[str, Any]) -> list[Step]:
-    local_time = first["evidence"].get("local_time")
+    evidence = first["evidence"]
+    local_time = evidence.get("local_time")
+    local_times = evidence.get("local_times")
+    if not local_time and isinstance(local_times, list) and local_times:
+        zone = f" {evidence['timezone']}" if evidence.get("timezone") else ""
+        day = f"{evidence['local_date']} " if evidence.get("local_date") else ""
+        local_time = f"{day}{', '.join(map(str, local_times))}{zone}"
     when = f" at {local_time}" if local_time else ""
     return [
         Step(
-            f"Ask {alert.principal} whether the reads{when} were theirs, a scheduled job or an "
+            f"Ask {_actor(alert)} whether the reads{when} were theirs, a scheduled job or an "
             "on-call fix. If it is a recurring job, move it to a workload identity or widen "
             "the business hours for this principal."
         ),
@@ -90,7 +121,7 @@ def _new_country_intro(alert: Alert, first: dict[str, Any]) -> list[Step]:
     where = ", ".join(alert.countries) or "the new country"
     return [
         Step(
-            f"Confirm with {alert.principal} whether they are working from {where} "
+            f"Confirm with {_actor(alert)} whether they are working from {where} "
             "(travel, VPN exit, new office). If not, treat the credentials as stolen:"
         )
     ]
@@ -103,7 +134,7 @@ def _impossible_travel_intro(alert: Alert, first: dict[str, Any]) -> list[Step]:
     route = f" (seen in {origin} and then in {target})" if origin and target else ""
     return [
         Step(
-            f"Confirm with {alert.principal} whether they are travelling or using a VPN"
+            f"Confirm with {_actor(alert)} whether they are travelling or using a VPN"
             f"{route}. Two places too far apart for the time between them usually mean "
             "two people share the credentials. If it is not explained, revoke them:"
         )
@@ -111,17 +142,50 @@ def _impossible_travel_intro(alert: Alert, first: dict[str, Any]) -> list[Step]:
 
 
 def _failure_burst_intro(alert: Alert, first: dict[str, Any]) -> list[Step]:
-    return [
+    evidence = first.get("evidence") or {}
+    if first.get("principal"):
+        caller = str(first["principal"])
+    else:
+        caller = f"the caller at {evidence.get('key_value') or ', '.join(alert.source_ips)}"
+    steps = [
         Step(
-            f"Find out why {alert.principal} was refused so often. Many denied reads usually "
+            f"Find out why {caller} was refused so often. Many denied reads usually "
             "mean someone is probing which secrets a credential can reach, and many not-found "
             "errors mean someone is guessing secret names."
-        ),
-        Step(
-            f"Check whether any read by {alert.principal} succeeded after the failures. If "
-            "one did, rotate that secret. If the caller is not a known workload, revoke it:"
-        ),
+        )
     ]
+    success = evidence.get("success_after")
+    if isinstance(success, dict) and success.get("time"):
+        steps.append(_success_step(success, str(first.get("cloud") or "")))
+    else:
+        steps.append(
+            Step(
+                f"Check whether any read by {caller} succeeded after the failures (keytrail "
+                "found none shortly after the burst). If one did, rotate that secret."
+            )
+        )
+    steps.append(Step("If the caller is not a known workload, revoke its credentials:"))
+    return steps
+
+
+def _success_step(success: dict[str, Any], cloud: str) -> Step:
+    """Return the step about the read that succeeded after a failure burst."""
+    who = success.get("principal") or "an unknown principal"
+    what = success.get("resource") or "a secret"
+    source = f" from {success['source_ip']}" if success.get("source_ip") else ""
+    after = success.get("minutes_after_burst")
+    delay = f", {after:g} min after the last failure" if isinstance(after, int | float) else ""
+    uid = f" (event {success['event_uid']})" if success.get("event_uid") else ""
+    text = (
+        f"A read succeeded after the failures: {who} read {what}{source} at {success['time']}"
+        f"{delay}{uid}. Treat that secret as exposed and rotate it unless the read is explained."
+    )
+    commands = _rotate_commands(cloud, str(success["resource"])) if success.get("resource") else []
+    return Step(text, tuple(commands))
+
+
+def _actor(alert: Alert) -> str:
+    return alert.principal or alert.who or "the caller"
 
 
 _INTRO_STEPS: Final[dict[str, Callable[[Alert, dict[str, Any]], list[Step]]]] = {
@@ -142,9 +206,9 @@ def _place(value: Any) -> str:
 # Containment: revoke the principal's credentials ---------------------------------------------
 
 
-def _revoke_steps(cloud: str, principal: str, principal_type: str) -> list[Step]:
+def _revoke_steps(cloud: str, principal: str, principal_type: str, arns: list[str]) -> list[Step]:
     if cloud == "aws":
-        return _aws_revoke(principal, principal_type)
+        return _aws_revoke(principal, principal_type, arns)
     if cloud == "gcp":
         return _gcp_revoke(principal, principal_type)
     if cloud == "azure":
@@ -159,10 +223,13 @@ _AWS_REVOKE_POLICY: Final = (
 )
 
 
-def _aws_revoke(principal: str, principal_type: str) -> list[Step]:
+def _aws_revoke(principal: str, principal_type: str, arns: list[str]) -> list[Step]:
     q = shlex.quote
+    # The role is in the principal itself for a role, and in the assumed-role ARN of the events
+    # (kept in the evidence as principal_arns) for a federated or SSO user.
+    roles = sorted({name for name in map(_aws_role_name, [principal, *arns]) if name})
     if principal_type == "role" or ":role/" in principal or ":assumed-role/" in principal:
-        role = _aws_role_name(principal) or "ROLE_NAME"
+        role = roles[0] if len(roles) == 1 else "ROLE_NAME"
         return [
             Step(
                 f"Revoke the sessions of role {role} issued before now. This is what the IAM "
@@ -197,15 +264,19 @@ def _aws_revoke(principal: str, principal_type: str) -> list[Step]:
                 "password, delete any root access keys and check the root MFA device."
             )
         ]
+    if roles:
+        assumed = f"IAM role {', '.join(roles)} they assumed"
+    else:
+        assumed = "IAM role they assumed (the role name is in the assumed-role ARN of the events)"
     return [
         Step(
             f"Sign {principal} out in the identity provider, then revoke the sessions of the "
-            "IAM role they assumed (the role name is in the assumed-role ARN of the events). "
-            + _AWS_REVOKE_POLICY,
-            (
-                "aws iam put-role-policy --role-name ROLE_NAME "
+            f"{assumed}. " + _AWS_REVOKE_POLICY,
+            tuple(
+                f"aws iam put-role-policy --role-name {q(role)} "
                 "--policy-name AWSRevokeOlderSessions "
-                "--policy-document file://revoke-older-sessions.json",
+                "--policy-document file://revoke-older-sessions.json"
+                for role in roles or ["ROLE_NAME"]
             ),
         )
     ]
@@ -297,9 +368,16 @@ def _rotate_step(cloud: str, resources: list[str]) -> Step | None:
         commands.extend(_rotate_commands(cloud, resource))
     extra = len(resources) - MAX_SECRETS_WITH_COMMANDS
     more = f" ({extra} more secrets are listed in the alert)" if extra > 0 else ""
+    how = ""
+    if cloud == "aws" and any("aws secretsmanager rotate-secret" in c for c in commands):
+        how = (
+            " For a Secrets Manager secret, rotate-secret works only if rotation is configured "
+            "on it (a rotation Lambda function or managed rotation); otherwise store a new "
+            "value with put-secret-value."
+        )
     return Step(
         f"Rotate the secrets that were read{more}, then update the workloads that use them "
-        "and disable the old versions.",
+        f"and disable the old versions.{how}",
         tuple(commands),
     )
 
@@ -315,7 +393,13 @@ def _rotate_commands(cloud: str, resource: str) -> list[str]:
             ]
         if ":kms:" in resource:
             return []
-        return [f"aws secretsmanager rotate-secret --secret-id {q(resource)}"]
+        # rotate-secret needs a rotation Lambda function (or a managed rotation) on the secret;
+        # without one, the new value is stored with put-secret-value.
+        return [
+            f"aws secretsmanager rotate-secret --secret-id {q(resource)}",
+            f"aws secretsmanager put-secret-value --secret-id {q(resource)} "
+            "--secret-string file://new-value.txt",
+        ]
     if cloud == "gcp":
         match = re.fullmatch(r"projects/([^/]+)/secrets/([^/]+)(?:/versions/[^/]+)?", resource)
         if match is None:
@@ -358,47 +442,75 @@ def _azure_vault_secret(resource: str) -> tuple[str, str] | None:
 # Investigation ---------------------------------------------------------------------------------
 
 
+def _review_window(alert: Alert) -> tuple[str, str] | None:
+    """Return the UTC search window of the review commands as ISO 8601 texts, if known."""
+    if alert.first_seen is None or alert.last_seen is None:
+        return None
+    since = (alert.first_seen - REVIEW_MARGIN).astimezone(dt.UTC)
+    until = (alert.last_seen + REVIEW_MARGIN).astimezone(dt.UTC)
+    return since.strftime("%Y-%m-%dT%H:%M:%SZ"), until.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _review_steps(
-    cloud: str, principal: str, source_ips: list[str], accounts: list[str]
+    cloud: str,
+    principal: str | None,
+    source_ips: list[str],
+    accounts: list[str],
+    window: tuple[str, str] | None,
 ) -> list[Step]:
     ips = [ip for ip in source_ips if _is_ip(ip)]
+    q = shlex.quote
+    subject = f" by {principal}" if principal else ""
+    target = f" from {', '.join(ips)}" if ips else ""
+    period = ""
+    if window is not None:
+        period = f" between {window[0]} and {window[1]} (a day either side of the finding)"
     steps = []
     if cloud == "aws":
-        # lookup-events matches Username against the IAM user name or the role session name.
-        name = principal.rsplit("/", 1)[-1]
-        text = f"Review other activity by {principal}"
+        commands: tuple[str, ...] = ()
+        if principal:
+            # lookup-events matches Username against the IAM user name or the role session name.
+            name = principal.rsplit("/", 1)[-1]
+            times = f" --start-time {window[0]} --end-time {window[1]}" if window else ""
+            commands = (
+                "aws cloudtrail lookup-events --lookup-attributes "
+                + q(f"AttributeKey=Username,AttributeValue={name}")
+                + times,
+            )
+        text = f"Review other activity{subject}{target}{period}"
         if ips:
-            text += f" and from {', '.join(ips)} (CloudTrail field sourceIPAddress)"
+            text += " (CloudTrail field sourceIPAddress)"
         steps.append(
             Step(
                 text + ". lookup-events filters by user name but not by IP address, so search "
                 "by IP in CloudTrail Lake or Athena.",
-                (
-                    "aws cloudtrail lookup-events --lookup-attributes "
-                    + shlex.quote(f"AttributeKey=Username,AttributeValue={name}"),
-                ),
+                commands,
             )
         )
     elif cloud == "gcp":
-        project = f" --project={shlex.quote(accounts[0])}" if accounts else ""
-        commands = tuple(
-            "gcloud logging read "
-            + shlex.quote(f'protoPayload.requestMetadata.callerIp="{ip}"')
-            + f"{project} --freshness=7d"
-            for ip in ips
-        )
-        target = f" from {', '.join(ips)}" if ips else ""
-        steps.append(Step(f"Review other activity by {principal}{target}.", commands))
+        project = f" --project={q(accounts[0])}" if accounts else ""
+        # An explicit timestamp range, because --freshness counts back from today and finds
+        # nothing for an older finding.
+        times = f' AND timestamp>="{window[0]}" AND timestamp<="{window[1]}"' if window else ""
+        filters = [f'protoPayload.requestMetadata.callerIp="{ip}"' for ip in ips]
+        if principal:
+            filters.insert(0, f'protoPayload.authenticationInfo.principalEmail="{principal}"')
+        commands = tuple(f"gcloud logging read {q(text + times)}{project}" for text in filters)
+        steps.append(Step(f"Review other activity{subject}{target}{period}.", commands))
     elif cloud == "azure":
+        times = (
+            f" and TimeGenerated between (datetime({window[0]}) .. datetime({window[1]}))"
+            if window
+            else ""
+        )
         commands = tuple(
             "az monitor log-analytics query --workspace WORKSPACE_ID --analytics-query "
-            + shlex.quote(f'AzureDiagnostics | where CallerIPAddress == "{ip}"')
+            + q(f'AzureDiagnostics | where CallerIPAddress == "{ip}"{times}')
             for ip in ips
         )
-        target = f" from {', '.join(ips)}" if ips else ""
-        steps.append(Step(f"Review other activity by {principal}{target}.", commands))
+        steps.append(Step(f"Review other activity{subject}{target}{period}.", commands))
     elif ips:
-        steps.append(Step(f"Review other activity from {', '.join(ips)}."))
+        steps.append(Step(f"Review other activity from {', '.join(ips)}{period}."))
     return steps
 
 

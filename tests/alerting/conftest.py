@@ -27,7 +27,15 @@ class _FakeOffHours(Detector):
         raise NotImplementedError
 
 
-DETECTORS = {"travel": _FakeTravel(), "off_hours": _FakeOffHours()}
+class _FakeBurst(Detector):
+    id = "keytrail.failure_burst"
+    mitre = ("T1110", "T1555.006")
+
+    def detect(self, window: pd.DataFrame, history: HistoryView, now: pd.Timestamp) -> pd.DataFrame:
+        raise NotImplementedError
+
+
+DETECTORS = {"travel": _FakeTravel(), "off_hours": _FakeOffHours(), "burst": _FakeBurst()}
 
 
 def travel_row(**overrides: Any) -> dict[str, Any]:
@@ -78,6 +86,35 @@ def off_hours_row(**overrides: Any) -> dict[str, Any]:
             "reads": 3,
         },
         "baseline": {"summary": "30-day: read on 22 days, all between 08:00 and 18:00 local"},
+    }
+    row.update(overrides)
+    return row
+
+
+def burst_row(**overrides: Any) -> dict[str, Any]:
+    """Return a failure burst from one address across three Azure principals (no principal)."""
+    row: dict[str, Any] = {
+        "severity": "high",
+        "title": "12 failed secret accesses by source IP 203.0.113.66 in 5 min",
+        "principal": None,
+        "principal_type": None,
+        "cloud": "azure",
+        "account": "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
+        "resources": ["https://kv-pay.vault.azure.net/secrets/ledger-key"],
+        "source_ips": ["203.0.113.66"],
+        "countries": ["NL"],
+        "first_seen": pd.Timestamp("2026-10-29T21:40:00Z"),
+        "last_seen": pd.Timestamp("2026-10-29T21:45:00Z"),
+        "event_uids": [f"b-{n}" for n in range(12)],
+        "evidence": {
+            "key": "source_ip",
+            "key_value": "203.0.113.66",
+            "failures": 12,
+            "principals": ["mi-batch", "mi-web", "svc-reports"],
+            "success_after": None,
+            "locations": [{"ip": "203.0.113.66", "city": "Amsterdam", "country": "NL"}],
+        },
+        "baseline": {"summary": "7-day median 0 failures/day; this burst 12"},
     }
     row.update(overrides)
     return row

@@ -10,13 +10,14 @@ import pytest
 
 from pipeline.alerting.alerts import (
     Alert,
+    Location,
     alerts_from_findings,
     finding_records,
     iso_utc,
     summary_items,
 )
 from pipeline.alerting.runbooks import Step
-from tests.alerting.conftest import off_hours_row, travel_row
+from tests.alerting.conftest import burst_row, off_hours_row, travel_row
 
 MakeFindings = Callable[..., pd.DataFrame]
 
@@ -96,7 +97,75 @@ def test_finding_records_missing_column(make_findings: MakeFindings) -> None:
 
 def test_summary_items_summary_first() -> None:
     items = summary_items({"reads": 3, "summary": "usually 0", "when": {"a": 1.5, "b": None}})
-    assert items == [("summary", "usually 0"), ("reads", "3"), ("when", "a=1.5, b=")]
+    assert items == [("summary", "usually 0"), ("reads", "3"), ("when", "a=1.5")]
+
+
+def test_summary_items_hide_empty_and_false() -> None:
+    evidence = {
+        "reasons": ["holiday"],
+        "holiday": None,
+        "asns": [],
+        "as_orgs": [],
+        "note": "",
+        "zero_gap": False,
+        "failures": 0,
+        "operations": {"SecretGet": 5, "AccessSecretVersion": None},
+        "locations": [{"ip": "192.0.2.1", "city": "Berlin", "country": "DE"}],
+    }
+    assert summary_items(evidence) == [
+        ("reasons", "holiday"),
+        ("failures", "0"),
+        ("operations", "SecretGet=5"),
+    ]
+
+
+def test_summary_items_one_pair_omitted() -> None:
+    place = {"ip": "192.0.2.1", "city": "Berlin"}
+    other = {"ip": "198.51.100.2", "city": "Tokyo"}
+    evidence = {"from": place, "to": other, "pairs": [{"from": place, "to": other}]}
+    assert [key for key, _ in summary_items(evidence)] == ["from", "to"]
+
+
+def test_summary_items_several_pairs_kept() -> None:
+    place = {"ip": "192.0.2.1", "city": "Berlin"}
+    other = {"ip": "198.51.100.2", "city": "Tokyo"}
+    pairs = [{"from": place, "to": other}, {"from": other, "to": place}]
+    evidence = {"from": place, "to": other, "pairs": pairs}
+    assert [key for key, _ in summary_items(evidence)] == ["from", "to", "pairs"]
+
+
+def test_locations_from_travel_places(make_findings: MakeFindings) -> None:
+    alert = alerts_from_findings(make_findings(travel_row()))[0]
+    assert alert.locations == [
+        Location("198.51.100.7", "Berlin", "DE"),
+        Location("203.0.113.9", "New York", "US"),
+    ]
+    assert [location.text for location in alert.locations] == [
+        "Berlin, DE (198.51.100.7)",
+        "New York, US (203.0.113.9)",
+    ]
+
+
+def test_locations_single_country_fallback(make_findings: MakeFindings) -> None:
+    alert = alerts_from_findings(make_findings(off_hours_row(), detector="off_hours"))[0]
+    assert alert.locations == [Location("192.0.2.10", None, "DE")]
+    assert alert.locations[0].text == "DE (192.0.2.10)"
+
+
+def test_locations_two_countries_no_places(make_findings: MakeFindings) -> None:
+    row = off_hours_row(source_ips=["192.0.2.10", "192.0.2.11"], countries=["DE", "FR"])
+    alert = alerts_from_findings(make_findings(row, detector="off_hours"))[0]
+    assert alert.locations == [Location("192.0.2.10"), Location("192.0.2.11")]
+    assert alert.locations[0].text == "192.0.2.10"
+
+
+def test_address_burst_has_no_principal(make_findings: MakeFindings) -> None:
+    alert = alerts_from_findings(make_findings(burst_row(), detector="burst"))[0]
+    assert alert.principal == ""
+    assert alert.who == "3 principals from 203.0.113.66"
+    assert alert.principals == ["mi-batch", "mi-web", "svc-reports"]
+    assert alert.findings[0]["principal"] is None
+    assert alert.locations == [Location("203.0.113.66", "Amsterdam", "NL")]
 
 
 def test_iso_utc_adds_z() -> None:
@@ -127,9 +196,18 @@ def test_travel_aws_role_steps(make_findings: MakeFindings) -> None:
         "--policy-document file://revoke-older-sessions.json",
         "aws secretsmanager rotate-secret "
         "--secret-id arn:aws:secretsmanager:eu-west-1:123456789012:secret:prod/db-AbCdEf",
+        "aws secretsmanager put-secret-value "
+        "--secret-id arn:aws:secretsmanager:eu-west-1:123456789012:secret:prod/db-AbCdEf "
+        "--secret-string file://new-value.txt",
         "aws cloudtrail lookup-events --lookup-attributes "
-        "AttributeKey=Username,AttributeValue=alice",
+        "AttributeKey=Username,AttributeValue=alice "
+        "--start-time 2026-10-09T01:12:00Z --end-time 2026-10-11T02:42:30Z",
     ]
+    assert steps[2].text.endswith(
+        "For a Secrets Manager secret, rotate-secret works only if rotation is configured on "
+        "it (a rotation Lambda function or managed rotation); otherwise store a new value "
+        "with put-secret-value."
+    )
 
 
 def test_off_hours_gcp_user_steps(make_findings: MakeFindings) -> None:
@@ -141,9 +219,14 @@ def test_off_hours_gcp_user_steps(make_findings: MakeFindings) -> None:
     assert _commands(steps) == [
         "gcloud secrets versions add db-password --project=shop-prod --data-file=new-value.txt",
         "gcloud secrets versions disable OLD_VERSION --secret=db-password --project=shop-prod",
-        "gcloud logging read 'protoPayload.requestMetadata.callerIp=\"192.0.2.10\"' "
-        "--project=shop-prod --freshness=7d",
+        'gcloud logging read \'protoPayload.authenticationInfo.principalEmail="bob@example.com"'
+        ' AND timestamp>="2026-10-09T01:12:00Z" AND timestamp<="2026-10-11T01:20:00Z"\' '
+        "--project=shop-prod",
+        'gcloud logging read \'protoPayload.requestMetadata.callerIp="192.0.2.10"'
+        ' AND timestamp>="2026-10-09T01:12:00Z" AND timestamp<="2026-10-11T01:20:00Z"\' '
+        "--project=shop-prod",
     ]
+    assert not any("--freshness" in command for command in _commands(steps))
 
 
 def test_azure_user_and_vault_steps(make_findings: MakeFindings) -> None:
@@ -161,7 +244,8 @@ def test_azure_user_and_vault_steps(make_findings: MakeFindings) -> None:
         "az keyvault secret set-attributes --vault-name kv-prod --name db-conn "
         "--version OLD_VERSION --enabled false",
         "az monitor log-analytics query --workspace WORKSPACE_ID --analytics-query "
-        "'AzureDiagnostics | where CallerIPAddress == \"203.0.113.9\"'",
+        '\'AzureDiagnostics | where CallerIPAddress == "203.0.113.9" and TimeGenerated '
+        "between (datetime(2026-10-09T01:12:00Z) .. datetime(2026-10-11T02:42:30Z))'",
     ]
 
 
@@ -197,6 +281,70 @@ def test_failure_burst_skips_rotation(make_findings: MakeFindings) -> None:
     assert not any("rotate-secret" in command for command in _commands(steps))
 
 
+def test_address_burst_steps_name_address(make_findings: MakeFindings) -> None:
+    steps = _steps(make_findings, burst_row(), "burst")
+    texts = [step.text for step in steps]
+    assert texts[0].startswith("Find out why the caller at 203.0.113.66 was refused so often.")
+    assert texts[1] == (
+        "Check whether any read by the caller at 203.0.113.66 succeeded after the failures "
+        "(keytrail found none shortly after the burst). If one did, rotate that secret."
+    )
+    assert texts[3] == (
+        "Check each principal that called from 203.0.113.66: mi-batch, mi-web, svc-reports. "
+        "Revoke the credentials of every one that is not expected to call from there."
+    )
+    assert not any("None" in text or "principals of" in text for text in texts)
+    assert texts[-1].startswith("Review other activity from 203.0.113.66 between")
+
+
+def test_burst_success_step_names_read(make_findings: MakeFindings) -> None:
+    success = {
+        "principal": "mi-web",
+        "time": "2026-10-29T21:46:00Z",
+        "event_uid": "ok-1",
+        "resource": "https://kv-pay.vault.azure.net/secrets/ledger-key",
+        "source_ip": "203.0.113.66",
+        "minutes_after_burst": 1.0,
+    }
+    row = burst_row(evidence={**burst_row()["evidence"], "success_after": success})
+    steps = _steps(make_findings, row, "burst")
+    assert steps[1].text == (
+        "A read succeeded after the failures: mi-web read "
+        "https://kv-pay.vault.azure.net/secrets/ledger-key from 203.0.113.66 at "
+        "2026-10-29T21:46:00Z, 1 min after the last failure (event ok-1). Treat that secret as "
+        "exposed and rotate it unless the read is explained."
+    )
+    assert steps[1].commands[0] == (
+        "az keyvault secret set --vault-name kv-pay --name ledger-key --file new-value.txt"
+    )
+
+
+def test_aws_federated_role_from_arn(make_findings: MakeFindings) -> None:
+    arn = "arn:aws:sts::123456789012:assumed-role/AWSReservedSSO_Dev_0a1b/bob@example.com"
+    row = off_hours_row(
+        cloud="aws",
+        principal_type="federated",
+        resources=["prod/db"],
+        evidence={"principal_arns": [arn]},
+    )
+    steps = _steps(make_findings, row, "off_hours")
+    assert steps[2].text.startswith(
+        "Sign bob@example.com out in the identity provider, then revoke the sessions of the "
+        "IAM role AWSReservedSSO_Dev_0a1b they assumed."
+    )
+    assert steps[2].commands == (
+        "aws iam put-role-policy --role-name AWSReservedSSO_Dev_0a1b "
+        "--policy-name AWSRevokeOlderSessions "
+        "--policy-document file://revoke-older-sessions.json",
+    )
+
+
+def test_aws_federated_without_arn_placeholder(make_findings: MakeFindings) -> None:
+    row = off_hours_row(cloud="aws", principal_type="federated", resources=["prod/db"])
+    steps = _steps(make_findings, row, "off_hours")
+    assert "--role-name ROLE_NAME " in steps[2].commands[0]
+
+
 def test_unknown_detector_generic_step(make_findings: MakeFindings) -> None:
     from detectors.base import Detector, build_findings
 
@@ -213,7 +361,10 @@ def test_unknown_detector_generic_step(make_findings: MakeFindings) -> None:
         "Revoke the active sessions and keys of "
         "arn:aws:sts::123456789012:assumed-role/Admin/alice in its cloud account."
     )
-    assert steps[-1].text == "Review other activity from 198.51.100.7, 203.0.113.9."
+    assert steps[-1].text == (
+        "Review other activity from 198.51.100.7, 203.0.113.9 between 2026-10-09T01:12:00Z "
+        "and 2026-10-11T02:42:30Z (a day either side of the finding)."
+    )
 
 
 def test_public_api_names() -> None:

@@ -22,7 +22,7 @@ from pipeline.alerting.render import (
     enforce_slack_limits,
 )
 from pipeline.errors import ConfigError
-from tests.alerting.conftest import off_hours_row, travel_row
+from tests.alerting.conftest import burst_row, off_hours_row, travel_row
 
 MakeFindings = Callable[..., pd.DataFrame]
 
@@ -277,3 +277,71 @@ def test_off_hours_gcp_email_steps(make_findings: MakeFindings) -> None:
         "--data-file=new-value.txt"
     ) in text
     assert json.dumps(text)  # renders to a plain str
+
+
+def test_where_pairs_places_and_addresses(make_findings: MakeFindings) -> None:
+    alert = _one_alert(make_findings)
+    renderer = Renderer()
+    text = renderer.render_text(alert)
+    assert (
+        "Where:  Berlin, DE (198.51.100.7); New York, US (203.0.113.9); aws 123456789012\n"
+    ) in text
+    html = renderer.render_html(alert)
+    assert (
+        "Berlin, DE (<code>198.51.100.7</code>); New York, US (<code>203.0.113.9</code>)"
+    ) in html
+    fields = renderer.render_slack(alert)["blocks"][1]["fields"]
+    assert fields[2]["text"] == (
+        "*Where*\nBerlin, DE (`198.51.100.7`)\nNew York, US (`203.0.113.9`)\n\naws 123456789012"
+    )
+
+
+def test_where_lists_countries_without_address(make_findings: MakeFindings) -> None:
+    row = off_hours_row(source_ips=["192.0.2.10", "192.0.2.11"], countries=["DE", "FR"])
+    alert = alerts_from_findings(make_findings(row, detector="off_hours"))[0]
+    text = Renderer().render_text(alert)
+    assert "Where:  192.0.2.10; 192.0.2.11; countries DE, FR; gcp shop-prod\n" in text
+
+
+def test_subject_skips_principal_in_title(make_findings: MakeFindings) -> None:
+    title = "arn:aws:sts::123456789012:assumed-role/Admin/alice read 3 secrets"
+    assert email_subject(_one_alert(make_findings, title=title)) == f"[keytrail] HIGH: {title}"
+
+
+def test_subject_without_principal(make_findings: MakeFindings) -> None:
+    alert = alerts_from_findings(make_findings(burst_row(), detector="burst"))[0]
+    assert email_subject(alert) == (
+        "[keytrail] HIGH: 12 failed secret accesses by source IP 203.0.113.66 in 5 min"
+    )
+
+
+def test_address_burst_who_lists_principals(make_findings: MakeFindings) -> None:
+    alert = alerts_from_findings(make_findings(burst_row(), detector="burst"))[0]
+    renderer = Renderer()
+    text = renderer.render_text(alert)
+    assert "Who:    3 principals from 203.0.113.66: mi-batch, mi-web, svc-reports\n" in text
+    assert "None" not in text
+    html = renderer.render_html(alert)
+    assert (
+        "3 principals from 203.0.113.66: <code>mi-batch</code>, <code>mi-web</code>, "
+        "<code>svc-reports</code>"
+    ) in html
+    fields = renderer.render_slack(alert)["blocks"][1]["fields"]
+    assert fields[0]["text"] == (
+        "*Who*\n3 principals from 203.0.113.66\n`mi-batch`, `mi-web`, `svc-reports`"
+    )
+
+
+def test_why_hides_empty_evidence(make_findings: MakeFindings) -> None:
+    evidence = {
+        "reasons": ["outside business hours"],
+        "holiday": None,
+        "zero_gap": False,
+        "asns": [],
+        "reads": 3,
+    }
+    row = off_hours_row(evidence=evidence)
+    alert = alerts_from_findings(make_findings(row, detector="off_hours"))[0]
+    text = Renderer().render_text(alert)
+    why = text.split("Why this is unusual:\n", 1)[1].split("Baseline:", 1)[0]
+    assert why == "  - reasons: outside business hours\n  - reads: 3\n"

@@ -119,6 +119,51 @@ def test_success_by_other_principal_stays_medium(make_events: Build) -> None:
     assert findings["severity"].tolist() == ["medium"]
 
 
+def test_ip_burst_other_ip_success_medium(make_events: Build) -> None:
+    # Three principals fail from one address; one of them then reads a secret from a private
+    # address. That success is not the failing caller, so the address burst is not escalated.
+    window = []
+    for number, name in enumerate(("alice", "bob", "carol")):
+        start = START + pd.Timedelta(seconds=10 * number)
+        window += denials(4, pd.Timedelta(minutes=1), f"{name}@example.com", start)
+    success_time = START + pd.Timedelta(minutes=5)
+    window.append(aws_read(success_time, "bob@example.com", ip="10.1.2.3", source_kind="private"))
+    findings = run(make_events, window, keys=["source_ip"])
+    assert findings["severity"].tolist() == ["medium"]
+    assert findings["evidence"].iloc[0]["success_after"] is None
+
+
+def test_ip_burst_same_ip_success_high(make_events: Build) -> None:
+    window = []
+    for number, name in enumerate(("alice", "bob", "carol")):
+        start = START + pd.Timedelta(seconds=10 * number)
+        window += denials(4, pd.Timedelta(minutes=1), f"{name}@example.com", start)
+    success_time = START + pd.Timedelta(minutes=5)
+    window.append(aws_read(success_time, "bob@example.com", ip=ATTACKER_IP, event_uid="win"))
+    findings = run(make_events, window, keys=["source_ip"])
+    assert findings["severity"].tolist() == ["high"]
+    success = findings["evidence"].iloc[0]["success_after"]
+    assert success["event_uid"] == "win"
+    assert success["principal"] == "bob@example.com"
+    assert success["source_ip"] == ATTACKER_IP
+
+
+def test_principal_burst_any_ip_success_high(make_events: Build) -> None:
+    window = denials(12, pd.Timedelta(seconds=25))
+    window.append(aws_read(START + pd.Timedelta(minutes=6), ip="10.1.2.3", source_kind="private"))
+    findings = run(make_events, window, keys=["principal"])
+    assert findings["severity"].tolist() == ["high"]
+    assert findings["evidence"].iloc[0]["success_after"]["source_ip"] == "10.1.2.3"
+
+
+def test_burst_lists_locations_per_address(make_events: Build) -> None:
+    window = denials(12, pd.Timedelta(seconds=25), city="tokyo")
+    findings = run(make_events, window, keys=["principal"])
+    assert findings["evidence"].iloc[0]["locations"] == [
+        {"ip": ATTACKER_IP, "city": "Tokyo", "country": "JP"}
+    ]
+
+
 def test_many_distinct_secrets_is_high(make_events: Build) -> None:
     window = [
         aws_denied(START + pd.Timedelta(seconds=20 * n), secret=f"prod/guess{n % 6}")
@@ -137,7 +182,8 @@ def test_one_ip_across_three_principals_fires(make_events: Build) -> None:
     findings = run(make_events, window)
     assert len(findings) == 1
     finding = findings.iloc[0]
-    assert finding["principal"] == "3 principals"
+    assert finding["principal"] is None
+    assert finding["title"] == f"12 failed secret accesses by source IP {ATTACKER_IP} in 3 min"
     assert finding["evidence"]["key"] == "source_ip"
     assert finding["evidence"]["key_value"] == ATTACKER_IP
     assert finding["evidence"]["principals"] == [

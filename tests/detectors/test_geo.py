@@ -121,6 +121,41 @@ def test_one_finding_per_country_per_run(make_events: Build) -> None:
     ]
 
 
+def test_new_country_counts_only_own_operations(make_events: Build) -> None:
+    # Two principals in one run, each with a different operation: each finding counts its own
+    # operations as ints and names no operation it did not call.
+    bob = "bob@example.com"
+    history = berlin_days(1, 19) + [
+        aws_read(f"2024-06-{day:02d}T09:00:00Z", bob, city="berlin", ip="198.51.100.8")
+        for day in range(1, 20)
+    ]
+    window = [
+        aws_read("2024-06-20T03:00:00Z", city="sao_paulo", ip="200.160.2.3"),
+        aws_read("2024-06-20T03:10:00Z", city="sao_paulo", ip="200.160.2.3"),
+        aws_read("2024-06-20T04:00:00Z", bob, city="tokyo", ip="203.0.113.77", operation="Decrypt"),
+    ]
+    findings = run(NewCountryDetector(), make_events, window, history).sort_values("principal")
+    operations = findings["evidence"].map(lambda evidence: evidence["operations"]).tolist()
+    assert operations == [{"GetSecretValue": 2}, {"Decrypt": 1}]
+    assert all(type(count) is int for item in operations for count in item.values())
+    known = findings["baseline"].map(lambda baseline: baseline["known_countries"]).tolist()
+    assert known == [{"DE": 19}, {"DE": 19}]
+    assert all(type(count) is int for item in known for count in item.values())
+
+
+def test_new_country_locations_per_address(make_events: Build) -> None:
+    window = [
+        aws_read("2024-06-20T03:05:00Z", city="sao_paulo", ip="200.160.2.9"),
+        aws_read("2024-06-20T03:00:00Z", city="sao_paulo", ip="200.160.2.3"),
+        aws_read("2024-06-20T03:10:00Z", city="sao_paulo", ip="200.160.2.3"),
+    ]
+    findings = run(NewCountryDetector(), make_events, window, berlin_days(1, 19))
+    assert findings["evidence"].iloc[0]["locations"] == [
+        {"ip": "200.160.2.3", "city": "São Paulo", "country": "BR"},
+        {"ip": "200.160.2.9", "city": "São Paulo", "country": "BR"},
+    ]
+
+
 def test_backfill_learns_from_earlier_window_events(make_events: Build) -> None:
     window = [*berlin_days(1, 19), aws_read("2024-06-20T03:00:00Z", city="sao_paulo")]
     findings = run(NewCountryDetector(), make_events, window)

@@ -37,7 +37,9 @@ def test_berlin_user_at_2am_fires(make_events: Build) -> None:
     assert finding["detector"] == "keytrail.off_hours"
     assert finding["severity"] == "medium"
     assert finding["principal"] == ALICE
-    assert finding["title"] == f"{ALICE} read 1 secret(s) off-hours on 2024-06-12 (Europe/Berlin)"
+    assert finding["title"] == (
+        f"{ALICE} read 1 secret outside business hours, 2024-06-12 (Europe/Berlin)"
+    )
     assert finding["mitre"] == ["T1555.006", "T1078.004"]
     assert finding["event_count"] == 1
     assert finding["evidence"]["local_times"] == ["02:00"]
@@ -78,6 +80,9 @@ def test_weekend_fires(make_events: Build) -> None:
     findings = detect(make_events, [aws_read("2024-06-15T09:00:00Z")], **BERLIN)
     assert len(findings) == 1
     assert findings["evidence"].iloc[0]["reasons"] == ["weekend"]
+    assert findings["title"].iloc[0] == (
+        f"{ALICE} read 1 secret on a weekend day, 2024-06-15 (Europe/Berlin)"
+    )
 
 
 def test_holiday_fires(make_events: Build) -> None:
@@ -88,6 +93,10 @@ def test_holiday_fires(make_events: Build) -> None:
     evidence = findings["evidence"].iloc[0]
     assert evidence["reasons"] == ["holiday"]
     assert evidence["holiday"] == "German Unity Day"
+    assert findings["title"].iloc[0] == (
+        f"{ALICE} read 1 secret on a public holiday (German Unity Day, DE), "
+        "2024-10-03 (Europe/Berlin)"
+    )
 
 
 def test_holiday_without_country_does_not_fire(make_events: Build) -> None:
@@ -131,6 +140,9 @@ def test_many_secrets_without_habit_is_high(make_events: Build) -> None:
     assert findings["severity"].tolist() == ["high"]
     assert findings["evidence"].iloc[0]["distinct_secrets"] == 5
     assert findings["event_count"].tolist() == [5]
+    assert findings["title"].iloc[0] == (
+        f"{ALICE} read 5 secrets outside business hours, 2024-06-12 (Europe/Berlin)"
+    )
 
 
 def test_habit_of_off_hours_reads_is_low(make_events: Build) -> None:
@@ -266,3 +278,15 @@ def test_invalid_params_name_the_field(
     assert len(errors) == 1
     assert errors[0]["loc"] == loc
     assert message in errors[0]["msg"]
+
+
+def test_evidence_keeps_assumed_role_arn(make_events: Build) -> None:
+    arn = "arn:aws:sts::111122223333:assumed-role/AWSReservedSSO_Admin_0a1b2c/alice@example.com"
+    findings = detect(make_events, [aws_read("2024-06-12T00:00:00Z", principal_arn=arn)], **BERLIN)
+    assert findings["evidence"].iloc[0]["principal_arns"] == [arn]
+
+
+def test_evidence_drops_arn_equal_to_principal(make_events: Build) -> None:
+    window = [aws_read("2024-06-12T00:00:00Z", principal_arn=ALICE)]
+    findings = detect(make_events, window, **BERLIN)
+    assert findings["evidence"].iloc[0]["principal_arns"] == []
