@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
@@ -256,7 +256,9 @@ def _alert_heading(alert: Alert) -> Table:
     heading.add_row(
         Text(alert.severity.upper(), style=_SEVERITY_STYLE.get(alert.severity, "")),
         Text.assemble(
-            (_safe_value(alert.detector), "bold"), "  ", (_safe_value(alert.principal), "bold")
+            (_safe_value(alert.detector), "bold"),
+            "  ",
+            (_safe_value(alert.principal or alert.who), "bold"),
         ),
     )
     return heading
@@ -290,36 +292,14 @@ def _first_and_more(values: Sequence[str], limit: int) -> list[str]:
 
 
 def _where(alert: Alert) -> str:
-    parts = [
-        ", ".join(_safe_value(country) for country in alert.countries),
-        ", ".join(_cities(alert)),
-        ", ".join(_first_and_more(alert.source_ips, 3)) if alert.source_ips else "",
-    ]
-    return " / ".join(part for part in parts if part) or "-"
-
-
-def _cities(alert: Alert) -> list[str]:
-    """Return the cities named in the findings' evidence, in the order first seen.
-
-    The findings frame has no city column, so cities come from the evidence the geo
-    detectors write: a ``cities`` list (new country) or ``from``/``to`` places (impossible
-    travel). Other detectors name no city.
-    """
-    cities: dict[str, None] = {}
-    for finding in alert.findings:
-        evidence = finding.get("evidence")
-        if not isinstance(evidence, Mapping):
-            continue
-        named = evidence.get("cities")
-        candidates = list(named) if isinstance(named, list) else []
-        for end in ("from", "to"):
-            place = evidence.get(end)
-            if isinstance(place, Mapping):
-                candidates.append(place.get("city"))
-        for city in candidates:
-            if isinstance(city, str) and city:
-                cities[_safe_value(city)] = None
-    return list(cities)
+    """Return each address with its own place, then countries that no address carries."""
+    located = [_safe_value(location.text) for location in alert.locations]
+    shown = located[:3]
+    if len(located) > 3:
+        shown.append(f"and {len(located) - 3} more")
+    placed = {location.country for location in alert.locations if location.country}
+    shown.extend(_safe_value(country) for country in alert.countries if country not in placed)
+    return "; ".join(shown) or "-"
 
 
 def _when(alert: Alert) -> str:

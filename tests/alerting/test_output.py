@@ -173,7 +173,7 @@ def test_console_block_at_80_columns(make_findings: MakeFindings) -> None:
         "          arn:aws:sts::123456789012:assumed-role/Admin/alice",
         "  title    alice read prod/db from Berlin and New York 1.5 hours apart",
         "  secrets  arn:aws:secretsmanager:eu-west-1:123456789012:secret:prod/db-AbCdEf",
-        "  where    DE, US / Berlin, New York / 198.51.100.7, 203.0.113.9",
+        "  where    Berlin, DE (198.51.100.7); New York, US (203.0.113.9)",
         "  when     2026-10-10 01:12:00 to 02:42:30 UTC, 2 events",
         "  account  aws 123456789012",
     ]
@@ -184,7 +184,7 @@ def test_console_heading_fits_one_line(make_findings: MakeFindings) -> None:
     render_console(make_findings(off_hours_row(), detector="off_hours"), console)
     lines = _console_lines(console)
     assert lines[2] == "MEDIUM    keytrail.off_hours  bob@example.com"
-    assert "  where    DE / 192.0.2.10" in lines
+    assert "  where    DE (192.0.2.10)" in lines
     assert "  when     2026-10-10 01:12:00 to 01:20:00 UTC, 3 events" in lines
 
 
