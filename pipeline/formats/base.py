@@ -15,11 +15,14 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, ClassVar
 
+import numpy as np
 import pandas as pd
 
 from pipeline.schema import empty_events
 
 __all__ = [
+    "BatchResult",
+    "FastBatch",
     "FileResult",
     "LogFormat",
     "Quarantined",
@@ -141,6 +144,50 @@ class LogFormat(ABC):
         produces for the same file.
         """
         return None
+
+    def fast_batch(self) -> FastBatch | None:
+        """Optionally return a new collector that reads many files with one fast-path frame.
+
+        A format that returns one should produce, for each file it accepts, the same result as
+        :meth:`read_fast`. The reader then uses the collector instead of :meth:`read_fast`.
+        """
+        return None
+
+
+@dataclass
+class BatchResult:
+    """The frame and per-file counts that a :class:`FastBatch` built from its files."""
+
+    files: list[FileResult | None]
+    """One result per added file, in order, with counts only (their ``events`` are empty).
+    None marks a file the fast path declined: the reader reads it record by record."""
+    events: pd.DataFrame
+    """The rows of the accepted files, in file order."""
+    row_files: np.ndarray
+    """For each row of ``events``, the index in ``files`` of the file it came from."""
+
+
+class FastBatch(ABC):
+    """Files collected for one format's fast path, so that their frame is built once."""
+
+    @property
+    @abstractmethod
+    def records(self) -> int:
+        """Records added since the last :meth:`finish`."""
+
+    @abstractmethod
+    def add(self, data: bytes, origin: str) -> bool:
+        """Decode one decompressed UTF-8 file; False when it is not in a shape the batch reads.
+
+        Raises:
+            RecordError: as :meth:`LogFormat.read_fast`; the reader reads the file record by
+                record.
+            ValueError: as :meth:`LogFormat.read_fast`.
+        """
+
+    @abstractmethod
+    def finish(self) -> BatchResult:
+        """Build the frame of every file added since the last call, and start a new batch."""
 
 
 _REGISTRY: dict[str, LogFormat] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,10 @@ import pyarrow as pa
 import pytest
 
 from pipeline.formats import cloudtrail, read_bytes, read_paths
-from pipeline.formats.base import RecordError
+from pipeline.formats.base import FileResult, RecordError
 from pipeline.formats.cloudtrail import CloudTrailFormat, _shared_column
 from pipeline.formats.ip import classify_address
+from pipeline.formats.reader import BatchReader
 from pipeline.schema import check_events
 
 ACCOUNT = "210987654321"
@@ -164,6 +166,7 @@ def test_files_with_warm_caches_equal_record_path(
     fast = read_paths([tmp_path])
     with monkeypatch.context() as patched:
         patched.setattr(CloudTrailFormat, "read_fast", lambda self, data, origin: None)
+        patched.setattr(CloudTrailFormat, "fast_batch", lambda self: None)
         slow = read_paths([tmp_path])
     pd.testing.assert_frame_equal(fast.events, slow.events)
     assert fast.summary() == slow.summary()
@@ -191,3 +194,170 @@ def test_wrong_nested_type_uses_record_path(fields: dict[str, Any], detail: str)
     assert [entry.reason for entry in result.quarantined] == ["invalid_record"]
     assert result.quarantined[0].origin == "odd.json Records[2]"
     assert result.quarantined[0].detail.startswith(f"cloudtrail: {detail}")
+
+
+# --- one frame for several files ----------------------------------------------------------------
+
+
+def read_files(reader: BatchReader, contents: dict[str, bytes]) -> FileResult:
+    for origin, data in contents.items():
+        reader.add(data, origin)
+    return reader.finish()
+
+
+def read_files_record_path(
+    contents: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> FileResult:
+    with monkeypatch.context() as patched:
+        patched.setattr(CloudTrailFormat, "read_fast", lambda self, data, origin: None)
+        patched.setattr(CloudTrailFormat, "fast_batch", lambda self: None)
+        return read_files(BatchReader(), contents)
+
+
+def kms_call(index: int) -> dict[str, Any]:
+    """A KMS GenerateDataKey for an S3 object: not secret activity, so it is skipped."""
+    return call(
+        index,
+        eventSource="kms.amazonaws.com",
+        eventName="GenerateDataKey",
+        requestParameters={"encryptionContext": {"aws:s3:arn": "arn:aws:s3:::reports/q3.csv"}},
+    )
+
+
+def test_batch_finish_counts_each_file() -> None:
+    batch = CloudTrailFormat().fast_batch()
+    assert batch.add(orjson.dumps({"Records": [call(0), kms_call(1), kms_call(2)]}), "a.json")
+    assert batch.add(orjson.dumps({"Records": []}), "b.json")
+    assert batch.add(orjson.dumps({"Records": [kms_call(3), call(4), call(5)]}), "c.json")
+    assert batch.records == 6
+    built = batch.finish()
+    assert batch.records == 0
+    assert [result.records for result in built.files if result] == [3, 0, 3]
+    assert [dict(result.skipped) for result in built.files if result] == [
+        {"not_secret_activity": 2},
+        {},
+        {"not_secret_activity": 1},
+    ]
+    assert [dict(result.formats) for result in built.files if result] == [
+        {"cloudtrail": 3},
+        {"cloudtrail": 0},
+        {"cloudtrail": 3},
+    ]
+    assert built.row_files.tolist() == [0, 2, 2]
+    assert built.events["origin"].tolist() == [
+        "a.json Records[1]",
+        "c.json Records[2]",
+        "c.json Records[3]",
+    ]
+    assert built.events["event_uid"].tolist() == ["ev-00000", "ev-00004", "ev-00005"]
+
+
+def test_batch_add_rejects_other_shapes() -> None:
+    batch = CloudTrailFormat().fast_batch()
+    assert not batch.add(lines_of(call(0)), "trail.jsonl")
+    assert not batch.add(orjson.dumps({"Records": [call(0), {"eventVersion": "1.10"}]}), "gap.json")
+    assert batch.records == 0
+
+
+def lines_of(*events: dict[str, Any]) -> bytes:
+    return b"".join(orjson.dumps(event) + b"\n" for event in events)
+
+
+def test_batched_files_equal_record_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    contents = {f"trail-{n}.json.gz": records_file(40, start=40 * n) for n in range(4)}
+    contents["kms.json"] = orjson.dumps({"Records": [kms_call(n) for n in range(5)] + [call(3)]})
+    fast = read_files(BatchReader(fast_path_min_bytes=0, fast_batch_records=100), contents)
+    slow = read_files_record_path(contents, monkeypatch)
+    pd.testing.assert_frame_equal(fast.events, slow.events)
+    assert fast.summary() == slow.summary()
+    assert fast.records == 166
+    assert fast.skipped == Counter({"not_secret_activity": 5, "duplicate": 1})
+    assert fast.events["origin"].iloc[40] == "trail-1.json.gz Records[1]"
+    assert check_events(fast.events) == []
+
+
+def test_batch_declines_only_bad_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    contents = {
+        "one.json": orjson.dumps({"Records": [call(0), call(1)]}),
+        "two.json": orjson.dumps({"Records": [call(2), call(3, userIdentity="root")]}),
+        "three.json": orjson.dumps({"Records": [call(4)]}),
+    }
+    fast = read_files(BatchReader(fast_path_min_bytes=0), contents)
+    slow = read_files_record_path(contents, monkeypatch)
+    pd.testing.assert_frame_equal(fast.events, slow.events)
+    assert fast.summary() == slow.summary()
+    assert fast.events["origin"].tolist() == [
+        "one.json Records[1]",
+        "one.json Records[2]",
+        "two.json Records[1]",
+        "three.json Records[1]",
+    ]
+    assert [entry.origin for entry in fast.quarantined] == ["two.json Records[2]"]
+    assert fast.quarantined[0].reason == "invalid_record"
+
+
+def test_batch_declines_file_with_implausible_time() -> None:
+    contents = {
+        "one.json": orjson.dumps({"Records": [call(0)]}),
+        "two.json": orjson.dumps({"Records": [call(1), call(2, eventTime="1999-12-31T23:59:59Z")]}),
+        "three.json": orjson.dumps({"Records": [call(3)]}),
+    }
+    fast = read_files(BatchReader(fast_path_min_bytes=0), contents)
+    assert fast.events["origin"].tolist() == [
+        "one.json Records[1]",
+        "two.json Records[1]",
+        "three.json Records[1]",
+    ]
+    assert [(entry.origin, entry.reason) for entry in fast.quarantined] == [
+        ("two.json Records[2]", "invalid_time")
+    ]
+    assert fast.records == 4
+    assert fast.files == 3
+
+
+def test_batch_keeps_order_around_record_path_file() -> None:
+    contents = {
+        "one.json": orjson.dumps({"Records": [call(0)]}),
+        "two.jsonl": lines_of(call(1), call(2)),
+        "three.json": orjson.dumps({"Records": [call(3)]}),
+        "four.json": b"not json",
+        "five.json": orjson.dumps({"Records": [call(4), call(5)]}),
+    }
+    fast = read_files(BatchReader(fast_path_min_bytes=0, fast_batch_records=2), contents)
+    assert fast.events["origin"].tolist() == [
+        "one.json Records[1]",
+        "two.jsonl line 1",
+        "two.jsonl line 2",
+        "three.json Records[1]",
+        "five.json Records[1]",
+        "five.json Records[2]",
+    ]
+    assert [entry.reason for entry in fast.quarantined] == ["not_json"]
+    assert fast.records == 6
+    assert fast.files == 5
+
+
+def test_small_files_join_batch() -> None:
+    # Far below FAST_PATH_MIN_BYTES. Only the batch builds "cloud" from the shared array.
+    contents = {f"tiny-{n}.json": orjson.dumps({"Records": [call(n)]}) for n in range(3)}
+    result = read_files(BatchReader(), contents)
+    assert result.events["origin"].tolist() == [
+        "tiny-0.json Records[1]",
+        "tiny-1.json Records[1]",
+        "tiny-2.json Records[1]",
+    ]
+    shared = _shared_column("aws", pa.large_string(), 3)
+    assert first_chunk(result.events, "cloud").buffers()[1].address == shared.buffers()[1].address
+    assert result.files == 3
+    assert result.records == 3
+
+
+def test_per_file_fast_path_without_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    contents = {f"trail-{n}.json.gz": records_file(20, start=20 * n) for n in range(3)}
+    batched = read_files(BatchReader(fast_path_min_bytes=0), contents)
+    with monkeypatch.context() as patched:
+        patched.setattr(CloudTrailFormat, "fast_batch", lambda self: None)
+        per_file = read_files(BatchReader(fast_path_min_bytes=0), contents)
+    pd.testing.assert_frame_equal(batched.events, per_file.events)
+    assert batched.summary() == per_file.summary()
+    assert len(batched.events) == 60

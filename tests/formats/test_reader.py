@@ -290,6 +290,28 @@ def test_duplicate_check_survives_hash_collisions() -> None:
     assert _duplicated_keys(events, colliding).tolist() == [False, False, True, False]
 
 
+def test_duplicate_check_distinct_hashes() -> None:
+    result = read_bytes(lines(secret_read("d1"), secret_read("d2"), secret_read("d3")), "d.jsonl")
+    distinct = np.array([30, 10, 20], dtype=np.uint64)
+    assert _duplicated_keys(result.events, distinct).tolist() == [False, False, False]
+
+
+def test_duplicates_across_batch_and_record_path() -> None:
+    reader = BatchReader()
+    reader.add(orjson.dumps({"Records": [secret_read("x1"), secret_read("x2")]}), "a.json")
+    reader.add(lines(secret_read("x2"), secret_read("x3")), "b.jsonl")
+    reader.add(orjson.dumps({"Records": [secret_read("x3")]}), "c.json")
+    result = reader.finish()
+    assert result.events["origin"].tolist() == [
+        "a.json Records[1]",
+        "a.json Records[2]",
+        "b.jsonl line 2",
+    ]
+    assert result.skipped == Counter({"duplicate": 2})
+    assert result.records == 5
+    assert result.files == 3
+
+
 def test_hidden_files_ignored(tmp_path: Path) -> None:
     (tmp_path / ".partial.json").write_bytes(lines(secret_read("h0")))
     (tmp_path / "a.json").write_bytes(lines(secret_read("h1")))
