@@ -33,6 +33,7 @@ import pandas as pd
 
 from pipeline.errors import InputError
 from pipeline.formats.base import (
+    BatchResult,
     FastBatch,
     FileResult,
     LogFormat,
@@ -252,8 +253,8 @@ class BatchReader:
                 self._flush_fast_batch()
             try:
                 accepted = batch.add(text, origin)
-            except (RecordError, ValueError) as exc:
-                logger.debug("%s fast path declined %s: %s", fmt.id, origin, exc)
+            except Exception as exc:
+                _log_fast_path_decline(fmt.id, origin, exc)
                 return False
             if not accepted:
                 continue
@@ -272,7 +273,11 @@ class BatchReader:
         self._pending = None
         self._pending_files = []
 
-        built = batch.finish()
+        try:
+            built = batch.finish()
+        except Exception as exc:
+            _log_fast_path_decline("fast path batch", f"{len(files)} files", exc)
+            built = BatchResult([None] * len(files), empty_events(), np.zeros(0, dtype=np.int64))
         results = list(built.files)
         if len(built.events):
             implausible = _implausible_times(built.events["time"])
@@ -465,10 +470,8 @@ def _read_fast_with(fmt: LogFormat, data: bytes, origin: str) -> FileResult | bo
     """
     try:
         fast = fmt.read_fast(data, origin)
-    except (RecordError, ValueError) as exc:
-        # ValueError covers a JSON decode error in a nested part that the fast path kept
-        # raw, such as a byte that is not UTF-8.
-        logger.debug("%s fast path declined %s: %s", fmt.id, origin, exc)
+    except Exception as exc:
+        _log_fast_path_decline(fmt.id, origin, exc)
         return False
     if fast is None:
         return None
@@ -693,6 +696,25 @@ def _unpack_lookup_event(item: Any, origin: str, result: FileResult) -> Any:
         return _QUARANTINED
 
 
+def _log_fast_path_decline(name: str, origin: str, exc: Exception) -> None:
+    """Log why a fast path gave a file back to the record path.
+
+    RecordError (a value of the wrong type deep in a record) and ValueError (content it cannot
+    decode, such as a byte that is not UTF-8 in a nested part kept raw) are expected. Anything
+    else is a bug in the fast path; the record path still reads the file, so nothing is lost.
+    """
+    if isinstance(exc, (RecordError, ValueError)):
+        logger.debug("%s declined %s: %s", name, origin, exc)
+    else:
+        logger.warning(
+            "%s failed on %s, read record by record instead: %s: %s",
+            name,
+            origin,
+            type(exc).__name__,
+            exc,
+        )
+
+
 def _route(record: Mapping[str, Any], origin: str, rows: _RowBatch, result: FileResult) -> None:
     result.records += 1
     fmt = _find_format(record)
@@ -713,6 +735,25 @@ def _route(record: Mapping[str, Any], origin: str, rows: _RowBatch, result: File
     except RecordError as exc:
         result.quarantined.append(
             Quarantined(origin, "invalid_record", f"{fmt.id}: {exc}", _record_text(record))
+        )
+        return
+    except Exception as exc:
+        # A record that trips a bug in a format module must not stop the run: it is kept with
+        # the error so it can be replayed once the parser is fixed.
+        logger.error(
+            "log format %s failed on the record at %s: %s: %s",
+            fmt.id,
+            origin,
+            type(exc).__name__,
+            exc,
+        )
+        result.quarantined.append(
+            Quarantined(
+                origin,
+                "parser_error",
+                f"{fmt.id} failed: {type(exc).__name__}: {exc}",
+                _record_text(record),
+            )
         )
         return
     if isinstance(produced, Skip):

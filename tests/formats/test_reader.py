@@ -657,3 +657,103 @@ def test_read_paths_equals_per_file_reads(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(result.events, expected)
     assert result.records == 5
     assert result.skipped == Counter({"duplicate": 1})
+
+
+def test_parser_bug_quarantines_record(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pipeline.formats.gcp_audit import GcpAuditFormat
+
+    def broken(self: GcpAuditFormat, record: Any, origin: str) -> Any:
+        raise KeyError("resourceName")
+
+    monkeypatch.setattr(GcpAuditFormat, "normalize", broken)
+    entry = {
+        "insertId": "a1",
+        "timestamp": "2026-10-01T00:00:00Z",
+        "protoPayload": {
+            "@type": "type.googleapis.com/google.cloud.audit.AuditLog",
+            "serviceName": "secretmanager.googleapis.com",
+            "methodName": "google.cloud.secretmanager.v1.SecretManagerService.AccessSecretVersion",
+        },
+    }
+    data = orjson.dumps(entry) + b"\n" + orjson.dumps(entry | {"insertId": "a2"}) + b"\n"
+
+    result = read_bytes(data, "sink.json")
+
+    assert result.records == 2
+    assert len(result.events) == 0
+    assert [(q.origin, q.reason) for q in result.quarantined] == [
+        ("sink.json line 1", "parser_error"),
+        ("sink.json line 2", "parser_error"),
+    ]
+    assert result.quarantined[0].detail == "gcp_audit failed: KeyError: 'resourceName'"
+    assert "log format gcp_audit failed on the record at sink.json line 1" in caplog.text
+
+
+def test_fast_path_bug_falls_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    from pipeline.formats.cloudtrail import CloudTrailFormat
+
+    def broken(self: CloudTrailFormat, data: bytes, origin: str) -> Any:
+        raise IndexError("bug in the fast path")
+
+    event = {
+        "eventVersion": "1.09",
+        "eventID": "e-1",
+        "eventTime": "2026-10-01T10:00:00Z",
+        "eventSource": "secretsmanager.amazonaws.com",
+        "eventName": "GetSecretValue",
+        "awsRegion": "us-east-1",
+        "sourceIPAddress": "198.51.100.7",
+        "userIdentity": {"type": "IAMUser", "userName": "alice", "accountId": "111122223333"},
+        "requestParameters": {"secretId": "prod/db"},
+        "recipientAccountId": "111122223333",
+    }
+    path = tmp_path / "trail.json.gz"
+    path.write_bytes(gzip.compress(orjson.dumps({"Records": [event] * 200})))
+    monkeypatch.setattr(CloudTrailFormat, "read_fast", broken)
+    monkeypatch.setattr(CloudTrailFormat, "fast_batch", lambda self: None)
+
+    result = read_paths([path])
+
+    assert result.records == 200
+    assert result.events["event_uid"].tolist() == ["e-1"]
+    assert result.skipped["duplicate"] == 199
+    assert "failed on" in caplog.text
+    assert "IndexError: bug in the fast path" in caplog.text
+
+
+def test_fast_batch_bug_falls_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    import pipeline.formats.cloudtrail as cloudtrail
+
+    def broken(parts: Any) -> Any:
+        raise IndexError("bug in the batch build")
+
+    events = [
+        {
+            "eventVersion": "1.09",
+            "eventID": f"e-{index}",
+            "eventTime": "2026-10-01T10:00:00Z",
+            "eventSource": "secretsmanager.amazonaws.com",
+            "eventName": "GetSecretValue",
+            "sourceIPAddress": "198.51.100.7",
+            "userIdentity": {"type": "IAMUser", "userName": "alice", "accountId": "111122223333"},
+            "requestParameters": {"secretId": "prod/db"},
+        }
+        for index in range(3)
+    ]
+    for index, event in enumerate(events):
+        (tmp_path / f"trail-{index}.json").write_bytes(orjson.dumps({"Records": [event]}))
+    monkeypatch.setattr(cloudtrail, "_build_batch", broken)
+
+    result = read_paths([tmp_path])
+
+    assert result.files == 3
+    assert result.records == 3
+    assert sorted(result.events["event_uid"]) == ["e-0", "e-1", "e-2"]
+    assert result.quarantined == []
+    assert "IndexError: bug in the batch build" in caplog.text
