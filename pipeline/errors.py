@@ -1,6 +1,6 @@
 """keytrail's exception tree.
 
-Every error says what failed, where (file, config key, record, field), what was expected, what
+Every error message names what failed, where (file, config key, record, field), what was expected, what
 was found, and what to do::
 
     KeytrailError

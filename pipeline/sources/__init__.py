@@ -1,4 +1,4 @@
-"""Where raw log records come from. Only local files for now."""
+"""Log sources: the places raw records are read from (local files and folders for now)."""
 
 from pipeline.sources.files import FilesSource, SourceBatch
 
