@@ -1,7 +1,7 @@
 """keytrail's exception tree.
 
-Every error message names what failed, where (file, config key, record, field), what was expected, what
-was found, and what to do::
+Every error message names what failed, where (file, config key, record, field), what was
+expected, what was found, and what to do::
 
     KeytrailError
     ├── ConfigError          config.yaml or a CLI option is invalid (exit code 2)
