@@ -664,6 +664,14 @@ class _Part(NamedTuple):
 
 def _decode_records_file(data: bytes, origin: str) -> _Part | None:
     """Decode a CloudTrail ``Records`` file into columns, or return None to use the record path."""
+    # msgspec skips fields it does not decode without checking their bytes, while the record
+    # path rejects invalid UTF-8 anywhere in the file. isascii() is cheap and allocates nothing,
+    # so the full check runs only on files with non-ASCII bytes.
+    if not data.isascii():
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
     enabled = gc.isenabled()
     # The decode creates many small objects but no reference cycles, so the cyclic garbage
     # collector would run many times and free nothing.
@@ -1086,7 +1094,19 @@ def _parse_event_times(values: Sequence[str | None]) -> tuple[pa.Array, np.ndarr
     """
     text = pa.array(list(values), type=pa.string())
     parsed = pc.strptime(text, format=_CLOUDTRAIL_TIME_FORMAT, unit="us", error_is_null=True)
+    # Arrow's strptime rejects hour 24, minute 60, month 13 and day 32, but rolls a day past
+    # the month's end and seconds 60 and 61 forward (2026-02-30 becomes 2026-03-02). A value
+    # counts as parsed only if it is in the fixed 20-character form and its day and second
+    # survived; parse_times gets the rest and rejects them as the record path does.
+    fixed = pc.fill_null(pc.equal(pc.utf8_length(text), 20), False)
+    safe = pc.if_else(fixed, text, "0000-00-00T00:00:00Z")
+    exact = fixed
+    for start, component in ((8, pc.day), (17, pc.second)):
+        written = pc.cast(pc.utf8_slice_codeunits(safe, start, start + 2), pa.int64())
+        exact = pc.and_(exact, pc.equal(written, component(parsed)))
+    exact = pc.fill_null(exact, False).to_numpy(zero_copy_only=False)
     naive = parsed.to_numpy(zero_copy_only=False).astype("datetime64[us]")
+    naive[~exact] = np.datetime64("NaT")
     failed = np.isnat(naive)
     invalid = np.zeros(len(values), dtype=bool)
     if failed.any():

@@ -361,3 +361,35 @@ def test_per_file_fast_path_without_batch(monkeypatch: pytest.MonkeyPatch) -> No
     pd.testing.assert_frame_equal(batched.events, per_file.events)
     assert batched.summary() == per_file.summary()
     assert len(batched.events) == 60
+
+
+@pytest.mark.parametrize(
+    "event_time",
+    ["2026-02-29T00:00:00Z", "2026-04-31T10:00:00Z", "2026-06-30T23:59:60Z"],
+    ids=["february 29 of a common year", "april 31", "second 60"],
+)
+def test_impossible_time_quarantined_like_record_path(event_time: str, tmp_path: Path) -> None:
+    # Arrow's strptime rolls these forward to a real time; the record path rejects them.
+    path = tmp_path / "trail.json"
+    path.write_bytes(orjson.dumps({"Records": [call(0), call(1, eventTime=event_time)]}))
+
+    result = read_paths([path])
+
+    assert result.events["event_uid"].tolist() == ["ev-00000"]
+    assert [(q.origin, q.reason) for q in result.quarantined] == [
+        (f"{path} Records[2]", "invalid_time")
+    ]
+
+
+def test_invalid_utf8_in_unread_field_uses_record_path(tmp_path: Path) -> None:
+    # msgspec skips tlsDetails without checking its bytes; the record path rejects the line.
+    text = orjson.dumps({"Records": [call(0, tlsDetails={"x": "PLACEHOLDER"})]})
+    path = tmp_path / "trail.json"
+    path.write_bytes(text.replace(b"PLACEHOLDER", b"\xff"))
+
+    result = read_paths([path])
+
+    assert len(result.events) == 0
+    assert [(q.origin, q.reason) for q in result.quarantined] == [
+        (f"{path} line 1", "invalid_encoding")
+    ]
