@@ -169,3 +169,21 @@ def stable_key(*parts: Any) -> str:
     """Return a short digest of ``parts``, for dedup keys that must match across runs."""
     text = "\x1f".join(str(part) for part in parts)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def located_addresses(
+    events: pd.DataFrame, country_column: str = "geo_country"
+) -> list[dict[str, str | None]]:
+    """List each source address of ``events`` once with its city and country, earliest first."""
+    first = events.sort_values("time", kind="stable").drop_duplicates("source_ip")
+    first = first[first["source_ip"].notna()]
+    return [
+        {"ip": str(ip), "city": _text_or_none(city), "country": _text_or_none(country)}
+        for ip, city, country in zip(
+            first["source_ip"], first["geo_city"], first[country_column], strict=True
+        )
+    ]
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

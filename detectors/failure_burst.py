@@ -14,6 +14,7 @@ from detectors._common import (
     IN_WINDOW,
     iter_rows,
     load_context,
+    located_addresses,
     read_mask,
     stable_key,
     to_counts,
@@ -292,7 +293,7 @@ class FailureBurstDetector(Detector):
                         "window_minutes": params.window_minutes,
                         "min_failures": params.min_failures,
                         "success_after": success if isinstance(success, dict) else None,
-                        "locations": _locations(burst),
+                        "locations": located_addresses(burst),
                         "principal_arns": sorted(
                             set(burst["principal_arn"].dropna().astype(str)) - set(principals)
                         ),
@@ -332,18 +333,6 @@ def _add_baseline(bursts: pd.DataFrame, failures: pd.DataFrame, key: str) -> pd.
     bursts["baseline_median"] = bursts["burst"].map(medians)
     bursts["baseline_daily"] = bursts["burst"].map(series).astype(object)
     return bursts
-
-
-def _locations(burst: pd.DataFrame) -> list[dict[str, str | None]]:
-    """List each source address of ``burst`` once with its city and country, earliest first."""
-    first = burst.sort_values("time", kind="stable").drop_duplicates("source_ip")
-    first = first[first["source_ip"].notna()]
-    return [
-        {"ip": str(ip), "city": _text(city), "country": _text(country)}
-        for ip, city, country in zip(
-            first["source_ip"], first["geo_city"], first["geo_country"], strict=True
-        )
-    ]
 
 
 def _text(value: Any) -> str | None:

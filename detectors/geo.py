@@ -24,6 +24,7 @@ from detectors._common import (
     haversine_km,
     iter_rows,
     load_context,
+    located_addresses,
     stable_key,
     to_counts,
     utc_iso,
@@ -84,18 +85,6 @@ def _counts_per_group(grouped: Any) -> list[dict[str, int]]:
 
 def _objects(values: list[Any], index: pd.Index) -> pd.Series:
     return pd.Series(values, index=index, dtype=object)
-
-
-def _locations(events: pd.DataFrame) -> list[dict[str, str | None]]:
-    """List each source address of ``events`` once with its city and country, earliest first."""
-    first = events.sort_values("time", kind="stable").drop_duplicates("source_ip")
-    first = first[first["source_ip"].notna()]
-    return [
-        {"ip": str(ip), "city": _text(city), "country": _text(country)}
-        for ip, city, country in zip(
-            first["source_ip"], first["geo_city"], first["country"], strict=True
-        )
-    ]
 
 
 def _public_geolocated(context: pd.DataFrame) -> pd.Series:
@@ -233,7 +222,10 @@ class NewCountryDetector(Detector):
             failures=("outcome", lambda values: int((values == "failure").sum())),
         ).reset_index()
         found["operations"] = _objects(_counts_per_group(grouped["operation"]), found.index)
-        found["locations"] = _objects([_locations(group) for _, group in grouped], found.index)
+        found["locations"] = _objects(
+            [located_addresses(group, country_column="country") for _, group in grouped],
+            found.index,
+        )
 
         # Known countries: the principal's events in the look-back before the first new event.
         pairs = found[["code", "country", "first_seen"]].merge(

@@ -20,6 +20,7 @@ from detectors._common import (
     distinct_lists,
     iter_rows,
     load_context,
+    located_addresses,
     read_mask,
     value_counts_by_group,
 )
@@ -48,6 +49,7 @@ _COLUMNS: Final = (
     "resource",
     "source_ip",
     "geo_country",
+    "geo_city",
 )
 
 
@@ -394,6 +396,9 @@ def _day_findings(flagged: pd.DataFrame) -> pd.DataFrame:
         days[name] = distinct_lists(group, flagged[column], size)
     operations = value_counts_by_group(group, flagged["operation"], size)
     days["operations"] = pd.Series(operations, index=days.index, dtype=object)
+    # One small list per finding: each address with the place GeoIP gave it.
+    locations = [located_addresses(rows) for _, rows in flagged.groupby(group, sort=True)]
+    days["locations"] = pd.Series(locations, index=days.index, dtype=object)
     return days
 
 
@@ -467,6 +472,7 @@ def _finding_rows(days: pd.DataFrame, baseline_days: int) -> list[dict[str, Any]
                     "distinct_secrets": int(day.distinct_secrets),
                     "local_times": day.local_times,
                     "operations": day.operations,
+                    "locations": day.locations,
                     "principal_arns": [arn for arn in day.principal_arns if arn != day.principal],
                 },
                 "baseline": {

@@ -290,3 +290,16 @@ def test_evidence_drops_arn_equal_to_principal(make_events: Build) -> None:
     window = [aws_read("2024-06-12T00:00:00Z", principal_arn=ALICE)]
     findings = detect(make_events, window, **BERLIN)
     assert findings["evidence"].iloc[0]["principal_arns"] == []
+
+
+def test_evidence_places_each_address(make_events: Build) -> None:
+    window = [
+        aws_read("2024-06-12T00:00:00Z", city="berlin", ip="203.0.113.10"),
+        aws_read("2024-06-12T00:05:00Z", city="frankfurt", ip="198.51.100.7"),
+        aws_read("2024-06-12T00:09:00Z", ip=None, source_kind="internal"),
+    ]
+    findings = detect(make_events, window, **BERLIN)
+    assert findings["evidence"].iloc[0]["locations"] == [
+        {"ip": "203.0.113.10", "city": "Berlin", "country": "DE"},
+        {"ip": "198.51.100.7", "city": "Frankfurt am Main", "country": "DE"},
+    ]
