@@ -1,5 +1,14 @@
 """Delivery channels: each module sends one rendered alert to one receiver."""
 
 from pipeline.alerting.channels.base import Delivery, DeliveryStatus
+from pipeline.alerting.channels.email import EmailChannel, EmailSettings
+from pipeline.alerting.channels.slack import SlackChannel, SlackSettings
 
-__all__ = ["Delivery", "DeliveryStatus"]
+__all__ = [
+    "Delivery",
+    "DeliveryStatus",
+    "EmailChannel",
+    "EmailSettings",
+    "SlackChannel",
+    "SlackSettings",
+]
