@@ -3,6 +3,7 @@
 from pipeline.alerting.channels.base import Delivery, DeliveryStatus
 from pipeline.alerting.channels.email import EmailChannel, EmailSettings
 from pipeline.alerting.channels.slack import SlackChannel, SlackSettings
+from pipeline.alerting.channels.webhook import WebhookChannel, WebhookSettings, build_payload
 
 __all__ = [
     "Delivery",
@@ -11,4 +12,7 @@ __all__ = [
     "EmailSettings",
     "SlackChannel",
     "SlackSettings",
+    "WebhookChannel",
+    "WebhookSettings",
+    "build_payload",
 ]
