@@ -1,0 +1,649 @@
+"""The delivery outbox: one SQLite row per (alert, receiver) until the receiver has the alert.
+
+The engine enqueues rows with :func:`enqueue` in the same transaction that records its alerts,
+so an alert is either recorded and queued for every receiver, or neither. :func:`deliver_due`
+then sends the rows whose time has come and records each result with :meth:`Outbox.record`:
+
+* ``delivered``: the row is done and keeps the receiver's message id (``remote_id``).
+* ``retry``: the row waits ``max(retry_after, backoff)`` seconds, where the backoff grows
+  exponentially per attempt with full jitter. After ``max_attempts`` attempts it is dead.
+* ``failed``: the row is dead at once, because a permanent error (a revoked webhook, a
+  rejected recipient) does not go away by sending again.
+
+Dead rows stay in the table with their last error until :meth:`Outbox.retry_dead` queues them
+again.
+
+NOTE: the ``keytrail outbox`` commands that list and requeue rows are not in the CLI yet.
+
+Delivery is at-least-once per (alert, receiver). There is no ``sending`` state: a process that
+dies after a sender returned and before :meth:`Outbox.record` committed leaves the row pending,
+and the next run sends it again. That duplicate, and the one after an ``ambiguous`` retry (a
+timeout after the server accepted the message), are the only duplicates the outbox produces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import sqlite3
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.alerting.alerts import Alert, to_jsonable
+from pipeline.alerting.channels.base import Delivery
+from pipeline.errors import StateError
+
+__all__ = [
+    "OUTBOX_STATUSES",
+    "DeadLetter",
+    "DeliveryReport",
+    "Outbox",
+    "OutboxRow",
+    "OutboxSettings",
+    "OutboxStatus",
+    "ReceiverCounts",
+    "Sender",
+    "alert_payload",
+    "create_tables",
+    "deliver_due",
+    "enqueue",
+]
+
+logger = logging.getLogger(__name__)
+
+OutboxStatus = Literal["pending", "delivered", "dead"]
+OUTBOX_STATUSES: Final[tuple[OutboxStatus, ...]] = ("pending", "delivered", "dead")
+
+# NOTE: these tables live here until the engine wires delivery in. Then they move into the
+# schema migration of pipeline.store.state, with a SCHEMA_VERSION bump, and this module keeps
+# only the queries.
+_TABLES: Final = (
+    """
+    CREATE TABLE IF NOT EXISTS outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        alert_id TEXT NOT NULL,
+        receiver TEXT NOT NULL,
+        dedup_key TEXT NOT NULL,
+        payload_json TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending'
+            CHECK (status IN ('pending', 'delivered', 'dead')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TEXT NOT NULL,
+        last_error TEXT,
+        remote_id TEXT,
+        created_at TEXT NOT NULL,
+        delivered_at TEXT,
+        UNIQUE (alert_id, receiver)
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at) WHERE status = 'pending'",
+)
+
+_COLUMNS: Final = (
+    "id, alert_id, receiver, dedup_key, payload_json, status, attempts, next_attempt_at, "
+    "last_error, remote_id, created_at, delivered_at"
+)
+
+
+class OutboxSettings(BaseModel):
+    """Retry policy of the outbox.
+
+    Attributes:
+        max_attempts: delivery attempts per (alert, receiver) before the row is dead.
+        backoff_base_seconds: upper bound of the wait after the first failed attempt; the
+            bound doubles with each further attempt.
+        backoff_cap_seconds: the largest upper bound of the wait, in seconds.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_attempts: int = Field(default=8, ge=1)
+    backoff_base_seconds: float = Field(default=30, gt=0)
+    backoff_cap_seconds: float = Field(default=3600, gt=0)
+
+    @model_validator(mode="after")
+    def _cap_not_below_base(self) -> OutboxSettings:
+        if self.backoff_cap_seconds < self.backoff_base_seconds:
+            raise ValueError(
+                f"backoff_cap_seconds ({self.backoff_cap_seconds:g}) is less than "
+                f"backoff_base_seconds ({self.backoff_base_seconds:g}); raise the cap or lower "
+                "the base"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """One (alert, receiver) delivery as stored in the outbox table.
+
+    Times are timezone-aware UTC datetimes. ``attempts`` counts the attempts recorded so far.
+    """
+
+    id: int
+    alert_id: str
+    receiver: str
+    dedup_key: str
+    payload_json: str
+    status: OutboxStatus
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+    remote_id: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        """The decoded payload: the alert as :func:`alert_payload` stored it."""
+        value: dict[str, Any] = json.loads(self.payload_json)
+        return value
+
+
+Sender = Callable[[OutboxRow], Delivery]
+"""A callable that sends one outbox row to its receiver and classifies the result.
+
+Channels return a ``retry`` or ``failed`` :class:`Delivery` instead of raising. If a sender
+raises anyway, :func:`deliver_due` records the exception as a ``retry``.
+"""
+
+
+@dataclass
+class ReceiverCounts:
+    """Row counts of one receiver after one :func:`deliver_due` pass.
+
+    Attributes:
+        sent: rows delivered in this pass.
+        retry: rows that failed transiently and are scheduled again.
+        dead: rows that became dead in this pass.
+        pending: rows of this receiver still pending after the pass (due later, deferred, or
+            scheduled again).
+        deferred: due rows not attempted in this pass because an earlier row of the same
+            receiver asked for a retry, or because no sender is configured for the receiver.
+    """
+
+    sent: int = 0
+    retry: int = 0
+    dead: int = 0
+    pending: int = 0
+    deferred: int = 0
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A row that became dead in a :func:`deliver_due` pass, for the run summary."""
+
+    row_id: int
+    alert_id: str
+    receiver: str
+    detail: str
+
+
+@dataclass
+class DeliveryReport:
+    """The result of one :func:`deliver_due` pass.
+
+    Attributes:
+        receivers: receiver name -> counts, for every receiver with a due or pending row.
+        dead: the rows that became dead in this pass.
+        unknown_receivers: receivers with due rows but no sender; their rows stay pending.
+    """
+
+    receivers: dict[str, ReceiverCounts] = field(default_factory=dict)
+    dead: list[DeadLetter] = field(default_factory=list)
+    unknown_receivers: list[str] = field(default_factory=list)
+
+    def counts(self, receiver: str) -> ReceiverCounts:
+        """Return the counts of ``receiver``, adding zero counts for a new name."""
+        return self.receivers.setdefault(receiver, ReceiverCounts())
+
+    def summary(self) -> dict[str, Any]:
+        """Return the report as JSON-ready data for the run summary."""
+        return {
+            "receivers": {
+                name: dataclasses.asdict(counts) for name, counts in sorted(self.receivers.items())
+            },
+            "dead": [dataclasses.asdict(letter) for letter in self.dead],
+            "unknown_receivers": list(self.unknown_receivers),
+        }
+
+
+def create_tables(conn: sqlite3.Connection) -> None:
+    """Create the outbox table and index if they do not exist.
+
+    The statements run one by one with :meth:`sqlite3.Connection.execute`, never
+    ``executescript`` (which commits first), so calling this inside a caller's transaction
+    keeps that transaction open.
+    """
+    for statement in _TABLES:
+        conn.execute(statement)
+
+
+def alert_payload(alert: Alert) -> dict[str, Any]:
+    """Convert ``alert`` to the JSON-ready dict stored in ``payload_json``.
+
+    NOTE: rebuilding an :class:`Alert` from this dict is left to the channel wiring. Times in
+    it are ISO 8601 strings, so :meth:`Alert.from_findings` needs them parsed back first.
+    """
+    data: dict[str, Any] = to_jsonable(dataclasses.asdict(alert))
+    return data
+
+
+def enqueue(
+    conn: sqlite3.Connection, alert: Alert, receivers: Iterable[str], *, now: datetime
+) -> int:
+    """Queue ``alert`` for each receiver on ``conn``, inside the caller's transaction.
+
+    This function neither begins nor commits a transaction. The engine calls it between its
+    own ``BEGIN IMMEDIATE`` and ``COMMIT`` that record the alerts, so a rollback removes the
+    queued rows with the alerts. On a connection in autocommit mode with no open transaction,
+    each row commits by itself; use :meth:`Outbox.enqueue` for a transaction of its own.
+
+    Enqueueing is idempotent: a row for an (alert id, receiver) that already exists is left
+    as it is, whatever its status.
+
+    Returns:
+        The number of rows added.
+    """
+    create_tables(conn)
+    payload = json.dumps(alert_payload(alert), sort_keys=True)
+    stamp = _utc_text(now)
+    added = 0
+    for receiver in dict.fromkeys(receivers):
+        cursor = conn.execute(
+            "INSERT OR IGNORE INTO outbox (alert_id, receiver, dedup_key, payload_json, status, "
+            "attempts, next_attempt_at, created_at) VALUES (?, ?, ?, ?, 'pending', 0, ?, ?)",
+            (alert.alert_id, receiver, alert.dedup_key, payload, stamp, stamp),
+        )
+        added += cursor.rowcount
+    return added
+
+
+class Outbox:
+    """The outbox table in the state database.
+
+    Args:
+        database: the state database file (normally ``<state_dir>/state.db``), opened in WAL
+            mode like :class:`pipeline.store.state.State` does, or an open connection to share
+            with the caller. A shared connection must be in autocommit mode
+            (``isolation_level=None``) because the outbox issues its own ``BEGIN IMMEDIATE``,
+            and it is not closed by :meth:`close`.
+        settings: the retry policy.
+        rng: the source of backoff jitter; pass a seeded :class:`random.Random` for
+            reproducible schedules.
+
+    Raises:
+        StateError: the file cannot be opened as a SQLite database.
+        ValueError: a shared connection is not in autocommit mode.
+    """
+
+    def __init__(
+        self,
+        database: Path | sqlite3.Connection,
+        *,
+        settings: OutboxSettings | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings or OutboxSettings()
+        self._rng = rng or random.Random()
+        if isinstance(database, sqlite3.Connection):
+            if database.isolation_level is not None:
+                raise ValueError(
+                    "the outbox needs a connection in autocommit mode; open it with "
+                    "sqlite3.connect(path, isolation_level=None)"
+                )
+            self.path: Path | None = None
+            self._conn = database
+            self._owns_connection = False
+        else:
+            self.path = Path(database)
+            self._conn = self._connect(self.path)
+            self._owns_connection = True
+        create_tables(self._conn)
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.DatabaseError as exc:
+            raise StateError(
+                f"cannot open state database {path} for the outbox: {exc}; move the file away "
+                "to start with an empty state"
+            ) from None
+        return conn
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The connection the outbox uses, for callers that enqueue in their own transaction."""
+        return self._conn
+
+    def close(self) -> None:
+        """Close the connection if the outbox opened it."""
+        if self._owns_connection:
+            self._conn.close()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # Writes
+
+    def enqueue(self, alert: Alert, receivers: Iterable[str], *, now: datetime) -> int:
+        """Queue ``alert`` for each receiver in a transaction of its own (see :func:`enqueue`).
+
+        Returns:
+            The number of rows added; existing (alert id, receiver) rows are kept as they are.
+        """
+        with self._transaction("enqueue alert " + alert.alert_id):
+            return enqueue(self._conn, alert, receivers, now=now)
+
+    def record(self, row_id: int, delivery: Delivery, now: datetime) -> OutboxRow:
+        """Store the result of one delivery attempt of a pending row and return the new row.
+
+        Raises:
+            StateError: the row does not exist or is not pending.
+        """
+        with self._transaction(f"record delivery of outbox row {row_id}"):
+            row = self._get(row_id)
+            if row.status != "pending":
+                raise StateError(
+                    f"outbox row {row_id} is {row.status}, not pending; a result can only be "
+                    "recorded for a pending row"
+                )
+            attempts = row.attempts + 1
+            if delivery.status == "delivered":
+                self._conn.execute(
+                    "UPDATE outbox SET status = 'delivered', attempts = ?, remote_id = ?, "
+                    "delivered_at = ? WHERE id = ?",
+                    (attempts, delivery.remote_id, _utc_text(now), row_id),
+                )
+            elif delivery.status == "failed":
+                self._mark_dead(row_id, attempts, delivery.detail)
+            elif attempts >= self.settings.max_attempts:
+                error = f"gave up after {attempts} attempts: {delivery.detail}"
+                self._mark_dead(row_id, attempts, error)
+            else:
+                wait = self.retry_delay(attempts, delivery.retry_after)
+                error = delivery.detail
+                if delivery.ambiguous:
+                    error += " (ambiguous: the receiver may already have the message)"
+                self._conn.execute(
+                    "UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ? "
+                    "WHERE id = ?",
+                    (attempts, _utc_text(now + timedelta(seconds=wait)), error, row_id),
+                )
+            return self._get(row_id)
+
+    def retry_delay(self, attempts: int, retry_after: float | None = None) -> float:
+        """Return the seconds to wait after failed attempt number ``attempts`` (from 1).
+
+        The backoff is drawn uniformly from ``[0, min(cap, base * 2 ** (attempts - 1))]`` (full
+        jitter, so receivers that failed together do not retry together). A ``retry_after``
+        the server asked for wins when it is longer.
+        """
+        bound = min(
+            self.settings.backoff_cap_seconds,
+            self.settings.backoff_base_seconds * 2 ** (attempts - 1),
+        )
+        backoff = self._rng.uniform(0, bound)
+        return max(retry_after or 0.0, backoff)
+
+    def retry_dead(self, ids: Iterable[int] | None = None, *, now: datetime) -> int:
+        """Queue dead rows again, due at ``now`` with their attempts reset to zero.
+
+        Args:
+            ids: the row ids to queue again; None queues every dead row. Ids of rows that are
+                not dead are ignored.
+            now: when the rows become due.
+
+        Returns:
+            The number of rows queued again.
+        """
+        stamp = _utc_text(now)
+        with self._transaction("queue dead outbox rows again"):
+            if ids is None:
+                cursor = self._conn.execute(
+                    "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ? "
+                    "WHERE status = 'dead'",
+                    (stamp,),
+                )
+                changed = cursor.rowcount
+            else:
+                changed = 0
+                for row_id in dict.fromkeys(ids):
+                    cursor = self._conn.execute(
+                        "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ? "
+                        "WHERE id = ? AND status = 'dead'",
+                        (stamp, int(row_id)),
+                    )
+                    changed += cursor.rowcount
+        logger.info("queued %s dead outbox rows again", changed)
+        return changed
+
+    # Reads
+
+    def due(self, now: datetime) -> list[OutboxRow]:
+        """Return the pending rows whose next attempt is at or before ``now``, oldest first."""
+        rows = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM outbox WHERE status = 'pending' AND next_attempt_at <= ? "
+            "ORDER BY next_attempt_at, id",
+            (_utc_text(now),),
+        ).fetchall()
+        return [_row(values) for values in rows]
+
+    def list_rows(self, status: OutboxStatus | None = None) -> list[OutboxRow]:
+        """Return the rows with ``status`` (all rows for None), in the order they were queued.
+
+        Raises:
+            ValueError: ``status`` is not one of :data:`OUTBOX_STATUSES`.
+        """
+        if status is None:
+            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM outbox ORDER BY id").fetchall()
+        elif status in OUTBOX_STATUSES:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM outbox WHERE status = ? ORDER BY id", (status,)
+            ).fetchall()
+        else:
+            raise ValueError(f"invalid outbox status {status!r}; expected one of {OUTBOX_STATUSES}")
+        return [_row(values) for values in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Return the number of rows per status, with every status present."""
+        found: dict[str, int] = dict.fromkeys(OUTBOX_STATUSES, 0)
+        for status, count in self._conn.execute(
+            "SELECT status, count(*) FROM outbox GROUP BY status"
+        ):
+            found[str(status)] = int(count)
+        return found
+
+    def pending_by_receiver(self) -> dict[str, int]:
+        """Return the number of pending rows per receiver."""
+        rows = self._conn.execute(
+            "SELECT receiver, count(*) FROM outbox WHERE status = 'pending' GROUP BY receiver"
+        ).fetchall()
+        return {str(receiver): int(count) for receiver, count in rows}
+
+    # Helpers
+
+    def _get(self, row_id: int) -> OutboxRow:
+        values = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM outbox WHERE id = ?", (int(row_id),)
+        ).fetchone()
+        if values is None:
+            raise StateError(f"outbox row {row_id} not found in {self._where()}")
+        return _row(values)
+
+    def _mark_dead(self, row_id: int, attempts: int, error: str) -> None:
+        self._conn.execute(
+            "UPDATE outbox SET status = 'dead', attempts = ?, last_error = ? WHERE id = ?",
+            (attempts, error, row_id),
+        )
+
+    def _transaction(self, action: str) -> _Transaction:
+        return _Transaction(self._conn, action, self._where())
+
+    def _where(self) -> str:
+        return str(self.path) if self.path is not None else "the shared state connection"
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any exception.
+
+    SQLite errors become :class:`StateError` naming the action; other exceptions propagate
+    unchanged after the rollback.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, action: str, where: str) -> None:
+        self._conn = conn
+        self._action = action
+        self._where = where
+
+    def __enter__(self) -> None:
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StateError(f"could not {self._action} in {self._where}: {exc}") from exc
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
+        if exc_type is None:
+            try:
+                self._conn.execute("COMMIT")
+                return
+            except sqlite3.Error as commit_error:
+                exc = commit_error
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise StateError(
+                f"could not {self._action} in {self._where}: {exc}; nothing was changed"
+            ) from exc
+
+
+def deliver_due(outbox: Outbox, senders: Mapping[str, Sender], now: datetime) -> DeliveryReport:
+    """Send every due row with its receiver's sender and record each result.
+
+    Only rows that are due are sent, so a receiver that delivered is not sent its alert
+    again when another receiver of the same alert failed. After a ``retry`` result, the
+    receiver's other due rows wait for the next pass (counted as ``deferred``), so an
+    unreachable or rate-limiting receiver costs one attempt per pass instead of one per row.
+
+    A sender that raises breaks the channel contract. The exception is recorded as a
+    ``retry`` with its type and message in ``last_error``, so it cannot stop the other
+    receivers.
+
+    Rows whose receiver has no sender stay pending and are listed in ``unknown_receivers``.
+    So a receiver removed from the configuration keeps its rows until the configuration
+    names it again.
+    """
+    report = DeliveryReport()
+    held_back: set[str] = set()
+    for row in outbox.due(now):
+        counts = report.counts(row.receiver)
+        sender = senders.get(row.receiver)
+        if sender is None:
+            if row.receiver not in report.unknown_receivers:
+                report.unknown_receivers.append(row.receiver)
+            counts.deferred += 1
+            continue
+        if row.receiver in held_back:
+            counts.deferred += 1
+            continue
+        delivery = _attempt(sender, row)
+        stored = outbox.record(row.id, delivery, now)
+        if stored.status == "delivered":
+            counts.sent += 1
+            logger.debug("delivered alert %s to %s", row.alert_id, row.receiver)
+        elif stored.status == "dead":
+            counts.dead += 1
+            detail = stored.last_error or delivery.detail
+            report.dead.append(DeadLetter(row.id, row.alert_id, row.receiver, detail))
+            logger.error(
+                "delivery of alert %s to %s failed after %s attempts and the row is dead: %s",
+                row.alert_id,
+                row.receiver,
+                stored.attempts,
+                detail,
+            )
+        else:
+            counts.retry += 1
+            held_back.add(row.receiver)
+            logger.warning(
+                "delivery of alert %s to %s failed (attempt %s), retrying at %s: %s",
+                row.alert_id,
+                row.receiver,
+                stored.attempts,
+                stored.next_attempt_at.isoformat(),
+                stored.last_error,
+            )
+
+    for receiver, pending in outbox.pending_by_receiver().items():
+        report.counts(receiver).pending = pending
+    if report.unknown_receivers:
+        logger.warning(
+            "no channel configured for receivers %s; their outbox rows stay pending",
+            ", ".join(sorted(report.unknown_receivers)),
+        )
+    return report
+
+
+def _attempt(sender: Sender, row: OutboxRow) -> Delivery:
+    try:
+        return sender(row)
+    except Exception as exc:
+        # Channels classify failures instead of raising, so this is a bug in the sender. Its
+        # message goes into last_error, so a channel must not put secrets into exceptions.
+        logger.exception("sender for %s raised on outbox row %s", row.receiver, row.id)
+        return Delivery("retry", f"sender raised {type(exc).__name__}: {exc}")
+
+
+def _row(values: tuple[Any, ...]) -> OutboxRow:
+    (
+        row_id,
+        alert_id,
+        receiver,
+        dedup_key,
+        payload_json,
+        status,
+        attempts,
+        next_attempt_at,
+        last_error,
+        remote_id,
+        created_at,
+        delivered_at,
+    ) = values
+    return OutboxRow(
+        id=int(row_id),
+        alert_id=str(alert_id),
+        receiver=str(receiver),
+        dedup_key=str(dedup_key),
+        payload_json=str(payload_json),
+        status=status,
+        attempts=int(attempts),
+        next_attempt_at=_parse_utc(next_attempt_at),
+        last_error=last_error,
+        remote_id=remote_id,
+        created_at=_parse_utc(created_at),
+        delivered_at=_parse_utc(delivered_at) if delivered_at else None,
+    )
+
+
+def _utc_text(moment: datetime) -> str:
+    """Format a time as fixed-width ISO 8601 UTC text, so text order is time order."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_utc(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
