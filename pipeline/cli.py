@@ -19,6 +19,7 @@ Exit codes:
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import functools
 import io
 import json
@@ -36,6 +37,17 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.alerting.silences import (
+    SILENCE_LABELS,
+    InvalidSilenceError,
+    Silence,
+    SilenceNotFoundError,
+    SilenceStore,
+    format_duration,
+    parse_duration,
+    parse_expiry,
+    parse_matcher,
+)
 from pipeline.config import (
     Settings,
     check_files,
@@ -541,3 +553,184 @@ def validate_config(config_path: Path | None) -> None:
 
 def _ratio(value: Any) -> str:
     return "-" if value is None else f"{float(value):.2f}"
+
+
+# --- silences ----------------------------------------------------------------------------------
+
+
+_state_dir_option = click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="State folder that contains state.db; overrides state_dir from the config.",
+)
+
+
+def _silence_store(config_path: Path | None, state_dir: Path | None) -> SilenceStore:
+    """Open the silences of ``--state-dir``, else of the configured (or default) state_dir."""
+    if state_dir is None:
+        settings, origin = _load_settings(config_path)
+        _start_logging(settings)
+        _log_settings_origin(origin)
+        state_dir = settings.state_dir
+    else:
+        _start_logging()
+    return SilenceStore(state_dir.resolve() / "state.db")
+
+
+def _duration_option(ctx: click.Context, param: click.Parameter, value: str) -> dt.timedelta:
+    try:
+        return parse_duration(value)
+    except InvalidSilenceError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+@main.group()
+def silence() -> None:
+    """Mute findings for a while: add, list and expire silences (Alertmanager style).
+
+    A silence has matchers, an owner, a reason and a mandatory expiry. It mutes the findings
+    that all its matchers match until it expires.
+    """
+
+
+@silence.command("add")
+@click.option(
+    "--matcher",
+    "matchers",
+    multiple=True,
+    required=True,
+    help=(
+        "LABEL=VALUE for an exact match or LABEL=~REGEX for a regex that must match the whole "
+        f"value (repeatable; all must match). Labels: {', '.join(SILENCE_LABELS)}."
+    ),
+)
+@click.option("--owner", required=True, help="Who is responsible for the silence (an email).")
+@click.option("--reason", required=True, help="Why the findings are expected.")
+@click.option(
+    "--expires",
+    required=True,
+    help="When the silence ends: a duration from now (4h, 3d, 1w) or an ISO 8601 time (UTC if "
+    "no zone).",
+)
+@click.option(
+    "--max-duration",
+    default="30d",
+    show_default=True,
+    callback=_duration_option,
+    help="Reject a silence that would last longer than this duration.",
+)
+@_config_option
+@_state_dir_option
+@_log_options
+@_handle_errors
+def silence_add(
+    matchers: tuple[str, ...],
+    owner: str,
+    reason: str,
+    expires: str,
+    max_duration: dt.timedelta,
+    config_path: Path | None,
+    state_dir: Path | None,
+) -> None:
+    """Add a silence and print its id."""
+    now = dt.datetime.now(dt.UTC)
+    try:
+        parsed = [parse_matcher(text) for text in matchers]
+    except InvalidSilenceError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--matcher'") from None
+    try:
+        ends_at = parse_expiry(expires, now)
+    except InvalidSilenceError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--expires'") from None
+    if ends_at <= now:
+        raise click.BadParameter(
+            f"expiry {_iso(ends_at)} is not in the future; give a duration such as 4h or a "
+            "later time",
+            param_hint="'--expires'",
+        )
+    for name, value in (("--owner", owner), ("--reason", reason)):
+        if not value.strip():
+            raise click.BadParameter("must not be empty", param_hint=f"'{name}'")
+
+    store = _silence_store(config_path, state_dir)
+    new = Silence(
+        matchers=parsed,
+        owner=owner,
+        reason=reason,
+        starts_at=now,
+        ends_at=ends_at,
+        created_at=now,
+    )
+    try:
+        silence_id = store.add(new, now=now, max_duration=max_duration)
+    except InvalidSilenceError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--expires'") from None
+    click.echo(
+        f"added silence {silence_id}, ends {_iso(ends_at)} (in {format_duration(ends_at - now)})"
+    )
+
+
+@silence.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Also list expired and pending silences.")
+@click.option("--json", "as_json", is_flag=True, help="Print the silences as a JSON array.")
+@_config_option
+@_state_dir_option
+@_log_options
+@_handle_errors
+def silence_list(
+    show_all: bool, as_json: bool, config_path: Path | None, state_dir: Path | None
+) -> None:
+    """List the active silences (all of them with --all)."""
+    now = dt.datetime.now(dt.UTC)
+    store = _silence_store(config_path, state_dir)
+    silences = store.list(active_only=not show_all, now=now)
+    if as_json:
+        rows = [{**item.model_dump(mode="json"), "status": item.status(now)} for item in silences]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not silences:
+        click.echo("no silences" if show_all else "no active silences")
+        return
+    table = Table(title_justify="left")
+    for column in ("id", "matchers", "owner", "reason", "ends in"):
+        table.add_column(column)
+    for item in silences:
+        table.add_row(
+            item.id,
+            " ".join(str(matcher) for matcher in item.matchers),
+            item.owner,
+            item.reason,
+            _ends_in(item, now),
+        )
+    _stdout_console().print(table)
+
+
+@silence.command("expire")
+@click.argument("silence_id", metavar="ID")
+@_config_option
+@_state_dir_option
+@_log_options
+@_handle_errors
+def silence_expire(silence_id: str, config_path: Path | None, state_dir: Path | None) -> None:
+    """End the silence ID now."""
+    now = dt.datetime.now(dt.UTC)
+    store = _silence_store(config_path, state_dir)
+    try:
+        store.expire(silence_id, now)
+    except (SilenceNotFoundError, InvalidSilenceError) as exc:
+        raise click.BadParameter(str(exc), param_hint="'ID'") from None
+    click.echo(f"expired silence {silence_id}")
+
+
+def _ends_in(item: Silence, now: dt.datetime) -> str:
+    status = item.status(now)
+    if status == "expired":
+        return f"expired {format_duration(now - item.ends_at)} ago"
+    if status == "pending":
+        starts_in = format_duration(item.starts_at - now)
+        return f"{format_duration(item.ends_at - now)} (starts in {starts_in})"
+    return format_duration(item.ends_at - now)
+
+
+def _iso(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
