@@ -14,6 +14,8 @@ Exit codes:
   3  completed with problems: a source could not be read, a detector failed, outputs could not
      be written, or records were quarantined and --fail-on-quarantine was given
   4  another keytrail run holds the lock on the state directory
+  5  alert delivery failed: an outbox row became dead, or a delivery waits for a retry
+     (`keytrail outbox list` shows them; `keytrail test-alert` also exits 5 when a channel fails)
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.alerting.delivery import channel_senders, sample_alert
+from pipeline.alerting.escape import clean_line
+from pipeline.alerting.outbox import OUTBOX_STATUSES, Outbox, OutboxStatus
+from pipeline.alerting.render import Renderer
 from pipeline.alerting.silences import (
     SILENCE_LABELS,
     InvalidSilenceError,
@@ -67,6 +73,7 @@ from pipeline.summary import print_summary, write_summary_json
 
 __all__ = [
     "EXIT_CONFIG",
+    "EXIT_DELIVERY",
     "EXIT_INTERNAL",
     "EXIT_LOCKED",
     "EXIT_OK",
@@ -81,6 +88,7 @@ EXIT_INTERNAL: Final = 1
 EXIT_CONFIG: Final = 2
 EXIT_PROBLEMS: Final = 3
 EXIT_LOCKED: Final = 4
+EXIT_DELIVERY: Final = 5
 
 DEFAULT_CONFIG: Final = Path("config.yaml")
 PIPED_WIDTH: Final = 400
@@ -734,3 +742,127 @@ def _ends_in(item: Silence, now: dt.datetime) -> str:
 
 def _iso(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# --- outbox and test alerts --------------------------------------------------------------------
+
+
+def _outbox(config_path: Path | None, state_dir: Path | None) -> Outbox:
+    """Open the outbox of ``--state-dir``, else of the configured (or default) state_dir."""
+    if state_dir is None:
+        settings, origin = _load_settings(config_path)
+        _start_logging(settings)
+        _log_settings_origin(origin)
+        state_dir = settings.state_dir
+    else:
+        _start_logging()
+    return Outbox(state_dir.resolve() / "state.db")
+
+
+@main.group()
+def outbox() -> None:
+    """List and requeue the delivery outbox: one row per (alert, receiver)."""
+
+
+@outbox.command("list")
+@click.option(
+    "--status",
+    type=click.Choice(list(OUTBOX_STATUSES)),
+    help="List only rows with this status (default: all rows).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as a JSON array.")
+@_config_option
+@_state_dir_option
+@_log_options
+@_handle_errors
+def outbox_list(
+    status: OutboxStatus | None,
+    as_json: bool,
+    config_path: Path | None,
+    state_dir: Path | None,
+) -> None:
+    """List outbox rows in the order they were queued."""
+    with _outbox(config_path, state_dir) as box:
+        rows = box.list_rows(status)
+    if as_json:
+        data = [
+            {
+                "id": row.id,
+                "alert_id": row.alert_id,
+                "receiver": row.receiver,
+                "dedup_key": row.dedup_key,
+                "status": row.status,
+                "attempts": row.attempts,
+                "next_attempt_at": _iso(row.next_attempt_at),
+                "last_error": row.last_error,
+                "remote_id": row.remote_id,
+            }
+            for row in rows
+        ]
+        click.echo(json.dumps(data, indent=2))
+        return
+    if not rows:
+        click.echo("no outbox rows")
+        return
+    for row in rows:
+        error = f"  {clean_line(row.last_error)}" if row.last_error else ""
+        click.echo(
+            f"{row.id}  {row.status:<9}  {clean_line(row.receiver)}  {row.alert_id}  "
+            f"attempts={row.attempts}{error}"
+        )
+
+
+@outbox.command("retry")
+@click.argument("row_ids", nargs=-1, type=int)
+@click.option("--all", "retry_all", is_flag=True, help="Queue every dead row again.")
+@_config_option
+@_state_dir_option
+@_log_options
+@_handle_errors
+def outbox_retry(
+    row_ids: tuple[int, ...],
+    retry_all: bool,
+    config_path: Path | None,
+    state_dir: Path | None,
+) -> None:
+    """Queue dead rows (by ID, or --all) again; the next `keytrail run` sends them."""
+    if bool(row_ids) == retry_all:
+        raise click.UsageError("expected outbox row IDs or --all, but not both")
+    with _outbox(config_path, state_dir) as box:
+        changed = box.retry_dead(None if retry_all else row_ids, now=dt.datetime.now(dt.UTC))
+    click.echo(f"queued {changed} dead outbox rows again")
+
+
+@main.command("test-alert")
+@click.option("--receiver", required=True, help="Name of the receiver under alerting.receivers.")
+@_config_option
+@_log_options
+@_handle_errors
+def test_alert(receiver: str, config_path: Path | None) -> None:
+    """Send a sample alert through each channel of one receiver now and print each result."""
+    settings, origin = _load_settings(config_path)
+    _start_logging(settings)
+    _log_settings_origin(origin)
+    try:
+        receiver_settings = settings.alerting.receiver(receiver)
+    except KeyError:
+        known = ", ".join(settings.alerting.receiver_names())
+        raise click.UsageError(
+            f"receiver {receiver!r} not found; known receivers: {known}"
+        ) from None
+    now = dt.datetime.now(dt.UTC)
+    sends = channel_senders(
+        receiver_settings,
+        settings.alerting,
+        Renderer(settings.alerting.templates_dir),
+        settings.output_dir,
+        now,
+    )
+    alert = sample_alert(now)
+    failed = False
+    for channel, send in sends.items():
+        delivery = send(alert)
+        failed = failed or delivery.status != "delivered"
+        click.echo(f"{channel}: {delivery.status}: {clean_line(delivery.detail)}")
+    if failed:
+        raise SystemExit(EXIT_DELIVERY)

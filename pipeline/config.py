@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 # Importing the package registers the built-in detectors, which validation looks up.
 import detectors  # noqa: F401
 from detectors.base import Detector, get_detector, registered_detectors
-from pipeline.alerting import OutputSettings
+from pipeline.alerting.delivery import AlertingSettings
 from pipeline.enrich import GeoIP, GeoIPSettings
 from pipeline.errors import ConfigError
 
@@ -262,7 +262,7 @@ class Settings(_Strict):
     enrich: EnrichSettings = Field(default_factory=EnrichSettings)
     history: HistorySettings = Field(default_factory=HistorySettings)
     detectors: dict[str, DetectorSettings] = Field(default_factory=dict)
-    alerting: OutputSettings = Field(default_factory=OutputSettings)
+    alerting: AlertingSettings = Field(default_factory=AlertingSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @property

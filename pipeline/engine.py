@@ -10,20 +10,27 @@ the steps of a run, each a call into the package that owns it. Under the state l
    events to the history;
 4. runs each enabled detector on the new window with a baseline from the history;
 5. drops findings already in the ledger;
-6. commits seen events, the findings ledger, one pending output row per new finding (the finding
-   as JSON), checkpoints and the run row in one transaction;
-7. writes the outputs (findings.jsonl, outbox files, console), then marks them written in a
-   second, small transaction;
-8. expires old history (counted back from the newest event time in the history, at most the
-   run time) and old seen ids (counted back from the run time), and finishes the summary.
+6. filters the new findings for alerting (``min_severity``, allow-list, active silences) and
+   routes and groups them into alerts per receiver;
+7. commits seen events, the findings ledger, one pending output row per new finding (the finding
+   as JSON), one outbox row per (alert, receiver) not sent within ``repeat_interval``,
+   checkpoints and the run row in one transaction;
+8. writes findings.jsonl and the console output, then marks them written in a second, small
+   transaction;
+9. delivers every due outbox row, this run's and those left pending or retrying by earlier runs,
+   through the receivers' channels (the built-in ``outbox-files`` receiver writes the rendered
+   files to ``output_dir/outbox``);
+10. expires old history (counted back from the newest event time in the history, at most the
+    run time) and old seen ids (counted back from the run time), and finishes the summary.
 
 Crash safety: a failure before the commit deletes this run's history files and leaves the state
 as it was, so the next run reads the same input again and deduplication absorbs the overlap. A
 run killed before the commit leaves a ``started`` run row, and step 1 of the next run deletes its
 history files. A crash after the commit loses nothing, because step 1 of the next run writes the
-pending outputs. A crash after the outputs were written but before they were marked written is
-the one ambiguous case: the next run writes those findings again, so findings.jsonl holds at
-most one duplicate line per finding (outbox files have stable names and are replaced).
+pending outputs and its step 9 delivers the queued outbox rows. A crash after the outputs were
+written but before they were marked written is the one ambiguous case: the next run writes those
+findings again, so findings.jsonl holds at most one duplicate line per finding. Delivery is
+at-least-once per (alert, receiver), as :mod:`pipeline.alerting.outbox` describes.
 """
 
 from __future__ import annotations
@@ -44,7 +51,16 @@ import pandas as pd
 from rich.console import Console
 
 from detectors.base import FINDING_COLUMNS, Detector, FrameHistory, HistoryView, empty_findings
-from pipeline.alerting import findings_to_json_lines, render_console, write_outputs
+from pipeline.alerting import OutputSettings, findings_to_json_lines, render_console, write_outputs
+from pipeline.alerting.delivery import (
+    FILE_RECEIVER,
+    AlertPlan,
+    build_senders,
+    enqueue_alerts,
+    plan_alerts,
+)
+from pipeline.alerting.outbox import Outbox, deliver_due
+from pipeline.alerting.silences import SilenceStore
 from pipeline.config import FilesSourceSettings, Settings, build_detectors
 from pipeline.enrich import enrich_events
 from pipeline.errors import DetectorError, KeytrailError
@@ -168,6 +184,14 @@ def _run(
             summary.problems.append(f"outputs: invalid findings: {exc}")
             _roll_back(history, state, summary, f"findings could not be serialized: {exc}")
             return
+        plan = _plan_alerts(settings, state_path_of(settings), findings, summary, now)
+        queued: dict[str, dict[str, int]] = {}
+
+        def enqueue_in_commit(conn: sqlite3.Connection) -> None:
+            queued.update(
+                enqueue_alerts(conn, plan, settings.alerting.repeat_interval, now.to_pydatetime())
+            )
+
         summary.status = "completed_with_problems" if summary.problems else "completed"
         summary.finished = datetime.now(UTC)
         state.commit_run(
@@ -179,7 +203,9 @@ def _run(
             summary=summary.to_dict(),
             status=summary.status,
             pending_outputs=pending,
+            in_transaction=enqueue_in_commit,
         )
+        summary.alerting["queued"] = queued
         logger.info("state: committed %s events, %s findings", len(events), len(findings))
     except BaseException as exc:
         _roll_back(history, state, summary, f"{type(exc).__name__}: {exc}")
@@ -187,6 +213,7 @@ def _run(
 
     # From here on the run is committed: a failure leaves its findings pending for the next run.
     _write_outputs(settings, state, findings, summary, console, now)
+    _deliver(settings, summary, now)
     _expire(settings, history, state, summary, now)
     if summary.problems and summary.status == "completed":
         summary.status = "completed_with_problems"
@@ -229,7 +256,11 @@ def _write_pending_outputs(
     frame = _findings_from_texts([text for _, text in pending])
     try:
         report = write_outputs(
-            frame, settings.output_dir, settings.alerting, console=console, now=now.to_pydatetime()
+            frame,
+            settings.output_dir,
+            _without_files(settings),
+            console=console,
+            now=now.to_pydatetime(),
         )
     except (KeytrailError, OSError, ValueError) as exc:
         summary.problems.append(
@@ -440,7 +471,7 @@ def _write_outputs(
         report = write_outputs(
             findings,
             settings.output_dir,
-            settings.alerting,
+            _without_files(settings),
             console=console,
             now=now.to_pydatetime(),
         )
@@ -471,6 +502,61 @@ def _write_outputs(
         report.findings_written,
         len(report.slack_files),
     )
+
+
+def state_path_of(settings: Settings) -> Path:
+    """Return the state database file of ``settings``."""
+    return settings.state_dir / "state.db"
+
+
+def _without_files(settings: Settings) -> OutputSettings:
+    """Return the output settings with outbox files off, because the file receiver writes them."""
+    return settings.alerting.model_copy(update={"outbox": False})
+
+
+def _plan_alerts(
+    settings: Settings,
+    state_path: Path,
+    findings: pd.DataFrame,
+    summary: RunSummary,
+    now: pd.Timestamp,
+) -> AlertPlan:
+    """Filter, route and group the new findings, and count what the filters removed."""
+    silences = SilenceStore(state_path).active(now.to_pydatetime()) if len(findings) else []
+    plan = plan_alerts(findings, settings.alerting, silences, now.to_pydatetime())
+    summary.alerting = {
+        "below_min_severity": plan.below_min_severity,
+        "allowed": plan.allowed,
+        "allowed_by": plan.allowed_by,
+        "silenced": plan.silenced,
+        "silenced_by": plan.silenced_by,
+        "alerts": {receiver: len(alerts) for receiver, alerts in plan.alerts},
+    }
+    logger.info(
+        "alerting: %s findings allowed, %s silenced, %s alerts routed",
+        plan.allowed,
+        plan.silenced,
+        sum(len(alerts) for _, alerts in plan.alerts),
+    )
+    return plan
+
+
+def _deliver(settings: Settings, summary: RunSummary, now: pd.Timestamp) -> None:
+    """Send every due outbox row, this run's and those left by earlier runs."""
+    moment = now.to_pydatetime()
+    try:
+        senders = build_senders(settings.alerting, settings.output_dir, moment)
+        with Outbox(state_path_of(settings), settings=settings.alerting.delivery) as outbox:
+            report = deliver_due(outbox, senders, moment)
+    except KeytrailError as exc:
+        summary.problems.append(f"delivery: {exc}; the outbox rows stay pending")
+        logger.error("delivery failed: %s", exc)
+        return
+    summary.delivery = report.summary()
+    files = report.receivers.get(FILE_RECEIVER)
+    if files is not None and settings.alerting.outbox and summary.outputs:
+        summary.outputs["slack_files"] = files.sent
+        summary.outputs["email_files"] = files.sent
 
 
 def _roll_back(history: History, state: State, summary: RunSummary, reason: str) -> None:

@@ -21,6 +21,7 @@ from rich.text import Text
 from pipeline.alerting.escape import clean_line
 
 __all__ = [
+    "EXIT_DELIVERY",
     "EXIT_OK",
     "EXIT_PROBLEMS",
     "DetectorSummary",
@@ -32,6 +33,7 @@ __all__ = [
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 3
+EXIT_DELIVERY = 5
 
 
 @dataclass
@@ -91,6 +93,8 @@ class RunSummary:
     findings_already_written: int = 0
     findings_pending_written: int = 0
     outputs: dict[str, Any] = field(default_factory=dict)
+    alerting: dict[str, Any] = field(default_factory=dict)
+    delivery: dict[str, Any] = field(default_factory=dict)
     geoip: dict[str, Any] = field(default_factory=dict)
     quarantine_file: str | None = None
     problems: list[str] = field(default_factory=list)
@@ -121,7 +125,7 @@ class RunSummary:
         return {detector.id: detector.new_findings for detector in self.detectors}
 
     def exit_code(self, *, fail_on_quarantine: bool = False) -> int:
-        """Return the process exit code this run calls for: 0, or 3 when a person should look.
+        """Return the process exit code: 0, 3 when a person should look, 5 when delivery failed.
 
         Quarantined records alone give 0 unless ``fail_on_quarantine`` is set, because they are
         kept and counted rather than lost.
@@ -130,7 +134,17 @@ class RunSummary:
             return EXIT_PROBLEMS
         if fail_on_quarantine and self.quarantined:
             return EXIT_PROBLEMS
+        if self.delivery_failed:
+            return EXIT_DELIVERY
         return EXIT_OK
+
+    @property
+    def delivery_failed(self) -> bool:
+        """True when a delivery became dead in this run or a retry is still pending."""
+        if self.delivery.get("dead"):
+            return True
+        receivers = self.delivery.get("receivers", {})
+        return any(counts.get("retry") or counts.get("deferred") for counts in receivers.values())
 
     def to_dict(self) -> dict[str, Any]:
         """Return the summary as JSON-ready values, with the totals spelled out."""
@@ -301,6 +315,17 @@ def _add_outputs(grid: Table, summary: RunSummary) -> None:
     below = int(outputs.get("below_min_severity") or 0)
     if below:
         grid.add_row("", f"{_plural(below, 'finding')} below min_severity, not alerted")
+    alerting = summary.alerting
+    if alerting.get("allowed") or alerting.get("silenced"):
+        allowed = _plural(int(alerting.get("allowed") or 0), "finding")
+        silenced = _plural(int(alerting.get("silenced") or 0), "finding")
+        grid.add_row("", f"{allowed} removed by the allow-list, {silenced} silenced")
+    for name, counts in sorted(summary.delivery.get("receivers", {}).items()):
+        grid.add_row(
+            "delivery",
+            f"{clean_line(name)}: {counts.get('sent', 0)} sent, {counts.get('retry', 0)} retry, "
+            f"{counts.get('dead', 0)} dead, {counts.get('pending', 0)} pending",
+        )
 
 
 def _plural(count: int, noun: str, plural: str | None = None) -> str:

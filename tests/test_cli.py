@@ -10,9 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import EXIT_CONFIG, EXIT_LOCKED, EXIT_OK, EXIT_PROBLEMS, main
+from pipeline.cli import EXIT_CONFIG, EXIT_DELIVERY, EXIT_LOCKED, EXIT_OK, EXIT_PROBLEMS, main
 from pipeline.schema import ARROW_SCHEMA
 from pipeline.store.state import state_lock
+from tests.test_delivery import SlackPeer
+from tests.test_delivery import slack_peer as slack_peer  # the fixture
 from tests.test_engine import write_logs
 
 CONFIG = """\
@@ -477,3 +479,91 @@ def test_simulate_prints_run_command(tmp_path: Path) -> None:
         "placed on fixed days of October 2026, so simulate at least 30 days from 2026-10-01 "
         "(--days 30) to get them"
     )
+
+
+SLACK_CONFIG = CONFIG.replace(
+    "alerting: {console: false, outbox: false}\n",
+    "alerting:\n"
+    "  console: false\n"
+    "  receivers:\n"
+    "    team: {slack: {webhook_url_env: KEYTRAIL_TEST_SLACK_WEBHOOK_URL, max_retries: 0}}\n"
+    "    files: {file: {}}\n"
+    "  routing: {default_receiver: team, group_by: ['...']}\n",
+)
+
+
+@pytest.fixture
+def slack_workdir(workdir: Path, slack_peer: type[SlackPeer]) -> Path:
+    (workdir / "config.yaml").write_text(SLACK_CONFIG, encoding="utf-8")
+    return workdir
+
+
+def test_run_dead_delivery_exit_code(slack_workdir: Path, slack_peer: type[SlackPeer]) -> None:
+    slack_peer.statuses = [404]
+    code, _, _ = invoke("run", "--config", str(slack_workdir / "config.yaml"))
+
+    assert code == EXIT_DELIVERY
+    assert len(slack_peer.bodies) == 4
+
+
+def test_outbox_list_and_retry(slack_workdir: Path, slack_peer: type[SlackPeer]) -> None:
+    config = str(slack_workdir / "config.yaml")
+    slack_peer.statuses = [404]
+    invoke("run", "--config", config)
+
+    code, stdout, _ = invoke("outbox", "list", "--config", config, "--status", "dead", "--json")
+    rows = json.loads(stdout)
+    assert code == 0
+    assert len(rows) == 1
+    assert rows[0]["receiver"] == "team"
+    assert rows[0]["attempts"] == 1
+
+    code, stdout, _ = invoke("outbox", "retry", "--config", config, str(rows[0]["id"]))
+    assert code == 0
+    assert stdout == "queued 1 dead outbox rows again\n"
+
+    code, _, _ = invoke("run", "--config", config)
+    assert code == 0
+    assert len(slack_peer.bodies) == 5
+    _, stdout, _ = invoke("outbox", "list", "--config", config, "--status", "pending")
+    assert stdout == "no outbox rows\n"
+
+
+def test_outbox_retry_needs_ids_or_all(slack_workdir: Path) -> None:
+    code, _, stderr = invoke("outbox", "retry", "--config", str(slack_workdir / "config.yaml"))
+
+    assert code == 2
+    assert "expected outbox row IDs or --all, but not both" in stderr
+
+
+def test_test_alert_sends_each_channel(slack_workdir: Path, slack_peer: type[SlackPeer]) -> None:
+    config = str(slack_workdir / "config.yaml")
+    code, stdout, _ = invoke("test-alert", "--config", config, "--receiver", "team")
+
+    assert code == 0
+    assert stdout.startswith("slack: delivered: ")
+    assert len(slack_peer.bodies) == 1
+
+    code, stdout, _ = invoke("test-alert", "--config", config, "--receiver", "files")
+    assert code == 0
+    assert stdout.startswith("file: delivered: wrote ")
+    assert len(list((slack_workdir / "out" / "outbox").glob("*.eml"))) == 1
+
+
+def test_test_alert_failure_exit_code(slack_workdir: Path, slack_peer: type[SlackPeer]) -> None:
+    slack_peer.statuses = [404]
+    code, stdout, _ = invoke(
+        "test-alert", "--config", str(slack_workdir / "config.yaml"), "--receiver", "team"
+    )
+
+    assert code == EXIT_DELIVERY
+    assert stdout.startswith("slack: failed: ")
+
+
+def test_test_alert_unknown_receiver(slack_workdir: Path) -> None:
+    code, _, stderr = invoke(
+        "test-alert", "--config", str(slack_workdir / "config.yaml"), "--receiver", "nobody"
+    )
+
+    assert code == 2
+    assert "receiver 'nobody' not found; known receivers: files, outbox-files, team" in stderr

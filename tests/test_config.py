@@ -322,3 +322,57 @@ def test_build_detectors_passes_params(tmp_path: Path) -> None:
 
     assert [detector.id for detector in built] == ["keytrail.off_hours"]
     assert built[0].params.min_reads == 3  # type: ignore[attr-defined]
+
+
+def test_alerting_delivery_keys_load(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        REQUIRED
+        + "alerting:\n"
+        + "  receivers:\n"
+        + "    team: {slack: {webhook_url_env: TEAM_HOOK}, file: {}}\n"
+        + "  routing: {default_receiver: team, routes: [{match: {cloud: aws}, receiver: outbox-files}]}\n"
+        + "  repeat_interval: 2h\n"
+        + "  delivery: {max_attempts: 3}\n",
+    )
+    alerting = load_config(path).alerting
+
+    assert alerting.receiver_names() == ["outbox-files", "team"]
+    assert alerting.receivers["team"].channels() == ["slack", "file"]
+    assert alerting.repeat_interval.total_seconds() == 7200
+    assert alerting.delivery.max_attempts == 3
+    assert alerting.outbox is True
+
+
+def test_alerting_defaults_to_file_receiver() -> None:
+    alerting = embedded_defaults().alerting
+
+    assert alerting.routing.default_receiver == "outbox-files"
+    assert alerting.routing.group_by == ["..."]
+    assert alerting.receivers == {}
+
+
+def test_receiver_without_channel_rejected(tmp_path: Path) -> None:
+    path = write(tmp_path, REQUIRED + "alerting: {receivers: {team: {}}}\n")
+
+    assert problems_of(path) == [
+        "alerting.receivers.team: a receiver needs at least one channel: slack, email, "
+        "webhook or file (found: {})"
+    ]
+
+
+def test_unknown_receiver_key_rejected(tmp_path: Path) -> None:
+    path = write(tmp_path, REQUIRED + "alerting: {receivers: {team: {pager: {}}}}\n")
+
+    assert problems_of(path) == [
+        "alerting.receivers.team.pager: unknown key; allowed keys: slack, email, webhook, file"
+    ]
+
+
+def test_invalid_repeat_interval_rejected(tmp_path: Path) -> None:
+    path = write(tmp_path, REQUIRED + "alerting: {repeat_interval: soon}\n")
+
+    assert problems_of(path) == [
+        "alerting.repeat_interval: invalid duration 'soon': expected a number and a unit "
+        "(s, m, h, d, w) such as 4h, 3d or 1d12h (found: 'soon')"
+    ]

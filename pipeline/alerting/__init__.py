@@ -1,7 +1,7 @@
-"""Alerting: turn findings into alerts, render them for Slack and email, and write them out.
+"""Alerting: turn findings into alerts, render them for Slack and email, and deliver them.
 
-This version builds one alert per finding and writes rendered messages to an outbox folder;
-delivery to Slack and SMTP reads those files.
+:mod:`pipeline.alerting.delivery` holds the ``alerting`` settings and connects routing,
+silences, the outbox table and the channels for the engine.
 """
 
 from pipeline.alerting.alerts import Alert, alerts_from_findings, finding_records

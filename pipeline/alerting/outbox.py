@@ -13,7 +13,7 @@ then sends the rows whose time has come and records each result with :meth:`Outb
 Dead rows stay in the table with their last error until :meth:`Outbox.retry_dead` queues them
 again.
 
-NOTE: the ``keytrail outbox`` commands that list and requeue rows are not in the CLI yet.
+``keytrail outbox list`` and ``keytrail outbox retry`` list and requeue rows.
 
 Delivery is at-least-once per (alert, receiver). There is no ``sending`` state: a process that
 dies after a sender returned and before :meth:`Outbox.record` committed leaves the row pending,
@@ -61,9 +61,8 @@ logger = logging.getLogger(__name__)
 OutboxStatus = Literal["pending", "delivered", "dead"]
 OUTBOX_STATUSES: Final[tuple[OutboxStatus, ...]] = ("pending", "delivered", "dead")
 
-# NOTE: these tables live here until the engine wires delivery in. Then they move into the
-# schema migration of pipeline.store.state, with a SCHEMA_VERSION bump, and this module keeps
-# only the queries.
+# These tables are created here with IF NOT EXISTS, on first use, rather than in the schema
+# migration of pipeline.store.state, so the outbox also works on a database of its own.
 _TABLES: Final = (
     """
     CREATE TABLE IF NOT EXISTS outbox (
@@ -228,8 +227,8 @@ def create_tables(conn: sqlite3.Connection) -> None:
 def alert_payload(alert: Alert) -> dict[str, Any]:
     """Convert ``alert`` to the JSON-ready dict stored in ``payload_json``.
 
-    NOTE: rebuilding an :class:`Alert` from this dict is left to the channel wiring. Times in
-    it are ISO 8601 strings, so :meth:`Alert.from_findings` needs them parsed back first.
+    :func:`pipeline.alerting.delivery.alert_from_payload` rebuilds the alert. Times in the dict
+    are ISO 8601 strings, which it parses back first.
     """
     data: dict[str, Any] = to_jsonable(dataclasses.asdict(alert))
     return data

@@ -4,7 +4,8 @@
 ``outbox/<alert_id>.slack.json`` and one ``outbox/<alert_id>.eml`` per alert at or above
 ``min_severity``. Outbox files are written to a temporary name and moved into place with
 :func:`os.replace`, so a crash leaves either the old file or the new one, never half a file.
-Nothing here sends anything: delivery to Slack and SMTP reads these files later.
+Nothing here sends anything. The engine turns ``outbox`` off here and writes the same files
+through the ``outbox-files`` receiver of :mod:`pipeline.alerting.delivery`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ __all__ = [
     "OutputSettings",
     "findings_to_json_lines",
     "render_console",
+    "write_alert_files",
     "write_outputs",
 ]
 
@@ -160,20 +162,11 @@ def write_outputs(
 
     if settings.outbox and report.alerts:
         renderer = Renderer(settings.templates_dir)
-        outbox = output_dir / OUTBOX_DIR
-        outbox.mkdir(exist_ok=True)
         for alert in report.alerts:
-            slack = renderer.render_slack(alert)
-            slack_path = outbox / f"{alert.alert_id}.slack.json"
-            slack_text = json.dumps(slack, ensure_ascii=False, indent=2) + "\n"
-            _write_atomic(slack_path, slack_text.encode())
-            report.slack_files.append(slack_path)
-
-            message = renderer.render_email(
-                alert, sender=settings.email_from, recipients=settings.email_to, now=now
+            slack_path, email_path = write_alert_files(
+                alert, output_dir / OUTBOX_DIR, renderer, settings, now=now
             )
-            email_path = outbox / f"{alert.alert_id}.eml"
-            _write_atomic(email_path, message.as_bytes())
+            report.slack_files.append(slack_path)
             report.email_files.append(email_path)
 
     if settings.console:
@@ -188,6 +181,33 @@ def write_outputs(
         settings.min_severity,
     )
     return report
+
+
+def write_alert_files(
+    alert: Alert,
+    outbox_dir: Path,
+    renderer: Renderer,
+    settings: OutputSettings,
+    *,
+    now: dt.datetime | None = None,
+) -> tuple[Path, Path]:
+    """Write ``<alert_id>.slack.json`` and ``<alert_id>.eml`` for ``alert`` into ``outbox_dir``.
+
+    Returns:
+        The Slack file and the email file, in that order.
+    """
+    outbox_dir.mkdir(parents=True, exist_ok=True)
+    slack = renderer.render_slack(alert)
+    slack_path = outbox_dir / f"{alert.alert_id}.slack.json"
+    slack_text = json.dumps(slack, ensure_ascii=False, indent=2) + "\n"
+    _write_atomic(slack_path, slack_text.encode())
+
+    message = renderer.render_email(
+        alert, sender=settings.email_from, recipients=settings.email_to, now=now
+    )
+    email_path = outbox_dir / f"{alert.alert_id}.eml"
+    _write_atomic(email_path, message.as_bytes())
+    return slack_path, email_path
 
 
 def findings_to_json_lines(findings: pd.DataFrame) -> list[bytes]:

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +38,7 @@ __all__ = ["COMMITTED_STATUSES", "SCHEMA_VERSION", "State", "StateLockedError", 
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS seen_events (
@@ -77,7 +77,18 @@ CREATE TABLE IF NOT EXISTS pending_outputs (
 );
 CREATE INDEX IF NOT EXISTS pending_outputs_unwritten ON pending_outputs (queued)
     WHERE written IS NULL;
+CREATE TABLE IF NOT EXISTS alert_ledger (
+    receiver TEXT NOT NULL,
+    dedup_key TEXT NOT NULL,
+    last_sent TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    resources_json TEXT NOT NULL,
+    source_ips_json TEXT NOT NULL,
+    PRIMARY KEY (receiver, dedup_key)
+);
 """
+# Version 3 added alert_ledger. Every statement is CREATE ... IF NOT EXISTS, so opening an older
+# database runs the whole schema again and upgrades it in place.
 
 COMMITTED_STATUSES: Final = ("completed", "completed_with_problems")
 """Run statuses stored by :meth:`State.commit_run`; any other status means the run never
@@ -303,6 +314,7 @@ class State:
         summary: Mapping[str, Any],
         status: str = "completed",
         pending_outputs: Mapping[str, str] | None = None,
+        in_transaction: Callable[[sqlite3.Connection], None] | None = None,
     ) -> None:
         """Store everything a run produced in one transaction.
 
@@ -316,6 +328,8 @@ class State:
             status: the run's status, one of :data:`COMMITTED_STATUSES`.
             pending_outputs: finding id -> the finding as one JSON text, queued as pending
                 until :meth:`mark_outputs_written`. None queues nothing.
+            in_transaction: called with the connection inside the transaction, after the
+                findings ledger is written (the engine queues alerts for delivery there).
 
         Raises:
             StateError: the transaction failed; nothing of it was stored.
@@ -331,6 +345,8 @@ class State:
             self._insert_seen(run_id, events)
             self._insert_ledger(run_id, findings, now)
             self._insert_pending(run_id, pending_outputs or {}, now)
+            if in_transaction is not None:
+                in_transaction(self._conn)
             for source, values in checkpoints.items():
                 self._conn.executemany(
                     "INSERT INTO checkpoints (source, key, value, updated) VALUES (?, ?, ?, ?) "
@@ -350,6 +366,10 @@ class State:
                 f"could not commit run {run_id} to {self.path}: {exc}; nothing was stored, so "
                 "the next run reads the same input again"
             ) from exc
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
         logger.debug("committed run %s: %s events, %s findings", run_id, len(events), len(findings))
 
     def record_started_run(self, run_id: str, *, started: datetime) -> None:

@@ -298,4 +298,4 @@ def test_version_1_database_upgraded(tmp_path: Path) -> None:
         assert state.pending_outputs() == []
         assert state.ledger_count() == 1
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
