@@ -149,7 +149,7 @@ class Alert:
             event_count=sum(int(f.get("event_count") or 0) for f in items),
         )
         steps = next_steps(alert)
-        hints = sorted({silence_hint(detector) for detector in detectors})
+        hints = sorted({silence_hint(detector, alert.principal or None) for detector in detectors})
         return replace(alert, next_steps=steps, silence_hint=" ".join(hints))
 
 

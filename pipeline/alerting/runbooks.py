@@ -38,9 +38,16 @@ class Step:
     commands: tuple[str, ...] = ()
 
 
-def silence_hint(detector: str) -> str:
-    """Return how to tune ``detector`` when its alerts are expected."""
-    return f"To tune: detectors.{detector} in config.yaml"
+def silence_hint(detector: str, principal: str | None = None) -> str:
+    """Return how to silence this alert for a while and where to tune ``detector`` for good."""
+    matchers = f"--matcher detector={detector}"
+    if principal:
+        matchers += f" --matcher principal={shlex.quote(principal)}"
+    return (
+        f"To silence it for a while: keytrail silence add {matchers} --owner YOU "
+        f"--reason WHY --expires 1d. To tune: detectors.{detector} or alerting.allow_list "
+        "in config.yaml."
+    )
 
 
 def next_steps(alert: Alert) -> list[Step]:

@@ -61,7 +61,13 @@ def test_single_finding_alert_fields(make_findings: MakeFindings) -> None:
     assert alert.last_seen == dt.datetime(2026, 10, 10, 2, 42, 30, 250000, tzinfo=dt.UTC)
     assert alert.event_count == 2
     assert alert.dedup_key == alert.findings[0]["dedup_key"]
-    assert alert.silence_hint == "To tune: detectors.keytrail.impossible_travel in config.yaml"
+    assert alert.silence_hint == (
+        "To silence it for a while: keytrail silence add"
+        " --matcher detector=keytrail.impossible_travel"
+        " --matcher principal=arn:aws:sts::123456789012:assumed-role/Admin/alice"
+        " --owner YOU --reason WHY --expires 1d."
+        " To tune: detectors.keytrail.impossible_travel or alerting.allow_list in config.yaml."
+    )
 
 
 def test_grouped_alert_derives_from_all(make_findings: MakeFindings) -> None:

@@ -70,7 +70,11 @@ def test_slack_structure_for_one_finding(make_findings: MakeFindings) -> None:
     assert why.startswith("*Why this is unusual*\n• from: city=Berlin, country=DE")
     assert "*Baseline*\n30-day: read only from DE\n• countries_30d: DE" in why
     assert message["blocks"][5]["elements"][0]["text"] == (
-        "To tune: detectors.keytrail.impossible_travel in config.yaml"
+        "To silence it for a while: keytrail silence add"
+        " --matcher detector=keytrail.impossible_travel"
+        " --matcher principal=arn:aws:sts::123456789012:assumed-role/Admin/alice"
+        " --owner YOU --reason WHY --expires 1d."
+        " To tune: detectors.keytrail.impossible_travel or alerting.allow_list in config.yaml."
     )
     footer = message["blocks"][6]["elements"][0]["text"]
     assert "MITRE ATT&amp;CK T1078.004" in footer
