@@ -22,6 +22,7 @@ variables or secret files.
 from __future__ import annotations
 
 import logging
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -34,7 +35,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 # Importing the package registers the built-in detectors, which validation looks up.
 import detectors  # noqa: F401
 from detectors.base import Detector, get_detector, registered_detectors
-from pipeline.alerting.delivery import AlertingSettings
+from pipeline.alerting.delivery import (
+    AlertingSettings,
+    resolve_receiver_paths,
+    with_env_receivers,
+)
 from pipeline.enrich import GeoIP, GeoIPSettings
 from pipeline.errors import ConfigError
 
@@ -319,12 +324,21 @@ def embedded_defaults(base_dir: str | Path | None = None) -> Settings:
 
 
 def settings_from_mapping(
-    data: dict[str, Any], *, base_dir: Path, source: str | None = None
+    data: dict[str, Any],
+    *,
+    base_dir: Path,
+    source: str | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> Settings:
     """Validate parsed config data and resolve its relative paths against ``base_dir``.
 
+    When the data defines no ``alerting.receivers``, the ``slack`` and ``email`` receivers
+    that ``KEYTRAIL_SLACK_*`` and ``KEYTRAIL_SMTP_*`` variables in ``environ`` (default
+    ``os.environ``) describe are added; see
+    :func:`pipeline.alerting.delivery.with_env_receivers`.
+
     Raises:
-        ConfigError: with one line per problem.
+        ConfigError: with one line per problem, or per invalid environment variable.
     """
     problems: list[str] = [
         f"{key}: missing; {hint}" for key, hint in _REQUIRED_KEYS.items() if key not in data
@@ -344,7 +358,9 @@ def settings_from_mapping(
     if problems:
         raise ConfigError(problems, source=source)
     assert settings is not None
-    return _resolve_paths(settings, base_dir)
+    settings = _resolve_paths(settings, base_dir)
+    alerting = with_env_receivers(settings.alerting, os.environ if environ is None else environ)
+    return settings.model_copy(update={"alerting": alerting})
 
 
 _REQUIRED_KEYS: dict[str, str] = {
@@ -585,8 +601,12 @@ def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
             "asn_db": resolve(settings.enrich.geoip.asn_db),
         }
     )
+    receivers = {
+        name: resolve_receiver_paths(receiver, base_dir)
+        for name, receiver in settings.alerting.receivers.items()
+    }
     alerting = settings.alerting.model_copy(
-        update={"templates_dir": resolve(settings.alerting.templates_dir)}
+        update={"templates_dir": resolve(settings.alerting.templates_dir), "receivers": receivers}
     )
     return settings.model_copy(
         update={

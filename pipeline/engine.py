@@ -545,8 +545,12 @@ def _deliver(settings: Settings, summary: RunSummary, now: pd.Timestamp) -> None
     """Send every due outbox row, this run's and those left by earlier runs."""
     moment = now.to_pydatetime()
     try:
-        senders = build_senders(settings.alerting, settings.output_dir, moment)
         with Outbox(state_path_of(settings), settings=settings.alerting.delivery) as outbox:
+            # The outbox connection also stores the first message of each alert, so Slack
+            # bot channels can send its updates as thread replies.
+            senders = build_senders(
+                settings.alerting, settings.output_dir, moment, ledger=outbox.connection
+            )
             report = deliver_due(outbox, senders, moment)
     except KeytrailError as exc:
         summary.problems.append(f"delivery: {exc}; the outbox rows stay pending")

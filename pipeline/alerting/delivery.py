@@ -26,9 +26,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from detectors.base import severity_rank
 from pipeline.alerting.alerts import Alert
@@ -46,16 +47,25 @@ from pipeline.alerting.channels import (
 from pipeline.alerting.outbox import OutboxRow, OutboxSettings, Sender, enqueue
 from pipeline.alerting.output import OUTBOX_DIR, OutputSettings, write_alert_files
 from pipeline.alerting.render import Renderer
-from pipeline.alerting.routing import AllowEntry, RoutingSettings, apply_allow_list, route_alerts
+from pipeline.alerting.routing import (
+    AllowEntry,
+    Route,
+    RoutingSettings,
+    apply_allow_list,
+    route_alerts,
+)
 from pipeline.alerting.silences import (
     InvalidSilenceError,
     Silence,
     apply_silences,
     parse_duration,
 )
-from pipeline.errors import KeytrailError
+from pipeline.errors import ConfigError, KeytrailError
+from pipeline.store.state import alert_thread, record_alert_thread
 
 __all__ = [
+    "ENV_EMAIL_RECEIVER",
+    "ENV_SLACK_RECEIVER",
     "FILE_RECEIVER",
     "AlertPlan",
     "AlertingSettings",
@@ -66,13 +76,22 @@ __all__ = [
     "channel_senders",
     "enqueue_alerts",
     "plan_alerts",
+    "receivers_from_env",
+    "resolve_receiver_paths",
     "sample_alert",
+    "with_env_receivers",
 ]
 
 logger = logging.getLogger(__name__)
 
 FILE_RECEIVER: Final = "outbox-files"
 """Name of the built-in receiver that writes rendered alerts to ``<output_dir>/outbox``."""
+
+ENV_SLACK_RECEIVER: Final = "slack"
+"""Name of the receiver built from ``KEYTRAIL_SLACK_*`` variables when config.yaml has none."""
+
+ENV_EMAIL_RECEIVER: Final = "email"
+"""Name of the receiver built from ``KEYTRAIL_SMTP_*`` variables when config.yaml has none."""
 
 UPDATE_PREFIX: Final = "Update: "
 """Title prefix of an alert sent again within ``repeat_interval`` because it grew."""
@@ -88,9 +107,6 @@ class FileSettings(_Strict):
 
 class ReceiverSettings(_Strict):
     """One receiver: one or more channels that each get every alert routed to it."""
-
-    # TODO: secret and CA file paths of channels are not resolved against the config folder
-    # as other paths are, so a relative path counts from the current folder.
 
     slack: SlackSettings | None = None
     email: EmailSettings | None = None
@@ -173,6 +189,227 @@ class AlertingSettings(OutputSettings):
         if name == FILE_RECEIVER:
             return ReceiverSettings(file=FileSettings())
         raise KeyError(name)
+
+
+# --- receivers from the environment and path resolution ---------------------------------------
+
+SLACK_WEBHOOK_URL_ENV: Final = "KEYTRAIL_SLACK_WEBHOOK_URL"
+SLACK_BOT_TOKEN_ENV: Final = "KEYTRAIL_SLACK_BOT_TOKEN"
+SLACK_CHANNEL_ENV: Final = "KEYTRAIL_SLACK_CHANNEL"
+SMTP_HOST_ENV: Final = "KEYTRAIL_SMTP_HOST"
+SMTP_PASSWORD_ENV: Final = "KEYTRAIL_SMTP_PASSWORD"
+
+# EmailSettings field -> the variable that sets it. The password is not copied into the
+# settings: EmailSettings.password_env names KEYTRAIL_SMTP_PASSWORD, read at send time.
+_SMTP_FIELD_ENV: Final = {
+    "host": SMTP_HOST_ENV,
+    "port": "KEYTRAIL_SMTP_PORT",
+    "security": "KEYTRAIL_SMTP_SECURITY",
+    "username": "KEYTRAIL_SMTP_USERNAME",
+    "sender": "KEYTRAIL_SMTP_FROM",
+    "recipients": "KEYTRAIL_SMTP_TO",
+}
+
+
+def receivers_from_env(environ: Mapping[str, str]) -> dict[str, ReceiverSettings]:
+    """Build the ``slack`` and ``email`` receivers that the environment variables describe.
+
+    ``KEYTRAIL_SLACK_WEBHOOK_URL`` gives a webhook-mode ``slack`` receiver. Without it,
+    ``KEYTRAIL_SLACK_BOT_TOKEN`` and ``KEYTRAIL_SLACK_CHANNEL`` together give a bot-mode one.
+    ``KEYTRAIL_SMTP_HOST`` gives an ``email`` receiver configured by the other
+    ``KEYTRAIL_SMTP_*`` variables. An empty variable counts as unset.
+
+    Raises:
+        ConfigError: one line per invalid or missing variable. The lines name the variable,
+            never its value.
+    """
+    problems: list[str] = []
+    receivers: dict[str, ReceiverSettings] = {}
+    slack = _slack_from_env(environ, problems)
+    if slack is not None:
+        receivers[ENV_SLACK_RECEIVER] = ReceiverSettings(slack=slack)
+    email = _email_from_env(environ, problems)
+    if email is not None:
+        receivers[ENV_EMAIL_RECEIVER] = ReceiverSettings(email=email)
+    if problems:
+        raise ConfigError(problems, source="environment")
+    return receivers
+
+
+def _env(environ: Mapping[str, str], name: str) -> str | None:
+    value = environ.get(name, "").strip()
+    return value or None
+
+
+def _slack_from_env(environ: Mapping[str, str], problems: list[str]) -> SlackSettings | None:
+    url = _env(environ, SLACK_WEBHOOK_URL_ENV)
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            problems.append(
+                f"{SLACK_WEBHOOK_URL_ENV}: invalid URL; expected the https:// URL of a Slack "
+                "incoming webhook"
+            )
+            return None
+        return SlackSettings(mode="webhook", webhook_url_env=SLACK_WEBHOOK_URL_ENV)
+    token = _env(environ, SLACK_BOT_TOKEN_ENV)
+    channel = _env(environ, SLACK_CHANNEL_ENV)
+    if token is None and channel is None:
+        return None
+    if token is None:
+        problems.append(
+            f"{SLACK_BOT_TOKEN_ENV}: missing; {SLACK_CHANNEL_ENV} is set, and bot mode needs "
+            f"both (or set {SLACK_WEBHOOK_URL_ENV} for webhook mode)"
+        )
+        return None
+    if channel is None:
+        problems.append(
+            f"{SLACK_CHANNEL_ENV}: missing; {SLACK_BOT_TOKEN_ENV} is set, and bot mode needs "
+            "the id of the channel to post to (C0123ABCD)"
+        )
+        return None
+    if any(char.isspace() for char in channel):
+        problems.append(f"{SLACK_CHANNEL_ENV}: invalid channel id; it contains whitespace")
+        return None
+    return SlackSettings(mode="bot", token_env=SLACK_BOT_TOKEN_ENV, channel=channel)
+
+
+def _email_from_env(environ: Mapping[str, str], problems: list[str]) -> EmailSettings | None:
+    host = _env(environ, SMTP_HOST_ENV)
+    if host is None:
+        stray = [name for name in _SMTP_FIELD_ENV.values() if _env(environ, name) is not None]
+        if stray:
+            problems.append(
+                f"{SMTP_HOST_ENV}: missing; set it to send email, or unset {', '.join(stray)}"
+            )
+        return None
+    data: dict[str, Any] = {"host": host, "password_env": SMTP_PASSWORD_ENV}
+    port = _env(environ, _SMTP_FIELD_ENV["port"])
+    if port is not None:
+        if not port.isdigit():
+            problems.append(
+                f"{_SMTP_FIELD_ENV['port']}: invalid port; expected an integer from 1 to 65535"
+            )
+            return None
+        data["port"] = int(port)
+    for name in ("security", "username", "sender"):
+        value = _env(environ, _SMTP_FIELD_ENV[name])
+        if value is not None:
+            data[name] = value
+    recipients = _env(environ, _SMTP_FIELD_ENV["recipients"]) or ""
+    addresses = [item.strip() for item in recipients.split(",") if item.strip()]
+    if addresses:
+        data["recipients"] = addresses
+    if "username" in data and _env(environ, SMTP_PASSWORD_ENV) is None:
+        problems.append(
+            f"{SMTP_PASSWORD_ENV}: missing; {_SMTP_FIELD_ENV['username']} is set, so the SMTP "
+            "login needs a password"
+        )
+        return None
+    try:
+        return EmailSettings.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(_email_env_problems(exc))
+        return None
+
+
+def _email_env_problems(exc: ValidationError) -> list[str]:
+    """Return one line per invalid ``KEYTRAIL_SMTP_*`` variable, without the value found."""
+    problems = []
+    for error in exc.errors():
+        field_name = str(error["loc"][0]) if error["loc"] else ""
+        name = _SMTP_FIELD_ENV.get(field_name, field_name)
+        if error["type"] == "missing":
+            problems.append(f"{name}: missing; required when {SMTP_HOST_ENV} is set")
+        elif field_name == "security":
+            problems.append(f"{name}: invalid value; expected starttls, tls or none")
+        elif field_name == "port":
+            problems.append(f"{name}: invalid port; expected an integer from 1 to 65535")
+        elif field_name == "recipients":
+            problems.append(
+                f"{name}: invalid; expected comma-separated addresses local-part@domain"
+            )
+        elif field_name == "sender":
+            problems.append(f"{name}: invalid email address; expected local-part@domain")
+        else:
+            problems.append(
+                f"{name}: invalid value; it must be one line without control characters"
+            )
+    return problems
+
+
+def with_env_receivers(settings: AlertingSettings, environ: Mapping[str, str]) -> AlertingSettings:
+    """Add the receivers from :func:`receivers_from_env` when config.yaml defines none.
+
+    Every finding goes to each environment receiver and, as before, to the routes and the
+    default receiver of the config. The alerts of each environment receiver are grouped by
+    ``routing.group_by``. Settings that define ``receivers`` are returned unchanged, and the
+    variables are then not read.
+
+    Raises:
+        ConfigError: an environment variable is invalid or missing.
+    """
+    if settings.receivers:
+        return settings
+    receivers = receivers_from_env(environ)
+    if not receivers:
+        return settings
+    routing = settings.routing
+    # Routes stop a finding from reaching the default receiver once one matched, so the
+    # default receiver gets its own catch-all route after the configured ones.
+    routes = [Route.model_validate({"receiver": name, "continue": True}) for name in receivers]
+    routes += routing.routes
+    routes.append(Route(receiver=routing.default_receiver))
+    logger.info("receivers from environment variables: %s", ", ".join(receivers))
+    return settings.model_copy(
+        update={
+            "receivers": receivers,
+            "routing": routing.model_copy(update={"routes": routes}),
+        }
+    )
+
+
+def resolve_receiver_paths(receiver: ReceiverSettings, base_dir: Path) -> ReceiverSettings:
+    """Resolve the relative secret and CA file paths of ``receiver``'s channels against ``base_dir``.
+
+    The paths are ``webhook_url_file`` and ``token_file`` of Slack, ``password_file`` and
+    ``ca_file`` of email, and ``url_file``, ``header_file`` and ``ca_file`` of the webhook.
+    ``~`` is expanded first.
+    """
+
+    def resolve(path: Path | None) -> Path | None:
+        if path is None:
+            return None
+        path = path.expanduser()
+        return path if path.is_absolute() else base_dir / path
+
+    update: dict[str, Any] = {}
+    if receiver.slack is not None:
+        slack = receiver.slack
+        update["slack"] = slack.model_copy(
+            update={
+                "webhook_url_file": resolve(slack.webhook_url_file),
+                "token_file": resolve(slack.token_file),
+            }
+        )
+    if receiver.email is not None:
+        email = receiver.email
+        update["email"] = email.model_copy(
+            update={
+                "password_file": resolve(email.password_file),
+                "ca_file": resolve(email.ca_file),
+            }
+        )
+    if receiver.webhook is not None:
+        hook = receiver.webhook
+        update["webhook"] = hook.model_copy(
+            update={
+                "url_file": resolve(hook.url_file),
+                "header_file": resolve(hook.header_file),
+                "ca_file": resolve(hook.ca_file),
+            }
+        )
+    return receiver.model_copy(update=update)
 
 
 # --- planning ----------------------------------------------------------------------------------
@@ -334,16 +571,27 @@ ChannelSend = Callable[[Alert], Delivery]
 
 
 def build_senders(
-    settings: AlertingSettings, output_dir: Path, now: dt.datetime
+    settings: AlertingSettings,
+    output_dir: Path,
+    now: dt.datetime,
+    *,
+    ledger: sqlite3.Connection | None = None,
 ) -> dict[str, Sender]:
     """Return receiver name -> outbox sender for every receiver, ``outbox-files`` included.
 
     A channel whose secret is missing is reported as a ``failed`` delivery when it is used,
     so the other receivers still deliver.
+
+    With ``ledger`` (an autocommit connection to the state database), a delivered first
+    message stores its ``remote_id`` in the ``alert_threads`` table, and an update of that
+    alert is sent by a Slack bot channel as a reply in the first message's thread. Slack
+    webhooks return no ``ts``, so there an update is a new message titled ``Update: ...``.
     """
     renderer = Renderer(settings.templates_dir)
     return {
-        name: _receiver_sender(name, settings.receiver(name), settings, renderer, output_dir, now)
+        name: _receiver_sender(
+            name, settings.receiver(name), settings, renderer, output_dir, now, ledger
+        )
         for name in settings.receiver_names()
     }
 
@@ -354,14 +602,25 @@ def channel_senders(
     renderer: Renderer,
     output_dir: Path,
     now: dt.datetime,
+    *,
+    thread_of: Callable[[Alert], str | None] | None = None,
 ) -> dict[str, ChannelSend]:
-    """Return channel name -> a function that sends one alert through that channel."""
+    """Return channel name -> a function that sends one alert through that channel.
+
+    ``thread_of`` returns the ``ts`` of the message an alert replies to; only a Slack channel
+    in bot mode uses it.
+    """
     sends: dict[str, ChannelSend] = {}
     if receiver.slack is not None:
         slack = receiver.slack
-        sends["slack"] = _guarded(
-            lambda alert: SlackChannel(slack).send(renderer.render_slack(alert))
-        )
+
+        def send_slack(alert: Alert) -> Delivery:
+            thread_ts = None
+            if slack.mode == "bot" and thread_of is not None:
+                thread_ts = thread_of(alert)
+            return SlackChannel(slack).send(renderer.render_slack(alert), thread_ts=thread_ts)
+
+        sends["slack"] = _guarded(send_slack)
     if receiver.email is not None:
         mail = receiver.email
 
@@ -410,15 +669,29 @@ def _receiver_sender(
     renderer: Renderer,
     output_dir: Path,
     now: dt.datetime,
+    ledger: sqlite3.Connection | None = None,
 ) -> Sender:
-    sends = channel_senders(receiver, settings, renderer, output_dir, now)
+    def thread_of(alert: Alert) -> str | None:
+        if ledger is None or not alert.title.startswith(UPDATE_PREFIX):
+            return None
+        return alert_thread(ledger, name, alert.dedup_key)
+
+    sends = channel_senders(receiver, settings, renderer, output_dir, now, thread_of=thread_of)
 
     def send(row: OutboxRow) -> Delivery:
         # NOTE: a receiver with several channels is one outbox row, so a retry after one
         # channel failed sends the alert again through the channels that had delivered.
         alert = alert_from_payload(row.payload)
         results = {channel: deliver(alert) for channel, deliver in sends.items()}
-        return _combine(name, results)
+        delivery = _combine(name, results)
+        first_message = not alert.title.startswith(UPDATE_PREFIX)
+        if ledger is not None and first_message and delivery.remote_id:
+            # Stored before the outbox marks the row delivered; a crash in between sends
+            # the row again, and the resent message then becomes the thread.
+            record_alert_thread(
+                ledger, name, row.dedup_key, delivery.remote_id, alert_id=row.alert_id, now=now
+            )
+        return delivery
 
     return send
 

@@ -34,7 +34,15 @@ import pandas as pd
 
 from pipeline.errors import StateError
 
-__all__ = ["COMMITTED_STATUSES", "SCHEMA_VERSION", "State", "StateLockedError", "state_lock"]
+__all__ = [
+    "COMMITTED_STATUSES",
+    "SCHEMA_VERSION",
+    "State",
+    "StateLockedError",
+    "alert_thread",
+    "record_alert_thread",
+    "state_lock",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -506,6 +514,56 @@ class State:
     def _require_writable(self) -> None:
         if self.read_only:
             raise StateError(f"state database {self.path} is open read-only (dry run)")
+
+
+# The receiver's id of the first message of an alert (a Slack ``ts``), so that updates of the
+# alert within repeat_interval can reply in its thread. It is a table of its own, created on
+# first use like the outbox table, so adding it needs no schema version change.
+_THREADS_TABLE: Final = """
+CREATE TABLE IF NOT EXISTS alert_threads (
+    receiver TEXT NOT NULL,
+    dedup_key TEXT NOT NULL,
+    remote_id TEXT NOT NULL,
+    alert_id TEXT NOT NULL,
+    recorded TEXT NOT NULL,
+    PRIMARY KEY (receiver, dedup_key)
+)
+"""
+
+
+def record_alert_thread(
+    conn: sqlite3.Connection,
+    receiver: str,
+    dedup_key: str,
+    remote_id: str,
+    *,
+    alert_id: str,
+    now: datetime,
+) -> None:
+    """Store ``remote_id`` as the first message of ``dedup_key`` at ``receiver``.
+
+    A later first message (sent again after ``repeat_interval``) replaces the stored one, so
+    updates reply to the newest thread. The statement runs on ``conn`` without a transaction
+    of its own.
+    """
+    conn.execute(_THREADS_TABLE)
+    conn.execute(
+        "INSERT INTO alert_threads (receiver, dedup_key, remote_id, alert_id, recorded) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (receiver, dedup_key) DO UPDATE SET "
+        "remote_id = excluded.remote_id, alert_id = excluded.alert_id, "
+        "recorded = excluded.recorded",
+        (receiver, dedup_key, remote_id, alert_id, _utc_text(now)),
+    )
+
+
+def alert_thread(conn: sqlite3.Connection, receiver: str, dedup_key: str) -> str | None:
+    """Return the stored first-message id of ``dedup_key`` at ``receiver``, or None."""
+    conn.execute(_THREADS_TABLE)
+    row = conn.execute(
+        "SELECT remote_id FROM alert_threads WHERE receiver = ? AND dedup_key = ?",
+        (receiver, dedup_key),
+    ).fetchone()
+    return None if row is None else str(row[0])
 
 
 def _utc_text(moment: datetime) -> str:
