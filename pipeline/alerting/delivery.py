@@ -693,7 +693,56 @@ def _receiver_sender(
             )
         return delivery
 
+    mail = receiver.email
+    if mail is not None and sends.keys() == {"email"}:
+        return _EmailDigestSender(name, mail, renderer, now, send)
     return send
+
+
+class _EmailDigestSender:
+    """The sender of a receiver whose only channel is email: one digest per run.
+
+    :func:`pipeline.alerting.outbox.deliver_due` passes all due rows of the receiver to
+    :meth:`send_batch`. Two or more rows become one email built by
+    :meth:`Renderer.render_email_digest`; a single row is sent as the usual single-alert
+    email, so a run with one alert looks as it did before digests. A receiver that also has
+    Slack, webhook or file channels keeps one message per alert, because those channels
+    send one message per alert and the outbox row is shared by all channels.
+
+    A digest does not record a Slack thread: an email-only receiver has no Slack channel.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        mail: EmailSettings,
+        renderer: Renderer,
+        now: dt.datetime,
+        single: Sender,
+    ) -> None:
+        self._name = name
+        self._mail = mail
+        self._renderer = renderer
+        self._now = now
+        self._single = single
+
+    def __call__(self, row: OutboxRow) -> Delivery:
+        return self._single(row)
+
+    def send_batch(self, rows: list[OutboxRow]) -> Delivery:
+        if len(rows) == 1:
+            return self._single(rows[0])
+        alerts = [alert_from_payload(row.payload) for row in rows]
+
+        def send_digest(_: Alert) -> Delivery:
+            message = self._renderer.render_email_digest(
+                alerts, sender=self._mail.sender, recipients=self._mail.recipients, now=self._now
+            )
+            return EmailChannel(self._mail).send(message)
+
+        logger.debug("sending %s alerts to %s as one digest email", len(rows), self._name)
+        result = _guarded(send_digest)(alerts[0])
+        return _combine(self._name, {"email": result})
 
 
 def _combine(receiver: str, results: Mapping[str, Delivery]) -> Delivery:

@@ -2,7 +2,9 @@
 
 The engine enqueues rows with :func:`enqueue` in the same transaction that records its alerts,
 so an alert is either recorded and queued for every receiver, or neither. :func:`deliver_due`
-then sends the rows whose time has come and records each result with :meth:`Outbox.record`:
+then sends the rows whose time has come and records each result with :meth:`Outbox.record`
+(or, for a :class:`BatchSender` that sends all due rows of its receiver at once, one result for
+all of them with :meth:`Outbox.record_many`):
 
 * ``delivered``: the row is done and keeps the receiver's message id (``remote_id``).
 * ``retry``: the row waits ``max(retry_after, backoff)`` seconds, where the backoff grows
@@ -32,7 +34,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -42,6 +44,7 @@ from pipeline.errors import StateError
 
 __all__ = [
     "OUTBOX_STATUSES",
+    "BatchSender",
     "DeadLetter",
     "DeliveryReport",
     "Outbox",
@@ -151,6 +154,24 @@ Sender = Callable[[OutboxRow], Delivery]
 Channels return a ``retry`` or ``failed`` :class:`Delivery` instead of raising. If a sender
 raises anyway, :func:`deliver_due` records the exception as a ``retry``.
 """
+
+
+@runtime_checkable
+class BatchSender(Protocol):
+    """A sender that can also send all due rows of its receiver in one message.
+
+    :func:`deliver_due` calls :meth:`send_batch` with every due row of the receiver, oldest
+    first, and records the one result on every row, so the rows are delivered, retried or
+    dead together. An email receiver uses this to send one digest per run.
+    """
+
+    def __call__(self, row: OutboxRow) -> Delivery:
+        """Send one row."""
+        ...
+
+    def send_batch(self, rows: list[OutboxRow]) -> Delivery:
+        """Send ``rows`` (at least one, all of the same receiver) as one message."""
+        ...
 
 
 @dataclass
@@ -354,35 +375,63 @@ class Outbox:
             StateError: the row does not exist or is not pending.
         """
         with self._transaction(f"record delivery of outbox row {row_id}"):
-            row = self._get(row_id)
-            if row.status != "pending":
-                raise StateError(
-                    f"outbox row {row_id} is {row.status}, not pending; a result can only be "
-                    "recorded for a pending row"
-                )
-            attempts = row.attempts + 1
-            if delivery.status == "delivered":
-                self._conn.execute(
-                    "UPDATE outbox SET status = 'delivered', attempts = ?, remote_id = ?, "
-                    "delivered_at = ? WHERE id = ?",
-                    (attempts, delivery.remote_id, _utc_text(now), row_id),
-                )
-            elif delivery.status == "failed":
-                self._mark_dead(row_id, attempts, delivery.detail)
-            elif attempts >= self.settings.max_attempts:
-                error = f"gave up after {attempts} attempts: {delivery.detail}"
-                self._mark_dead(row_id, attempts, error)
-            else:
+            return self._record(row_id, delivery, now, wait=None)
+
+    def record_many(
+        self, row_ids: Iterable[int], delivery: Delivery, now: datetime
+    ) -> list[OutboxRow]:
+        """Store one delivery result on several pending rows in one transaction.
+
+        A ``retry`` schedules every row for the same time: the backoff is drawn once, for the
+        highest attempt count among the rows, so the rows stay due together.
+
+        Returns:
+            The new rows, in the order of ``row_ids``.
+
+        Raises:
+            StateError: a row does not exist or is not pending; then no row is changed.
+        """
+        ids = list(dict.fromkeys(int(row_id) for row_id in row_ids))
+        with self._transaction(f"record delivery of outbox rows {ids}"):
+            wait = None
+            if delivery.status == "retry":
+                attempts = max((self._get(row_id).attempts + 1 for row_id in ids), default=1)
                 wait = self.retry_delay(attempts, delivery.retry_after)
-                error = delivery.detail
-                if delivery.ambiguous:
-                    error += " (ambiguous: the receiver may already have the message)"
-                self._conn.execute(
-                    "UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ? "
-                    "WHERE id = ?",
-                    (attempts, _utc_text(now + timedelta(seconds=wait)), error, row_id),
-                )
-            return self._get(row_id)
+            return [self._record(row_id, delivery, now, wait=wait) for row_id in ids]
+
+    def _record(
+        self, row_id: int, delivery: Delivery, now: datetime, *, wait: float | None
+    ) -> OutboxRow:
+        """Record ``delivery`` on one row inside an open transaction (see :meth:`record`)."""
+        row = self._get(row_id)
+        if row.status != "pending":
+            raise StateError(
+                f"outbox row {row_id} is {row.status}, not pending; a result can only be "
+                "recorded for a pending row"
+            )
+        attempts = row.attempts + 1
+        if delivery.status == "delivered":
+            self._conn.execute(
+                "UPDATE outbox SET status = 'delivered', attempts = ?, remote_id = ?, "
+                "delivered_at = ? WHERE id = ?",
+                (attempts, delivery.remote_id, _utc_text(now), row_id),
+            )
+        elif delivery.status == "failed":
+            self._mark_dead(row_id, attempts, delivery.detail)
+        elif attempts >= self.settings.max_attempts:
+            error = f"gave up after {attempts} attempts: {delivery.detail}"
+            self._mark_dead(row_id, attempts, error)
+        else:
+            if wait is None:
+                wait = self.retry_delay(attempts, delivery.retry_after)
+            error = delivery.detail
+            if delivery.ambiguous:
+                error += " (ambiguous: the receiver may already have the message)"
+            self._conn.execute(
+                "UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ? WHERE id = ?",
+                (attempts, _utc_text(now + timedelta(seconds=wait)), error, row_id),
+            )
+        return self._get(row_id)
 
     def retry_delay(self, attempts: int, retry_after: float | None = None) -> float:
         """Return the seconds to wait after failed attempt number ``attempts`` (from 1).
@@ -541,13 +590,18 @@ def deliver_due(outbox: Outbox, senders: Mapping[str, Sender], now: datetime) ->
     ``retry`` with its type and message in ``last_error``, so it cannot stop the other
     receivers.
 
+    A receiver whose sender is a :class:`BatchSender` gets all its due rows in one
+    :meth:`BatchSender.send_batch` call, and the one result is recorded on every row.
+
     Rows whose receiver has no sender stay pending and are listed in ``unknown_receivers``.
     So a receiver removed from the configuration keeps its rows until the configuration
     names it again.
     """
     report = DeliveryReport()
     held_back: set[str] = set()
-    for row in outbox.due(now):
+    due = outbox.due(now)
+    batched: set[str] = set()
+    for row in due:
         counts = report.counts(row.receiver)
         sender = senders.get(row.receiver)
         if sender is None:
@@ -555,36 +609,23 @@ def deliver_due(outbox: Outbox, senders: Mapping[str, Sender], now: datetime) ->
                 report.unknown_receivers.append(row.receiver)
             counts.deferred += 1
             continue
+        if row.receiver in batched:
+            continue
         if row.receiver in held_back:
             counts.deferred += 1
             continue
+        if isinstance(sender, BatchSender):
+            batched.add(row.receiver)
+            rows = [other for other in due if other.receiver == row.receiver]
+            delivery = _attempt_batch(sender, rows)
+            stored_rows = outbox.record_many([other.id for other in rows], delivery, now)
+            for other, stored in zip(rows, stored_rows, strict=True):
+                _count(report, counts, other, stored, delivery)
+            continue
         delivery = _attempt(sender, row)
         stored = outbox.record(row.id, delivery, now)
-        if stored.status == "delivered":
-            counts.sent += 1
-            logger.debug("delivered alert %s to %s", row.alert_id, row.receiver)
-        elif stored.status == "dead":
-            counts.dead += 1
-            detail = stored.last_error or delivery.detail
-            report.dead.append(DeadLetter(row.id, row.alert_id, row.receiver, detail))
-            logger.error(
-                "delivery of alert %s to %s failed after %s attempts and the row is dead: %s",
-                row.alert_id,
-                row.receiver,
-                stored.attempts,
-                detail,
-            )
-        else:
-            counts.retry += 1
+        if _count(report, counts, row, stored, delivery) == "retry":
             held_back.add(row.receiver)
-            logger.warning(
-                "delivery of alert %s to %s failed (attempt %s), retrying at %s: %s",
-                row.alert_id,
-                row.receiver,
-                stored.attempts,
-                stored.next_attempt_at.isoformat(),
-                stored.last_error,
-            )
 
     for receiver, pending in outbox.pending_by_receiver().items():
         report.counts(receiver).pending = pending
@@ -594,6 +635,52 @@ def deliver_due(outbox: Outbox, senders: Mapping[str, Sender], now: datetime) ->
             ", ".join(sorted(report.unknown_receivers)),
         )
     return report
+
+
+def _count(
+    report: DeliveryReport,
+    counts: ReceiverCounts,
+    row: OutboxRow,
+    stored: OutboxRow,
+    delivery: Delivery,
+) -> str:
+    """Count and log the stored result of one row; return ``sent``, ``dead`` or ``retry``."""
+    if stored.status == "delivered":
+        counts.sent += 1
+        logger.debug("delivered alert %s to %s", row.alert_id, row.receiver)
+        return "sent"
+    if stored.status == "dead":
+        counts.dead += 1
+        detail = stored.last_error or delivery.detail
+        report.dead.append(DeadLetter(row.id, row.alert_id, row.receiver, detail))
+        logger.error(
+            "delivery of alert %s to %s failed after %s attempts and the row is dead: %s",
+            row.alert_id,
+            row.receiver,
+            stored.attempts,
+            detail,
+        )
+        return "dead"
+    counts.retry += 1
+    logger.warning(
+        "delivery of alert %s to %s failed (attempt %s), retrying at %s: %s",
+        row.alert_id,
+        row.receiver,
+        stored.attempts,
+        stored.next_attempt_at.isoformat(),
+        stored.last_error,
+    )
+    return "retry"
+
+
+def _attempt_batch(sender: BatchSender, rows: list[OutboxRow]) -> Delivery:
+    try:
+        return sender.send_batch(rows)
+    except Exception as exc:
+        logger.exception(
+            "batch sender for %s raised on %s outbox rows", rows[0].receiver, len(rows)
+        )
+        return Delivery("retry", f"sender raised {type(exc).__name__}: {exc}")
 
 
 def _attempt(sender: Sender, row: OutboxRow) -> Delivery:

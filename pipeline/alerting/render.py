@@ -2,7 +2,9 @@
 
 Templates are looked up in the user's folder first and in the packaged ``templates/`` folder
 second, so a user overrides the wording of one channel by dropping a file with the same name
-(``slack.json.j2``, ``email.html.j2``, ``email.txt.j2``) into their folder.
+(``slack.json.j2``, ``email.html.j2``, ``email.txt.j2``) into their folder. The digest email
+(``email_digest.html.j2``, ``email_digest.txt.j2``) includes ``email.txt.j2`` and the HTML
+fragment ``_email_alert.html.j2`` for each alert, so overriding those changes both emails.
 
 Templates never see raw log strings. The renderer passes a view of the alert in which every
 string is already cleaned for the channel: escaped for Slack mrkdwn in ``slack.json.j2``, and
@@ -38,6 +40,7 @@ __all__ = [
     "SLACK_MAX_TEXT_CHARS",
     "Renderer",
     "TemplateOutputError",
+    "digest_subject",
     "email_subject",
     "enforce_slack_limits",
 ]
@@ -48,6 +51,9 @@ PACKAGED_TEMPLATES: Final = Path(__file__).parent / "templates"
 SLACK_TEMPLATE: Final = "slack.json.j2"
 HTML_TEMPLATE: Final = "email.html.j2"
 TEXT_TEMPLATE: Final = "email.txt.j2"
+DIGEST_HTML_TEMPLATE: Final = "email_digest.html.j2"
+DIGEST_TEXT_TEMPLATE: Final = "email_digest.txt.j2"
+_SEVERITY_ORDER: Final = ("critical", "high", "medium", "low", "info")
 
 # Slack Block Kit limits: a message has at most 50 blocks and a text object at most 3,000
 # characters. A section has at most 10 fields of 2,000 characters each, a header text at most
@@ -207,6 +213,47 @@ class Renderer:
         message.add_alternative(self.render_html(alert), subtype="html")
         return message
 
+    def render_email_digest(
+        self,
+        alerts: Sequence[Alert],
+        *,
+        sender: str,
+        recipients: Sequence[str],
+        now: dt.datetime | None = None,
+    ) -> EmailMessage:
+        """Build one multipart/alternative email that lists every alert in ``alerts``.
+
+        Each alert block in the text part comes from ``email.txt.j2`` and in the HTML part
+        from ``_email_alert.html.j2``, the templates of the single-alert email, so the wording
+        of an alert is written once. The subject counts the alerts per severity (see
+        :func:`digest_subject`). There is one ``X-Keytrail-Alert`` header per alert, in order.
+
+        Raises:
+            ValueError: ``alerts`` is empty.
+        """
+        if not alerts:
+            raise ValueError("a digest email needs at least one alert")
+        now = now or dt.datetime.now(dt.UTC)
+        subject = digest_subject(alerts)
+        views = [alert_view(alert, clean_line) for alert in alerts]
+        context = {
+            "alerts": views,
+            "subject": subject,
+            "severity_summary": _severity_summary(alerts),
+        }
+        message = EmailMessage(policy=email.policy.SMTP)
+        message["Subject"] = subject
+        message["From"] = sender
+        message["To"] = ", ".join(recipients)
+        message["Date"] = email.utils.format_datetime(now.astimezone(dt.UTC))
+        domain = email.utils.parseaddr(sender)[1].rpartition("@")[2] or "localhost"
+        message["Message-ID"] = f"<digest.{secrets.token_hex(8)}@{domain}>"
+        for alert in alerts:
+            message["X-Keytrail-Alert"] = header_text(alert.dedup_key, 200)
+        message.set_content(self._render(DIGEST_TEXT_TEMPLATE, **context))
+        message.add_alternative(self._render(DIGEST_HTML_TEMPLATE, **context), subtype="html")
+        return message
+
     def _render(self, name: str, **context: Any) -> str:
         try:
             template = self.environment.get_template(name)
@@ -248,6 +295,23 @@ def email_subject(alert: Alert) -> str:
     if alert.principal and alert.principal not in alert.title:
         subject += f" ({alert.principal})"
     return header_text(subject, MAX_SUBJECT_CHARS)
+
+
+def digest_subject(alerts: Sequence[Alert]) -> str:
+    """Return the digest subject: ``[keytrail] 3 alerts: 1 high, 2 medium``, one line."""
+    noun = "alert" if len(alerts) == 1 else "alerts"
+    subject = f"[keytrail] {len(alerts)} {noun}: {_severity_summary(alerts)}"
+    return header_text(subject, MAX_SUBJECT_CHARS)
+
+
+def _severity_summary(alerts: Sequence[Alert]) -> str:
+    """Return the alert count per severity, most severe first, as in ``1 high, 2 medium``."""
+    counts: dict[str, int] = {}
+    for alert in alerts:
+        counts[alert.severity] = counts.get(alert.severity, 0) + 1
+    known = [name for name in _SEVERITY_ORDER if name in counts]
+    others = sorted(name for name in counts if name not in _SEVERITY_ORDER)
+    return ", ".join(f"{counts[name]} {name}" for name in known + others)
 
 
 def alert_view(alert: Alert, clean: Callable[[str], str]) -> dict[str, Any]:

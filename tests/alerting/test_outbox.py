@@ -460,6 +460,7 @@ def test_settings_reject_cap_below_base() -> None:
 def test_public_api() -> None:
     assert set(outbox_module.__all__) == {
         "OUTBOX_STATUSES",
+        "BatchSender",
         "DeadLetter",
         "DeliveryReport",
         "Outbox",
