@@ -7,10 +7,14 @@ revoked webhook or a rejected recipient will not start working by itself), and m
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
-__all__ = ["Delivery", "DeliveryStatus"]
+from pipeline.errors import ConfigError
+
+__all__ = ["Delivery", "DeliveryStatus", "read_secret"]
 
 DeliveryStatus = Literal["delivered", "retry", "failed"]
 
@@ -37,3 +41,32 @@ class Delivery:
     retry_after: float | None = None
     remote_id: str | None = None
     ambiguous: bool = False
+
+
+def read_secret(env_name: str, file: Path | None, secret_name: str) -> str:
+    """Read a secret from ``file`` when given, else from the environment variable ``env_name``.
+
+    ``secret_name`` names the secret in messages, such as ``Slack webhook URL``.
+
+    Raises:
+        ConfigError: if the file cannot be read, or the variable is unset or empty. The
+            message names the variable or file, never the value.
+    """
+    if file is not None:
+        try:
+            value = file.read_text(encoding="utf-8").strip()
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            raise ConfigError(
+                f"cannot read the {secret_name} from secret file {file}: {reason}; "
+                f"create the file or unset the setting to read {env_name} instead"
+            ) from None
+        if not value:
+            raise ConfigError(f"secret file {file} for the {secret_name} is empty")
+        return value
+    value = os.environ.get(env_name, "").strip()
+    if not value:
+        raise ConfigError(
+            f"environment variable {env_name} is not set or empty; set it to the {secret_name}"
+        )
+    return value

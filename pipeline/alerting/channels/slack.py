@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import http.client
 import logging
-import os
 import random
 import re
 import time
@@ -38,7 +37,7 @@ from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
 from slack_sdk.webhook import WebhookClient
 
-from pipeline.alerting.channels.base import Delivery
+from pipeline.alerting.channels.base import Delivery, read_secret
 from pipeline.errors import ConfigError
 
 __all__ = ["SlackChannel", "SlackSettings"]
@@ -216,32 +215,6 @@ def _retry_after(headers: Any) -> float | None:
     return None
 
 
-def _read_secret(env_name: str, file: Path | None, secret_name: str) -> str:
-    """Read a secret from ``file`` when given, else from the environment variable ``env_name``.
-
-    Raises:
-        ConfigError: if the file cannot be read, or the variable is unset or empty. The
-            message names the variable or file, never the value.
-    """
-    if file is not None:
-        try:
-            value = file.read_text(encoding="utf-8").strip()
-        except OSError as error:
-            raise ConfigError(
-                f"cannot read the Slack {secret_name} from secret file {file}: {error.strerror or type(error).__name__}; "
-                f"create the file or unset the setting to read {env_name} instead"
-            ) from None
-        if not value:
-            raise ConfigError(f"secret file {file} for the Slack {secret_name} is empty")
-        return value
-    value = os.environ.get(env_name, "").strip()
-    if not value:
-        raise ConfigError(
-            f"environment variable {env_name} is not set or empty; set it to the Slack {secret_name}"
-        )
-    return value
-
-
 def _shorten(text: str) -> str:
     text = " ".join(text.split())
     if len(text) > _MAX_BODY_IN_DETAIL:
@@ -267,7 +240,9 @@ class SlackChannel:
         handlers = self._retry_handlers()
         timeout = settings.timeout_seconds
         if settings.mode == "webhook":
-            url = _read_secret(settings.webhook_url_env, settings.webhook_url_file, "webhook URL")
+            url = read_secret(
+                settings.webhook_url_env, settings.webhook_url_file, "Slack webhook URL"
+            )
             _redactor.add(url)
             if not url.lower().startswith(("https://", "http://")):
                 source = settings.webhook_url_file or settings.webhook_url_env
@@ -285,7 +260,7 @@ class SlackChannel:
             )
             self._web: WebClient | None = None
         else:
-            token = _read_secret(settings.token_env, settings.token_file, "bot token")
+            token = read_secret(settings.token_env, settings.token_file, "Slack bot token")
             _redactor.add(token)
             self._secret_source = str(settings.token_file or settings.token_env)
             base_url = settings.base_url or WebClient.BASE_URL

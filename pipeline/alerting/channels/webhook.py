@@ -20,7 +20,6 @@ import email.utils
 import http.client
 import json
 import logging
-import os
 import random
 import re
 import ssl
@@ -36,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline import __version__
 from pipeline.alerting.alerts import Alert, to_jsonable
-from pipeline.alerting.channels.base import Delivery
+from pipeline.alerting.channels.base import Delivery, read_secret
 from pipeline.errors import ConfigError
 
 __all__ = ["SCHEMA_VERSION", "WebhookChannel", "WebhookSettings", "build_payload"]
@@ -195,7 +194,7 @@ class WebhookChannel:
     def __init__(self, settings: WebhookSettings) -> None:
         self.settings = settings
         self._url_source = str(settings.url_file or settings.url_env)
-        self._url = _read_secret(settings.url_env, settings.url_file, "URL")
+        self._url = read_secret(settings.url_env, settings.url_file, "webhook URL")
         self._secrets = _url_secrets(self._url)
 
         parts = urllib.parse.urlsplit(self._url)
@@ -210,7 +209,7 @@ class WebhookChannel:
         if settings.header_file is not None or settings.header_env is not None:
             self._header_source = str(settings.header_file or settings.header_env)
             env = settings.header_env or ""
-            value = _read_secret(env, settings.header_file, f"{settings.header_name} header")
+            value = read_secret(env, settings.header_file, f"webhook {settings.header_name} header")
             # http.client sends header values as Latin-1 and raises on other characters.
             if "\n" in value or "\r" in value or not value.isascii():
                 raise ConfigError(
@@ -408,33 +407,6 @@ class WebhookChannel:
             logger.warning("webhook alert %s will be retried: %s", alert_id, delivery.detail)
         else:
             logger.error("webhook alert %s failed: %s", alert_id, delivery.detail)
-
-
-def _read_secret(env_name: str, file: Path | None, secret_name: str) -> str:
-    """Read a secret from ``file`` when given, else from the environment variable ``env_name``.
-
-    Raises:
-        ConfigError: if the file cannot be read, or the variable is unset or empty. The
-            message names the variable or file, never the value.
-    """
-    if file is not None:
-        try:
-            value = file.read_text(encoding="utf-8").strip()
-        except OSError as error:
-            reason = error.strerror or type(error).__name__
-            raise ConfigError(
-                f"cannot read the webhook {secret_name} from secret file {file}: {reason}"
-            ) from None
-        if not value:
-            raise ConfigError(f"secret file {file} for the webhook {secret_name} is empty")
-        return value
-    value = os.environ.get(env_name, "").strip()
-    if not value:
-        raise ConfigError(
-            f"environment variable {env_name} is not set or empty; set it to the webhook "
-            f"{secret_name}"
-        )
-    return value
 
 
 def _url_secrets(url: str) -> set[str]:
