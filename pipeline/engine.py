@@ -29,7 +29,7 @@ run killed before the commit leaves a ``started`` run row, and step 1 of the nex
 history files. A crash after the commit loses nothing, because step 1 of the next run writes the
 pending outputs and its step 9 delivers the queued outbox rows. A crash after the outputs were
 written but before they were marked written is the one ambiguous case: the next run writes those
-findings again, so findings.jsonl holds at most one duplicate line per finding. Delivery is
+findings again, so findings.jsonl contains at most one duplicate line per finding. Delivery is
 at-least-once per (alert, receiver), as :mod:`pipeline.alerting.outbox` describes.
 """
 

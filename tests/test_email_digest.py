@@ -38,7 +38,7 @@ class _LocalController(Controller):
 
 @dataclass
 class Inbox:
-    """Stores each accepted message, or answers DATA with ``data_reply`` when it is set."""
+    """Stores each accepted message, or replies to DATA with ``data_reply`` when it is set."""
 
     data_reply: str | None = None
     received: list[EmailMessage] = field(default_factory=list)
@@ -204,9 +204,7 @@ def test_email_only_receiver_gets_one_digest(tmp_path: Path, inbox: tuple[Inbox,
     assert {row.remote_id for row in rows} == {str(message["Message-ID"])}
 
 
-def test_single_due_alert_is_sent_as_the_single_alert_email(
-    tmp_path: Path, inbox: tuple[Inbox, int]
-) -> None:
+def test_single_alert_sent_plainly(tmp_path: Path, inbox: tuple[Inbox, int]) -> None:
     handler, port = inbox
     senders = build_senders(settings_for(email_only(port)), tmp_path, NOW)
     with queue(tmp_path, ALERTS[:1]) as outbox:
@@ -257,9 +255,7 @@ def test_permanent_smtp_error_makes_all_rows_dead(tmp_path: Path, inbox: tuple[I
     assert all("550" in (row.last_error or "") for row in rows)
 
 
-def test_receiver_with_email_and_file_keeps_one_email_per_alert(
-    tmp_path: Path, inbox: tuple[Inbox, int]
-) -> None:
+def test_mixed_receiver_sends_per_alert(tmp_path: Path, inbox: tuple[Inbox, int]) -> None:
     handler, port = inbox
     receiver = {**email_only(port), "file": {}}
     senders = build_senders(settings_for(receiver), tmp_path, NOW)

@@ -1,6 +1,6 @@
 """Alerting: turn findings into alerts, render them for Slack and email, and deliver them.
 
-:mod:`pipeline.alerting.delivery` holds the ``alerting`` settings and connects routing,
+:mod:`pipeline.alerting.delivery` defines the ``alerting`` settings and connects routing,
 silences, the outbox table and the channels for the engine.
 """
 

@@ -588,7 +588,7 @@ def _resolve_who(raw: bytes) -> _Who:
 
 
 def _evict_older_half(cache: dict[Any, Any]) -> None:
-    """Remove the older half of ``cache`` when it holds more than ``_MAX_CACHED`` entries."""
+    """Remove the older half of ``cache`` when it contains more than ``_MAX_CACHED`` entries."""
     if len(cache) <= _MAX_CACHED:
         return
     # dicts keep insertion order, so the first keys are the oldest.

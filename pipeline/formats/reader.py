@@ -58,9 +58,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _GZIP_MAGIC = b"\x1f\x8b"
-# Longest raw text kept with a quarantined record.
+# Maximum length of the raw text kept with a quarantined record.
 MAX_RAW_CHARS = 16_384
-# Container keys whose list value holds the records, in the order they are tried.
+# Container keys whose list value contains the records, in the order they are tried.
 _WRAPPER_KEYS = ("Records", "records", "value", "Events", "entries")
 # Maximum arrays and wrappers unwrapped around one record. The shapes above nest at most three
 # deep (a JSON Lines line that is an array of wrappers), so a deeper value is quarantined.
