@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Azurite, Microsoft's Azure Storage emulator from the npm registry, for the Azure Blob source tests.
+AZURITE := $(VENV)/node/node_modules/.bin/azurite-blob
 
 .PHONY: demo test lint typecheck pytest install clean
 
@@ -17,6 +19,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(AZURITE):
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/node azurite@3.37.0
+
 demo: $(STAMP)
 	$(BIN)/keytrail run --config config.yaml
 
@@ -29,7 +34,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) $(AZURITE)
 	$(BIN)/pytest
 
 clean:

@@ -42,6 +42,7 @@ from pipeline.alerting.delivery import (
 )
 from pipeline.enrich import GeoIP, GeoIPSettings
 from pipeline.errors import ConfigError
+from pipeline.sources import AnySourceSettings, FilesSourceSettings
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -202,14 +203,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class FilesSourceSettings(_Strict):
-    """A source that reads log files and folders on the local disk (recursively)."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1, max_length=100)
-    type: Literal["files"] = "files"
-    paths: list[Path] = Field(min_length=1)
-
-
 class EnrichSettings(_Strict):
     """Enrichment of caller addresses."""
 
@@ -263,7 +256,7 @@ class Settings(_Strict):
 
     state_dir: Path = Path(".keytrail")
     output_dir: Path = Path(".keytrail/output")
-    sources: list[FilesSourceSettings] = Field(default_factory=list)
+    sources: list[AnySourceSettings] = Field(default_factory=list)
     enrich: EnrichSettings = Field(default_factory=EnrichSettings)
     history: HistorySettings = Field(default_factory=HistorySettings)
     detectors: dict[str, DetectorSettings] = Field(default_factory=dict)
@@ -516,9 +509,21 @@ def _pydantic_problems(
         loc = tuple(error["loc"])
         if skip and loc in skip:
             continue
+        key_model, key_loc = model, loc
+        if len(loc) > 2 and loc[0] == "sources" and loc[2] in _SOURCE_MODELS:
+            # A source's errors carry its ``type`` value after the index; the user never wrote
+            # that level, so it is left out of the key path.
+            key_model, key_loc = _SOURCE_MODELS[loc[2]], loc[3:]
+            loc = loc[:2] + loc[3:]
         path = _dotted(prefix + loc)
+        if error["type"] == "union_tag_invalid":
+            problems.append(
+                f"{path}.type: unknown source type (found: {_short(_source_type_of(error))}); "
+                f"accepted: {', '.join(_SOURCE_MODELS)}"
+            )
+            continue
         if error["type"] == "extra_forbidden":
-            allowed = _allowed_keys(model, loc[:-1])
+            allowed = _allowed_keys(key_model, key_loc[:-1])
             hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
             problems.append(f"{path}: unknown key{hint}")
             continue
@@ -528,6 +533,20 @@ def _pydantic_problems(
             message = message.removeprefix("Value error, ")
         problems.append(f"{path}: {message} (found: {_short(found)})")
     return problems
+
+
+_SOURCE_MODELS: dict[str, type[BaseModel]] = {
+    model.model_fields["type"].default: model
+    for model in (
+        typing.get_args(member)[0]
+        for member in typing.get_args(typing.get_args(AnySourceSettings)[0])
+    )
+}
+
+
+def _source_type_of(error: Any) -> Any:
+    found = error.get("input")
+    return found.get("type") if isinstance(found, dict) else found
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:
@@ -593,6 +612,8 @@ def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
 
     sources = [
         source.model_copy(update={"paths": [resolve(p) for p in source.paths]})
+        if isinstance(source, FilesSourceSettings)
+        else source
         for source in settings.sources
     ]
     geoip = settings.enrich.geoip.model_copy(

@@ -61,12 +61,12 @@ from pipeline.alerting.delivery import (
 )
 from pipeline.alerting.outbox import Outbox, deliver_due
 from pipeline.alerting.silences import SilenceStore
-from pipeline.config import FilesSourceSettings, Settings, build_detectors
+from pipeline.config import Settings, build_detectors
 from pipeline.enrich import enrich_events
 from pipeline.errors import DetectorError, KeytrailError
 from pipeline.formats.base import Quarantined
 from pipeline.schema import empty_events
-from pipeline.sources import FilesSource, SourceBatch
+from pipeline.sources import FilesSource, Source, SourceBatch, build_source
 from pipeline.store.history import History
 from pipeline.store.state import State, state_lock
 from pipeline.summary import DetectorSummary, RunSummary, SourceSummary
@@ -132,7 +132,7 @@ def run_once(
 
 def _run(
     settings: Settings,
-    sources: list[FilesSource],
+    sources: list[Source],
     state: State,
     summary: RunSummary,
     now: pd.Timestamp,
@@ -200,6 +200,7 @@ def _run(
             events=events,
             findings=findings,
             checkpoints={batch.name: batch.checkpoints for batch in batches},
+            checkpoints_removed={batch.name: batch.checkpoints_removed for batch in batches},
             summary=summary.to_dict(),
             status=summary.status,
             pending_outputs=pending,
@@ -275,21 +276,13 @@ def _write_pending_outputs(
     logger.info("outputs: %s pending findings of earlier runs written", report.findings_written)
 
 
-def _sources(
-    settings: Settings, override: Sequence[str | os.PathLike[str]] | None
-) -> list[FilesSource]:
+def _sources(settings: Settings, override: Sequence[str | os.PathLike[str]] | None) -> list[Source]:
     if override is not None:
         return [FilesSource(COMMAND_LINE_SOURCE, list(override))]
-    return [_build_source(source) for source in settings.sources]
+    return [build_source(source) for source in settings.sources]
 
 
-def _build_source(source: FilesSourceSettings) -> FilesSource:
-    return FilesSource(source.name, source.paths)
-
-
-def _read_sources(
-    sources: list[FilesSource], state: State, summary: RunSummary
-) -> list[SourceBatch]:
+def _read_sources(sources: list[Source], state: State, summary: RunSummary) -> list[SourceBatch]:
     """Read each source; a source that cannot be read is reported and the others go on."""
     batches = []
     for source in sources:
@@ -311,6 +304,11 @@ def _read_sources(
         entry.quarantined_by_reason = counts["quarantined_by_reason"]
         entry.skipped_by_kind = counts["skipped_by_kind"]
         entry.records_by_format = counts["records_by_format"]
+        entry.problems = list(batch.problems)
+        entry.notes = list(batch.notes)
+        summary.problems.extend(f"source {source.name}: {problem}" for problem in batch.problems)
+        for note in batch.notes:
+            logger.warning("source %s: %s", source.name, note)
         batches.append(batch)
         logger.info(
             "source %s: %s files read, %s unchanged, %s records, %s events, %s quarantined",

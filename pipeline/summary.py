@@ -38,7 +38,12 @@ EXIT_DELIVERY = 5
 
 @dataclass
 class SourceSummary:
-    """Counts of one source in one run. ``error`` is set when the source could not be read."""
+    """Counts of one source in one run.
+
+    ``error`` is set when the source could not be read at all (its checkpoints stayed where
+    they were); ``problems`` lists what a source that was read in part could not read; ``notes``
+    are facts the operator should know, such as a project with no Data Access entries.
+    """
 
     name: str
     files_listed: int = 0
@@ -50,6 +55,8 @@ class SourceSummary:
     skipped_by_kind: dict[str, int] = field(default_factory=dict)
     records_by_format: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def quarantined(self) -> int:

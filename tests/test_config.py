@@ -107,7 +107,7 @@ def test_every_problem_listed_with_key_path(tmp_path: Path) -> None:
     )
 
     assert problems_of(path) == [
-        "sources[0].type: Input should be 'files' (found: 's3')",
+        "sources[0].type: unknown source type (found: 's3'); accepted: files, s3_cloudtrail, cloudtrail_lookup, gcp_logging, azure_blob",
         "history.retention_days: Input should be a valid integer, unable to parse string as an "
         "integer (found: 'forever')",
         "logging.level: Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR' (found: 'LOUD')",

@@ -18,14 +18,17 @@ import logging
 import os
 import stat
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
 
 from pipeline.formats.base import FileResult, Quarantined
 from pipeline.formats.reader import BatchReader, iter_files, merge_results
+from pipeline.sources.base import SourceBatch, SourceSettings
 
-__all__ = ["NOT_A_REGULAR_FILE", "FilesSource", "SourceBatch"]
+__all__ = ["NOT_A_REGULAR_FILE", "FilesSource", "FilesSourceSettings"]
 
 NOT_A_REGULAR_FILE = "not_a_regular_file"
 """Skip kind counted for a FIFO, socket or device found under a source path."""
@@ -33,24 +36,11 @@ NOT_A_REGULAR_FILE = "not_a_regular_file"
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class SourceBatch:
-    """What one source produced in one run.
+class FilesSourceSettings(SourceSettings):
+    """A source that reads log files and folders on the local disk (recursively)."""
 
-    Attributes:
-        name: the source's configured name.
-        result: the events, record counts, quarantined records and skip counts.
-        checkpoints: checkpoint entries to store when the run commits, for the files that were
-            read successfully.
-        files_listed: files found under the source's paths.
-        files_unchanged: files not read because their checkpoint matched.
-    """
-
-    name: str
-    result: FileResult = field(default_factory=FileResult)
-    checkpoints: dict[str, Any] = field(default_factory=dict)
-    files_listed: int = 0
-    files_unchanged: int = 0
+    type: Literal["files"] = "files"
+    paths: list[Path] = Field(min_length=1)
 
 
 class FilesSource:
@@ -61,23 +51,39 @@ class FilesSource:
         paths: files and folders; folders are walked recursively, hidden entries skipped.
     """
 
-    type = "files"
+    type: ClassVar[str] = "files"
 
     def __init__(self, name: str, paths: Sequence[str | os.PathLike[str]]) -> None:
         self.name = name
         self.paths = [Path(path) for path in paths]
 
-    def read(self, checkpoints: Mapping[str, Any]) -> SourceBatch:
+    @classmethod
+    def from_settings(cls, settings: FilesSourceSettings) -> FilesSource:
+        """Build the source from its validated settings."""
+        return cls(settings.name, settings.paths)
+
+    def read(
+        self,
+        checkpoints: Mapping[str, Any],
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> SourceBatch:
         """Read the files that changed since ``checkpoints``.
 
         Args:
             checkpoints: this source's stored checkpoints (absolute path -> ``{"size",
                 "mtime_ns"}``); an empty mapping reads everything.
+            since: the start of a backfill window: every file is read whatever its checkpoint
+                says, because a file's name and times do not tell which events it holds. The
+                engine keeps only the events inside the window.
+            until: the end of the backfill window.
 
         Raises:
             InputError: a configured path does not exist.
         """
         batch = SourceBatch(self.name)
+        backfill = since is not None or until is not None
         # Files are read through one BatchReader, which builds frames for many files at once;
         # files that cannot be read at all are counted in small results merged at the end.
         reader = BatchReader()
@@ -95,7 +101,7 @@ class FilesSource:
                 results.append(_unreadable(path, exc))
                 continue
             marker = {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
-            if checkpoints.get(key) == marker:
+            if not backfill and checkpoints.get(key) == marker:
                 batch.files_unchanged += 1
                 continue
             try:

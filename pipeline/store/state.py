@@ -320,6 +320,7 @@ class State:
         findings: pd.DataFrame,
         checkpoints: Mapping[str, Mapping[str, Any]],
         summary: Mapping[str, Any],
+        checkpoints_removed: Mapping[str, Iterable[str]] | None = None,
         status: str = "completed",
         pending_outputs: Mapping[str, str] | None = None,
         in_transaction: Callable[[sqlite3.Connection], None] | None = None,
@@ -332,6 +333,7 @@ class State:
             events: the run's new events; their ``event_uid``s become seen.
             findings: the findings written by the run; they enter the ledger.
             checkpoints: source name -> key -> JSON-ready value, upserted.
+            checkpoints_removed: source name -> checkpoint keys to delete.
             summary: the run summary, stored as JSON with the run row.
             status: the run's status, one of :data:`COMMITTED_STATUSES`.
             pending_outputs: finding id -> the finding as one JSON text, queued as pending
@@ -361,6 +363,11 @@ class State:
                     "ON CONFLICT (source, key) DO UPDATE SET value = excluded.value, "
                     "updated = excluded.updated",
                     [(source, key, json.dumps(value), now) for key, value in values.items()],
+                )
+            for source, keys in (checkpoints_removed or {}).items():
+                self._conn.executemany(
+                    "DELETE FROM checkpoints WHERE source = ? AND key = ?",
+                    [(source, key) for key in keys],
                 )
             self._conn.execute(
                 "INSERT OR REPLACE INTO runs (run_id, started, finished, status, summary_json) "
