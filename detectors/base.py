@@ -26,6 +26,7 @@ from pipeline.schema import empty_events
 
 __all__ = [
     "FINDING_COLUMNS",
+    "ROLLUP_KEYS",
     "SEVERITIES",
     "Detector",
     "DetectorParams",
@@ -36,6 +37,7 @@ __all__ = [
     "get_detector",
     "register",
     "registered_detectors",
+    "rollup_events",
     "severity_rank",
 ]
 
@@ -76,8 +78,68 @@ def severity_rank(severity: str) -> int:
     return SEVERITIES.index(severity)
 
 
+ROLLUP_KEYS: Final = (
+    "hour",
+    "cloud",
+    "account",
+    "principal",
+    "principal_type",
+    "resource",
+    "service",
+    "operation",
+    "action",
+    "outcome",
+    "source_ip",
+    "geo_country",
+    "asn",
+)
+"""Key columns of the hourly rollup; ``hour`` is the event time floored to the hour (UTC)."""
+
+
+def rollup_events(events: pd.DataFrame) -> pd.DataFrame:
+    """Count events per hour and :data:`ROLLUP_KEYS`.
+
+    Returns one row per distinct key with ``count`` (rows, so a batch read of N secrets counts
+    N), ``first_time`` and ``last_time``. Null keys form their own groups. Baselines over weeks
+    of history read this instead of the raw events: a workload that reads one secret every
+    minute becomes one row per hour.
+    """
+    keys = list(ROLLUP_KEYS)
+    columns = [name for name in keys if name != "hour"]
+    if events.empty:
+        frame = events[columns].copy()
+        frame.insert(0, "hour", pd.Series([], dtype="datetime64[us, UTC]"))
+        frame["count"] = pd.Series([], dtype="int64")
+        frame["first_time"] = pd.Series([], dtype="datetime64[us, UTC]")
+        frame["last_time"] = pd.Series([], dtype="datetime64[us, UTC]")
+        return frame.reset_index(drop=True)
+    frame = events[[*columns, "time"]].assign(hour=events["time"].dt.floor("h"))
+    grouped = frame.groupby(keys, dropna=False, observed=True, sort=False)["time"]
+    result = grouped.agg(count="size", first_time="min", last_time="max").reset_index()
+    result["count"] = result["count"].astype("int64")
+    return result
+
+
 class HistoryView(Protocol):
-    """Read access to earlier events, for baselines."""
+    """Read access to earlier events, for baselines.
+
+    ``events`` returns raw events; ``rollup`` returns hourly counts (see :func:`rollup_events`),
+    which is what a baseline over weeks should read.
+    """
+
+    def rollup(
+        self,
+        *,
+        since: pd.Timestamp | None = None,
+        until: pd.Timestamp | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> pd.DataFrame:
+        """Return hourly rollup rows with ``since <= hour < until``, only ``columns`` if given.
+
+        Rows of one key may repeat (one per run that stored events of that hour): group and
+        sum ``count`` (and take the min/max of ``first_time``/``last_time``) before use.
+        """
+        ...
 
     def events(
         self,
@@ -114,6 +176,19 @@ class FrameHistory:
         if columns is not None:
             selected = selected[list(columns)]
         return selected.reset_index(drop=True)
+
+    def rollup(
+        self,
+        *,
+        since: pd.Timestamp | None = None,
+        until: pd.Timestamp | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> pd.DataFrame:
+        """Return the hourly rollup of the rows in ``[since, until)``, only ``columns`` if given."""
+        result = rollup_events(self.events(since=since, until=until))
+        if columns is not None:
+            result = result[list(columns)]
+        return result
 
 
 class DetectorParams(BaseModel):
