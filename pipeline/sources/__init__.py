@@ -11,6 +11,10 @@ from typing import Annotated, Any
 from pydantic import Discriminator, Tag
 
 from pipeline.sources.azure_blob import AzureBlobSettings, AzureBlobSource
+from pipeline.sources.azure_log_analytics import (
+    AzureLogAnalyticsSettings,
+    AzureLogAnalyticsSource,
+)
 from pipeline.sources.base import Source, SourceBatch, SourceError, SourceSettings
 from pipeline.sources.cloudtrail_lookup import CloudTrailLookupSettings, CloudTrailLookupSource
 from pipeline.sources.files import FilesSource, FilesSourceSettings
@@ -41,7 +45,8 @@ AnySourceSettings = Annotated[
     | Annotated[S3CloudTrailSettings, Tag("s3_cloudtrail")]
     | Annotated[CloudTrailLookupSettings, Tag("cloudtrail_lookup")]
     | Annotated[GcpLoggingSettings, Tag("gcp_logging")]
-    | Annotated[AzureBlobSettings, Tag("azure_blob")],
+    | Annotated[AzureBlobSettings, Tag("azure_blob")]
+    | Annotated[AzureLogAnalyticsSettings, Tag("azure_log_analytics")],
     Discriminator(_source_type),
 ]
 """One entry of ``sources`` in config.yaml, of any type (``files`` when ``type`` is absent)."""
@@ -51,6 +56,7 @@ _CLASSES: dict[str, Any] = {
     "cloudtrail_lookup": CloudTrailLookupSource,
     "gcp_logging": GcpLoggingSource,
     "azure_blob": AzureBlobSource,
+    "azure_log_analytics": AzureLogAnalyticsSource,
 }
 
 
