@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,42 +25,36 @@ from pipeline.engine import run_once
 from pipeline.errors import ConfigError
 from pipeline.store.state import SCHEMA_VERSION, State
 from pipeline.summary import EXIT_DELIVERY
+from tests.peers import HttpPeer, Reply, Request
 from tests.test_engine import NOW, write_logs
 
 WEBHOOK_ENV = "KEYTRAIL_TEST_SLACK_WEBHOOK_URL"
 
 
-class SlackPeer(BaseHTTPRequestHandler):
-    """Answers each POST with the next queued status (200 when the queue is empty)."""
+class SlackPeer:
+    """The requests the Slack webhook peer of :func:`slack_peer` received, and its replies.
+
+    Each POST gets the next status in ``statuses`` (200 once it is empty), and its JSON body
+    is appended to ``bodies``. tests/test_cli.py uses this class and fixture too.
+    """
 
     statuses: ClassVar[list[int]] = []
     bodies: ClassVar[list[dict[str, Any]]] = []
 
-    def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        type(self).bodies.append(json.loads(self.rfile.read(length)))
-        status = type(self).statuses.pop(0) if type(self).statuses else 200
-        body = b"ok" if status == 200 else b"no_service"
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return
+    @classmethod
+    def reply(cls, request: Request, number: int) -> Reply:
+        cls.bodies.append(request.body)
+        status = cls.statuses.pop(0) if cls.statuses else 200
+        return Reply(status, "ok" if status == 200 else "no_service")
 
 
 @pytest.fixture
 def slack_peer(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[SlackPeer]]:
     SlackPeer.statuses = []
     SlackPeer.bodies = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), SlackPeer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv(WEBHOOK_ENV, f"http://127.0.0.1:{server.server_address[1]}/hook")
-    yield SlackPeer
-    server.shutdown()
-    server.server_close()
+    with HttpPeer(SlackPeer.reply) as peer:
+        monkeypatch.setenv(WEBHOOK_ENV, peer.url("/hook"))
+        yield SlackPeer
 
 
 def make_settings(tmp_path: Path, **alerting: Any) -> Settings:

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import socket
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import timedelta
 from email import message_from_bytes, policy
 from email.message import EmailMessage
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
 import pipeline.engine
 from pipeline.alerting.outbox import Outbox
@@ -27,6 +20,7 @@ from pipeline.alerting.silences import Matcher, Silence, SilenceStore
 from pipeline.config import Settings, settings_from_mapping
 from pipeline.engine import run_once
 from pipeline.summary import EXIT_DELIVERY
+from tests.peers import HttpPeer, Reply, SmtpPeer, smtp_server
 from tests.test_engine import NOW, cloudtrail_record
 
 HOOK_ENV = "KEYTRAIL_TEST_CASES_HOOK_URL"
@@ -35,90 +29,17 @@ CANARY = "kt-canary-7f3e9a1c5d"
 LATER = NOW + timedelta(minutes=5)
 
 
-class HookPeer(BaseHTTPRequestHandler):
-    """HTTP peer that records each POST (body, headers, arrival time) and sends the next reply.
-
-    A queued reply is ``(status, headers)``. With ``hang`` set, the handler sleeps that many
-    seconds after recording and sends no reply.
-    """
-
-    replies: ClassVar[list[tuple[int, dict[str, str]]]] = []
-    bodies: ClassVar[list[dict[str, Any]]] = []
-    headers_seen: ClassVar[list[dict[str, str]]] = []
-    arrivals: ClassVar[list[float]] = []
-    hang: ClassVar[float] = 0.0
-
-    def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        peer = type(self)
-        peer.arrivals.append(time.monotonic())
-        peer.headers_seen.append(dict(self.headers.items()))
-        peer.bodies.append(json.loads(self.rfile.read(length)))
-        if peer.hang:
-            time.sleep(peer.hang)
-            return
-        status, extra = peer.replies.pop(0) if peer.replies else (200, {})
-        body = b"ok" if status == 200 else b"error"
-        self.send_response(status)
-        for name, value in extra.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return
+@pytest.fixture
+def hook(monkeypatch: pytest.MonkeyPatch) -> Iterator[HttpPeer]:
+    with HttpPeer() as peer:
+        monkeypatch.setenv(HOOK_ENV, peer.url(f"/hook/{CANARY}"))
+        yield peer
 
 
 @pytest.fixture
-def hook(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[HookPeer]]:
-    HookPeer.replies = []
-    HookPeer.bodies = []
-    HookPeer.headers_seen = []
-    HookPeer.arrivals = []
-    HookPeer.hang = 0.0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), HookPeer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv(HOOK_ENV, f"http://127.0.0.1:{server.server_address[1]}/hook/{CANARY}")
-    yield HookPeer
-    server.shutdown()
-    server.server_close()
-
-
-class _LocalController(Controller):
-    """A Controller on a port chosen by the OS, read back before aiosmtpd's own first connect."""
-
-    def _trigger_server(self) -> None:
-        assert isinstance(self.server, asyncio.base_events.Server)
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
-
-
-@dataclass
-class MailPeer:
-    """SMTP handler that records raw messages, or replies ``data_reply`` to DATA when set."""
-
-    data_reply: str | None = None
-    received: list[bytes] = field(default_factory=list)
-    data_commands: int = 0
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        self.data_commands += 1
-        if self.data_reply:
-            return self.data_reply
-        content = envelope.original_content or b""
-        self.received.append(content)
-        return "250 OK queued"
-
-
-@pytest.fixture
-def mail() -> Iterator[tuple[MailPeer, int]]:
-    handler = MailPeer()
-    controller = _LocalController(handler, hostname="127.0.0.1", port=0)
-    controller.start()
-    yield handler, int(controller.port)
-    controller.stop()
+def mail() -> Iterator[tuple[SmtpPeer, int]]:
+    with smtp_server() as (handler, port):
+        yield handler, port
 
 
 def write_records(root: Path, records: list[dict[str, Any]]) -> None:
@@ -186,9 +107,9 @@ def block_texts(value: Any) -> list[str]:
     return []
 
 
-def test_server_errors_then_success_delivers_once(tmp_path: Path, hook: type[HookPeer]) -> None:
+def test_server_errors_then_success_delivers_once(tmp_path: Path, hook: HttpPeer) -> None:
     one_read(tmp_path)
-    hook.replies = [(500, {}), (500, {}), (200, {})]
+    hook.script(Reply(500), Reply(500), Reply(200))
     settings = make_settings(tmp_path, {"team": slack_receiver(max_retries=2)})
     summary = run_once(settings, now=NOW)
 
@@ -200,27 +121,27 @@ def test_server_errors_then_success_delivers_once(tmp_path: Path, hook: type[Hoo
     assert summary.exit_code() == 0
 
 
-def test_rate_limit_waits_for_retry_after(tmp_path: Path, hook: type[HookPeer]) -> None:
+def test_rate_limit_waits_for_retry_after(tmp_path: Path, hook: HttpPeer) -> None:
     one_read(tmp_path)
-    hook.replies = [(429, {"Retry-After": "1"}), (200, {})]
+    hook.script(Reply(429, headers={"Retry-After": "1"}), Reply(200))
     settings = make_settings(tmp_path, {"team": slack_receiver(max_retries=1)})
     summary = run_once(settings, now=NOW)
 
     assert summary.delivery["receivers"]["team"]["sent"] == 1
-    assert len(hook.arrivals) == 2
+    arrivals = [request.arrived for request in hook.requests]
+    assert len(arrivals) == 2
     # Lower bound only: the sender must not come back before the peer's Retry-After.
-    assert hook.arrivals[1] - hook.arrivals[0] >= 1.0
+    assert arrivals[1] - arrivals[0] >= 1.0
 
 
-def test_hanging_server_resent_next_run(tmp_path: Path, hook: type[HookPeer]) -> None:
+def test_hanging_server_resent_next_run(tmp_path: Path, hook: HttpPeer) -> None:
     one_read(tmp_path)
-    hook.hang = 1.5
+    hook.script(Reply(hang=1.5), Reply(200))
     settings = make_settings(tmp_path, {"team": slack_receiver(timeout_seconds=0.3)})
     first = run_once(settings, now=NOW)
 
     assert first.delivery["receivers"]["team"]["sent"] == 0
     assert first.delivery["receivers"]["team"]["pending"] == 1
-    hook.hang = 0.0
     second = run_once(settings, now=LATER)
 
     assert second.delivery["receivers"]["team"]["sent"] == 1
@@ -230,7 +151,7 @@ def test_hanging_server_resent_next_run(tmp_path: Path, hook: type[HookPeer]) ->
 
 
 def test_smtp_recovery_sends_only_email(
-    tmp_path: Path, hook: type[HookPeer], mail: tuple[MailPeer, int]
+    tmp_path: Path, hook: HttpPeer, mail: tuple[SmtpPeer, int]
 ) -> None:
     one_read(tmp_path)
     smtp, port = mail
@@ -250,7 +171,7 @@ def test_smtp_recovery_sends_only_email(
     assert first.delivery["receivers"]["mail"]["retry"] == 1
     assert first.exit_code() == EXIT_DELIVERY
     assert len(hook.bodies) == 1
-    assert smtp.received == []
+    assert smtp.raw == []
 
     smtp.data_reply = None
     second = run_once(settings, now=LATER)
@@ -258,11 +179,11 @@ def test_smtp_recovery_sends_only_email(
     assert second.delivery["receivers"]["mail"]["sent"] == 1
     assert "chat" not in second.delivery["receivers"]
     assert len(hook.bodies) == 1
-    assert len(smtp.received) == 1
+    assert len(smtp.raw) == 1
     assert second.exit_code() == 0
 
 
-def test_large_group_fits_slack_limits(tmp_path: Path, hook: type[HookPeer]) -> None:
+def test_large_group_fits_slack_limits(tmp_path: Path, hook: HttpPeer) -> None:
     records = [
         cloudtrail_record(number, time=f"2026-10-05T08:{number // 60:02d}:{number % 60:02d}Z")
         for number in range(1, 201)
@@ -288,7 +209,7 @@ def test_large_group_fits_slack_limits(tmp_path: Path, hook: type[HookPeer]) -> 
     assert 0 < hidden < 200
 
 
-def test_expired_silence_stops_applying(tmp_path: Path, hook: type[HookPeer]) -> None:
+def test_expired_silence_stops_applying(tmp_path: Path, hook: HttpPeer) -> None:
     one_read(tmp_path)
     store = SilenceStore(tmp_path / "state" / "state.db")
     store.add(
@@ -308,7 +229,7 @@ def test_expired_silence_stops_applying(tmp_path: Path, hook: type[HookPeer]) ->
     assert len(hook.bodies) == 1
 
 
-def test_active_silence_still_applies(tmp_path: Path, hook: type[HookPeer]) -> None:
+def test_active_silence_still_applies(tmp_path: Path, hook: HttpPeer) -> None:
     one_read(tmp_path)
     store = SilenceStore(tmp_path / "state" / "state.db")
     store.add(
@@ -328,7 +249,7 @@ def test_active_silence_still_applies(tmp_path: Path, hook: type[HookPeer]) -> N
 
 
 def test_killed_run_delivers_next_run(
-    tmp_path: Path, hook: type[HookPeer], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, hook: HttpPeer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     records = [cloudtrail_record(n, time=f"2026-10-05T08:0{n}:00Z") for n in range(1, 4)]
     write_records(tmp_path / "logs", records)
@@ -355,7 +276,7 @@ def test_killed_run_delivers_next_run(
 
 
 def test_hostile_log_fields_arrive_inert(
-    tmp_path: Path, hook: type[HookPeer], mail: tuple[MailPeer, int]
+    tmp_path: Path, hook: HttpPeer, mail: tuple[SmtpPeer, int]
 ) -> None:
     smtp, port = mail
     record = cloudtrail_record(1, time="2026-10-05T08:00:00Z", user="<!channel></script>")
@@ -367,14 +288,16 @@ def test_hostile_log_fields_arrive_inert(
     settings = make_settings(tmp_path, {"team": {**slack_receiver(), **email_receiver(port)}})
     summary = run_once(settings, now=NOW)
 
-    assert summary.delivery["receivers"]["team"]["sent"] == 1
+    assert summary.delivery["receivers"]["team"]["sent"] == 2
     assert len(hook.bodies) == 1
     slack_json = json.dumps(hook.bodies[0])
     assert "&lt;!channel&gt;" in slack_json
     assert "<!channel>" not in slack_json
     assert "<https://evil.example|" not in slack_json
-    assert len(smtp.received) == 1
-    raw = smtp.received[0]
+    # The user agent appears only in the top events.
+    assert "agent `&lt;https://evil.example|Console&gt;`" in slack_json
+    assert len(smtp.raw) == 1
+    raw = smtp.raw[0]
     message = message_from_bytes(raw, policy=policy.default)
     assert isinstance(message, EmailMessage)
     assert message["Bcc"] is None
@@ -392,13 +315,13 @@ def test_hostile_log_fields_arrive_inert(
 
 def test_canary_secret_never_written(
     tmp_path: Path,
-    hook: type[HookPeer],
+    hook: HttpPeer,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     one_read(tmp_path)
     monkeypatch.setenv(PASSWORD_ENV, CANARY)
-    hook.replies = [(500, {})]
+    hook.script(Reply(500), Reply(200))
     closed_port = _free_port()
     settings = make_settings(
         tmp_path,
@@ -437,3 +360,101 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_half_failed_receiver_retries_only_email(
+    tmp_path: Path, hook: HttpPeer, mail: tuple[SmtpPeer, int]
+) -> None:
+    one_read(tmp_path)
+    smtp, port = mail
+    smtp.data_reply = "451 4.3.0 Try again later"
+    settings = make_settings(tmp_path, {"team": {**slack_receiver(), **email_receiver(port)}})
+    first = run_once(settings, now=NOW)
+
+    assert first.delivery["receivers"]["team"]["sent"] == 1
+    assert first.delivery["receivers"]["team"]["retry"] == 1
+    assert first.exit_code() == EXIT_DELIVERY
+    assert len(hook.bodies) == 1
+    with Outbox(tmp_path / "state" / "state.db") as outbox:
+        rows = {row.channel: row.status for row in outbox.list_rows()}
+    assert rows == {"slack": "delivered", "email": "pending"}
+
+    smtp.data_reply = None
+    second = run_once(settings, now=LATER)
+
+    assert second.delivery["receivers"]["team"]["sent"] == 1
+    assert len(hook.bodies) == 1
+    assert smtp.data_commands == 2
+    assert len(smtp.raw) == 1
+    assert second.exit_code() == 0
+
+
+def failing_read(number: int, *, time: str, address: str) -> dict[str, Any]:
+    record = cloudtrail_record(number, time=time)
+    record["errorCode"] = "AccessDenied"
+    record["errorMessage"] = "User is not authorized to perform secretsmanager:GetSecretValue"
+    record["sourceIPAddress"] = address
+    return record
+
+
+def test_top_events_reach_every_channel(
+    tmp_path: Path, hook: HttpPeer, mail: tuple[SmtpPeer, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    smtp, port = mail
+    repeat = cloudtrail_record(2, time="2026-10-05T08:01:00Z")
+    repeat["requestParameters"] = {"secretId": "prod/db-1"}
+    records = [
+        cloudtrail_record(1, time="2026-10-05T08:00:00Z"),
+        repeat,
+        cloudtrail_record(3, time="2026-10-05T08:02:00Z"),
+        failing_read(4, time="2026-10-05T08:03:00Z", address="203.0.113.9"),
+        cloudtrail_record(5, time="2026-10-05T08:04:00Z"),
+        cloudtrail_record(6, time="2026-10-05T08:05:00Z"),
+        cloudtrail_record(7, time="2026-10-05T08:06:00Z"),
+    ]
+    write_records(tmp_path / "logs", records)
+    with HttpPeer() as siem:
+        monkeypatch.setenv("KEYTRAIL_TEST_CASES_SIEM_URL", siem.url("/siem"))
+        receiver = {
+            **slack_receiver(),
+            **email_receiver(port),
+            "webhook": {"url_env": "KEYTRAIL_TEST_CASES_SIEM_URL", "max_retries": 0},
+            "file": {},
+        }
+        settings = make_settings(
+            tmp_path,
+            {"team": receiver},
+            routing={"default_receiver": "team", "group_by": ["detector", "principal"]},
+        )
+        summary = run_once(settings, now=NOW)
+        (document,) = siem.bodies
+
+    assert summary.delivery["receivers"]["team"]["sent"] == 4
+    # The failure first, then new secrets and addresses; the repeat of prod/db-1 is left out.
+    expected = ["prod/db-4", "prod/db-1", "prod/db-3", "prod/db-5", "prod/db-6"]
+    events = document["top_events"]
+    assert [item["resource"] for item in events] == expected
+    assert events[0]["outcome"] == "failure"
+    assert events[0]["error_code"] == "AccessDenied"
+    assert events[0]["source_ip"] == "203.0.113.9"
+    assert events[0]["time"] == "2026-10-05T08:03:00Z"
+    assert events[0]["user_agent"] == "aws-cli/2.15.0"
+
+    slack_text = json.dumps(hook.bodies[0], ensure_ascii=False)
+    assert "*Top events* (5 of 7)" in slack_text
+    assert slack_text.index("prod/db-4` from `203.0.113.9`") < slack_text.index(
+        "prod/db-6` from `10.1.2.3`"
+    )
+    message = message_from_bytes(smtp.raw[0], policy=policy.default)
+    assert isinstance(message, EmailMessage)
+    text = message.get_body(preferencelist=("plain",))
+    assert text is not None
+    assert (
+        "  - 2026-10-05 08:03:00 UTC: GetSecretValue on prod/db-4 from 203.0.113.9, "
+        "failure AccessDenied, agent aws-cli/2.15.0\n"
+    ) in str(text.get_content()).replace("\r\n", "\n")
+    outbox_dir = tmp_path / "out" / "outbox"
+    (slack_file,) = outbox_dir.glob("*.slack.json")
+    assert "*Top events* (5 of 7)" in slack_file.read_text(encoding="utf-8")
+    (eml_file,) = outbox_dir.glob("*.eml")
+    assert b"Top events (5 of 7)" in eml_file.read_bytes()

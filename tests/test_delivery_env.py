@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ import pytest
 from pipeline.alerting.delivery import (
     FILE_RECEIVER,
     AlertingSettings,
+    log_env_receivers,
     receivers_from_env,
     with_env_receivers,
 )
@@ -21,7 +20,8 @@ from pipeline.cli import EXIT_CONFIG, main
 from pipeline.config import Settings, settings_from_mapping
 from pipeline.engine import run_once
 from pipeline.errors import ConfigError
-from tests.test_delivery_cases import HookPeer, MailPeer, _LocalController, one_read
+from tests.peers import HttpPeer, SmtpPeer, smtp_server
+from tests.test_delivery_cases import one_read
 from tests.test_engine import NOW
 
 CANARY = "kt-env-canary-4b8d2e"
@@ -33,27 +33,20 @@ SMTP_ENV = {
 
 
 @pytest.fixture
-def hook_url() -> Iterator[str]:
-    HookPeer.replies = []
-    HookPeer.bodies = []
-    HookPeer.headers_seen = []
-    HookPeer.arrivals = []
-    HookPeer.hang = 0.0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), HookPeer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook/{CANARY}"
-    server.shutdown()
-    server.server_close()
+def hook() -> Iterator[HttpPeer]:
+    with HttpPeer() as peer:
+        yield peer
 
 
 @pytest.fixture
-def smtp_peer() -> Iterator[tuple[MailPeer, int]]:
-    handler = MailPeer()
-    controller = _LocalController(handler, hostname="127.0.0.1", port=0)
-    controller.start()
-    yield handler, int(controller.port)
-    controller.stop()
+def hook_url(hook: HttpPeer) -> str:
+    return hook.url(f"/hook/{CANARY}")
+
+
+@pytest.fixture
+def smtp_peer() -> Iterator[tuple[SmtpPeer, int]]:
+    with smtp_server() as (handler, port):
+        yield handler, port
 
 
 def config_data(**alerting: Any) -> dict[str, Any]:
@@ -263,7 +256,10 @@ def test_env_receivers_routed_with_file_receiver(
     environ = {**SMTP_ENV, "KEYTRAIL_SLACK_WEBHOOK_URL": f"https://hooks.example.com/{CANARY}"}
     with caplog.at_level(logging.INFO, logger="pipeline.alerting.delivery"):
         settings = env_settings(tmp_path, environ)
+        logged_while_loading = [record.getMessage() for record in caplog.records]
+        log_env_receivers(settings.alerting)
 
+    assert logged_while_loading == []
     alerting = settings.alerting
     assert alerting.receiver_names() == ["email", FILE_RECEIVER, "slack"]
     routes = [(item.receiver, item.continue_, item.match) for item in alerting.routing.routes]
@@ -275,7 +271,7 @@ def test_env_receivers_routed_with_file_receiver(
 
 
 def test_config_receivers_ignore_variables(tmp_path: Path) -> None:
-    receivers = {"team": {"file": {}}}
+    receivers: dict[str, Any] = {"team": {"file": {}}}
     routing = {"default_receiver": "team"}
     environ = {"KEYTRAIL_SLACK_BOT_TOKEN": "xoxb-1"}  # invalid alone, but not read
 
@@ -303,7 +299,7 @@ def test_configured_routes_kept_after_env_routes(tmp_path: Path) -> None:
 
 
 def test_run_delivers_to_env_and_files(
-    tmp_path: Path, hook_url: str, smtp_peer: tuple[MailPeer, int]
+    tmp_path: Path, hook: HttpPeer, hook_url: str, smtp_peer: tuple[SmtpPeer, int]
 ) -> None:
     one_read(tmp_path)
     smtp, port = smtp_peer
@@ -323,10 +319,10 @@ def test_run_delivers_to_env_and_files(
     assert receivers["slack"]["sent"] == 1
     assert receivers["email"]["sent"] == 1
     assert receivers[FILE_RECEIVER]["sent"] == 1
-    assert len(HookPeer.bodies) == 1
-    assert "prod/db-1" in str(HookPeer.bodies[0])
-    assert len(smtp.received) == 1
-    assert b"secops@example.com" in smtp.received[0]
+    assert len(hook.bodies) == 1
+    assert "prod/db-1" in str(hook.bodies[0])
+    assert len(smtp.raw) == 1
+    assert b"secops@example.com" in smtp.raw[0]
     outbox = tmp_path / "out" / "outbox"
     assert len(list(outbox.glob("*.slack.json"))) == 1
     assert len(list(outbox.glob("*.eml"))) == 1
@@ -362,6 +358,94 @@ def test_cli_invalid_variable_exits_config(tmp_path: Path, monkeypatch: pytest.M
     )
     assert CANARY not in result.stderr
     assert CANARY not in result.stdout
+
+
+PORT_ENV = "KEYTRAIL_SMTP_PORT"
+SECURITY_ENV = "KEYTRAIL_SMTP_SECURITY"
+BOTH = f"{PORT_ENV}, {SECURITY_ENV}"
+TLS_FIX = f"set {SECURITY_ENV}=tls, or {PORT_ENV}=587 with {SECURITY_ENV}=starttls"
+STARTTLS_FIX = f"set {SECURITY_ENV}=starttls, or {PORT_ENV}=465 with {SECURITY_ENV}=tls"
+
+
+@pytest.mark.parametrize(
+    ("variables", "problem"),
+    [
+        (
+            {PORT_ENV: "465"},
+            f"{BOTH}: port 465 expects implicit TLS but security is 'starttls' "
+            f"({SECURITY_ENV} is unset and defaults to starttls); {TLS_FIX}",
+        ),
+        (
+            {PORT_ENV: "465", SECURITY_ENV: "none"},
+            f"{BOTH}: port 465 expects implicit TLS but security is 'none'; {TLS_FIX}",
+        ),
+        (
+            {SECURITY_ENV: "tls"},
+            f"{BOTH}: port 587 expects STARTTLS but security is 'tls' "
+            f"({PORT_ENV} is unset and defaults to 587); {STARTTLS_FIX}",
+        ),
+        (
+            {PORT_ENV: "25", SECURITY_ENV: "tls"},
+            f"{BOTH}: port 25 expects STARTTLS but security is 'tls'; {STARTTLS_FIX}",
+        ),
+    ],
+)
+def test_smtp_port_security_mismatch_rejected(variables: dict[str, str], problem: str) -> None:
+    assert config_error({**SMTP_ENV, **variables}).problems == [problem]
+
+
+@pytest.mark.parametrize(
+    ("port", "security"), [("465", "tls"), ("587", "starttls"), ("25", "none"), ("2525", "tls")]
+)
+def test_smtp_port_security_match_accepted(port: str, security: str) -> None:
+    receivers = receivers_from_env({**SMTP_ENV, PORT_ENV: port, SECURITY_ENV: security})
+
+    email = receivers["email"].email
+    assert email is not None
+    assert (email.port, email.security) == (int(port), security)
+
+
+def write_empty_config(tmp_path: Path) -> Path:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "state_dir: state\noutput_dir: out\nsources: []\ndetectors: {}\n", encoding="utf-8"
+    )
+    return config
+
+
+@pytest.mark.parametrize("command", ["validate-config", "run"])
+def test_cli_port_mismatch_exits_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    from click.testing import CliRunner
+
+    config = write_empty_config(tmp_path)
+    for name, value in {**SMTP_ENV, PORT_ENV: "465"}.items():
+        monkeypatch.setenv(name, value)
+
+    result = CliRunner().invoke(main, [command, "--config", str(config)])
+
+    assert result.exit_code == EXIT_CONFIG
+    assert f"{BOTH}: port 465 expects implicit TLS but security is 'starttls'" in result.stderr
+    assert not (tmp_path / "state").exists()
+
+
+def test_cli_run_logs_env_receivers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    config = write_empty_config(tmp_path)
+    (tmp_path / "logs").mkdir()
+    monkeypatch.setenv("KEYTRAIL_SLACK_WEBHOOK_URL", f"https://hooks.example.com/{CANARY}")
+
+    result = CliRunner().invoke(
+        main, ["run", "--config", str(config), "--source", str(tmp_path / "logs")]
+    )
+
+    assert result.exit_code == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "environment variables" in line]
+    assert len(lines) == 1
+    assert lines[0].endswith("receivers from environment variables: slack")
+    assert CANARY not in result.stderr
 
 
 # --- receiver file paths -----------------------------------------------------------------------
@@ -401,7 +485,7 @@ def test_relative_secret_paths_resolved(tmp_path: Path) -> None:
 
 
 def test_unset_secret_paths_stay_unset(tmp_path: Path) -> None:
-    receivers = {"chat": {"slack": {}}}
+    receivers: dict[str, Any] = {"chat": {"slack": {}}}
 
     alerting = env_settings(
         tmp_path, {}, receivers=receivers, routing={"default_receiver": "chat"}
@@ -414,7 +498,7 @@ def test_unset_secret_paths_stay_unset(tmp_path: Path) -> None:
 
 
 def test_relative_url_file_delivers(
-    tmp_path: Path, hook_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, hook: HttpPeer, hook_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     one_read(tmp_path)
     (tmp_path / "hook-url").write_text(hook_url + "\n", encoding="utf-8")
@@ -427,4 +511,4 @@ def test_relative_url_file_delivers(
     summary = run_once(settings, now=NOW)
 
     assert summary.delivery["receivers"]["chat"]["sent"] == 1
-    assert len(HookPeer.bodies) == 1
+    assert len(hook.bodies) == 1

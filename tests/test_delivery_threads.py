@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
@@ -22,6 +20,7 @@ from pipeline.alerting.delivery import (
 )
 from pipeline.alerting.outbox import DeliveryReport, Outbox, deliver_due
 from pipeline.store.state import State, alert_thread, record_alert_thread
+from tests.peers import HttpPeer, Reply, Request
 
 TOKEN_ENV = "KEYTRAIL_TEST_SLACK_BOT_TOKEN"
 WEBHOOK_ENV = "KEYTRAIL_TEST_SLACK_THREAD_WEBHOOK_URL"
@@ -29,48 +28,32 @@ START = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 DEDUP_KEY = "tests.every_read|alice|db/password"
 
 
-class ChatPeer(BaseHTTPRequestHandler):
-    """Slack Web API stand-in that records every POST.
-
-    ``/api/chat.postMessage`` returns ``{"ok": true}`` with ts ``1700000000.<request number>``.
-    Any other path (the webhook mode tests post to ``/hook``) returns the webhook body ``ok``.
-    """
-
-    requests: ClassVar[list[tuple[str, dict[str, Any]]]] = []
-
-    def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = json.loads(self.rfile.read(length))
-        type(self).requests.append((self.path, body))
-        if self.path == "/api/chat.postMessage":
-            ts = f"1700000000.{len(type(self).requests):06d}"
-            answer = json.dumps({"ok": True, "channel": body.get("channel"), "ts": ts}).encode()
-            content_type = "application/json; charset=utf-8"
-        else:
-            answer = b"ok"
-            content_type = "text/plain"
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(answer)))
-        self.end_headers()
-        self.wfile.write(answer)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return
+def slack_reply(request: Request, number: int) -> Reply:
+    """Return Slack's reply: ts ``1700000000.<request number>`` for chat.postMessage, else ``ok``."""
+    if request.path == "/api/chat.postMessage":
+        ts = f"1700000000.{number:06d}"
+        return Reply(
+            200, json.dumps({"ok": True, "channel": request.body.get("channel"), "ts": ts})
+        )
+    return Reply(200, "ok")
 
 
 @pytest.fixture
-def peer_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    ChatPeer.requests = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), ChatPeer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+def peer() -> Iterator[HttpPeer]:
+    with HttpPeer(slack_reply) as server:
+        yield server
+
+
+@pytest.fixture
+def peer_url(peer: HttpPeer, monkeypatch: pytest.MonkeyPatch) -> str:
+    url = peer.url("").rstrip("/")
     monkeypatch.setenv(TOKEN_ENV, "xoxb-test-token")
     monkeypatch.setenv(WEBHOOK_ENV, f"{url}/hook")
-    yield url
-    server.shutdown()
-    server.server_close()
+    return url
+
+
+def requests_of(peer: HttpPeer) -> list[tuple[str, dict[str, Any]]]:
+    return [(request.path, request.body) for request in peer.requests]
 
 
 @pytest.fixture
@@ -135,7 +118,10 @@ def run(
     output_dir: Path,
 ) -> DeliveryReport:
     """Queue one alert in a transaction and deliver the due rows, as a committed engine run does."""
-    plan = AlertPlan(alerts=[("team", [Alert.from_findings([item])])])
+    plan = AlertPlan(
+        alerts=[("team", [Alert.from_findings([item])])],
+        channels={"team": settings.receiver("team").channels()},
+    )
     conn = sqlite3.connect(state_path, isolation_level=None)
     try:
         conn.execute("BEGIN IMMEDIATE")
@@ -154,7 +140,9 @@ def remote_ids(state_path: Path) -> list[tuple[str, str | None]]:
     return [(str(status), remote_id) for status, remote_id in rows]
 
 
-def test_bot_update_replies_in_thread(peer_url: str, state_path: Path, tmp_path: Path) -> None:
+def test_bot_update_replies_in_thread(
+    peer: HttpPeer, peer_url: str, state_path: Path, tmp_path: Path
+) -> None:
     settings = bot_settings(peer_url)
 
     first = run(state_path, settings, finding("f1", ["198.51.100.7"]), START, tmp_path)
@@ -163,8 +151,8 @@ def test_bot_update_replies_in_thread(peer_url: str, state_path: Path, tmp_path:
 
     assert first.receivers["team"].sent == 1
     assert update.receivers["team"].sent == 1
-    assert len(ChatPeer.requests) == 2
-    (first_path, first_body), (reply_path, reply_body) = ChatPeer.requests
+    assert len(requests_of(peer)) == 2
+    (first_path, first_body), (reply_path, reply_body) = requests_of(peer)
     assert first_path == reply_path == "/api/chat.postMessage"
     assert first_body["channel"] == reply_body["channel"] == "C0TESTCHAN"
     assert "thread_ts" not in first_body
@@ -177,7 +165,9 @@ def test_bot_update_replies_in_thread(peer_url: str, state_path: Path, tmp_path:
     ]
 
 
-def test_bot_thread_keeps_first_message(peer_url: str, state_path: Path, tmp_path: Path) -> None:
+def test_bot_thread_keeps_first_message(
+    peer: HttpPeer, peer_url: str, state_path: Path, tmp_path: Path
+) -> None:
     settings = bot_settings(peer_url)
 
     run(state_path, settings, finding("f1", ["198.51.100.7"]), START, tmp_path)
@@ -186,11 +176,13 @@ def test_bot_thread_keeps_first_message(peer_url: str, state_path: Path, tmp_pat
     third = finding("f3", ["198.51.100.7", "203.0.113.9", "192.0.2.44"])
     run(state_path, settings, third, START + timedelta(minutes=60), tmp_path)
 
-    threads = [body.get("thread_ts") for _, body in ChatPeer.requests]
+    threads = [body.get("thread_ts") for _, body in requests_of(peer)]
     assert threads == [None, "1700000000.000001", "1700000000.000001"]
 
 
-def test_bot_resend_starts_new_thread(peer_url: str, state_path: Path, tmp_path: Path) -> None:
+def test_bot_resend_starts_new_thread(
+    peer: HttpPeer, peer_url: str, state_path: Path, tmp_path: Path
+) -> None:
     settings = bot_settings(peer_url)
     later = START + settings.repeat_interval + timedelta(minutes=1)
 
@@ -199,12 +191,12 @@ def test_bot_resend_starts_new_thread(peer_url: str, state_path: Path, tmp_path:
     grown = finding("f3", ["198.51.100.7", "203.0.113.9"])
     run(state_path, settings, grown, later + timedelta(minutes=10), tmp_path)
 
-    threads = [body.get("thread_ts") for _, body in ChatPeer.requests]
+    threads = [body.get("thread_ts") for _, body in requests_of(peer)]
     assert threads == [None, None, "1700000000.000002"]
 
 
 def test_bot_unchanged_repeat_sends_nothing(
-    peer_url: str, state_path: Path, tmp_path: Path
+    peer: HttpPeer, peer_url: str, state_path: Path, tmp_path: Path
 ) -> None:
     settings = bot_settings(peer_url)
 
@@ -217,19 +209,21 @@ def test_bot_unchanged_repeat_sends_nothing(
         tmp_path,
     )
 
-    assert len(ChatPeer.requests) == 1
+    assert len(requests_of(peer)) == 1
     assert repeat.receivers == {}
 
 
-def test_webhook_update_is_new_message(peer_url: str, state_path: Path, tmp_path: Path) -> None:
+def test_webhook_update_is_new_message(
+    peer: HttpPeer, peer_url: str, state_path: Path, tmp_path: Path
+) -> None:
     settings = webhook_settings()
 
     run(state_path, settings, finding("f1", ["198.51.100.7"]), START, tmp_path)
     grown = finding("f2", ["198.51.100.7", "203.0.113.9"])
     run(state_path, settings, grown, START + timedelta(minutes=30), tmp_path)
 
-    assert [path for path, _ in ChatPeer.requests] == ["/hook", "/hook"]
-    bodies = [body for _, body in ChatPeer.requests]
+    assert [path for path, _ in requests_of(peer)] == ["/hook", "/hook"]
+    bodies = [body for _, body in requests_of(peer)]
     assert "thread_ts" not in bodies[0]
     assert "thread_ts" not in bodies[1]
     assert "Update: read of db/password" in bodies[1]["text"]

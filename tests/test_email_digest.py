@@ -1,67 +1,37 @@
-"""Email digests: one email per run for an email-only receiver, against aiosmtpd on 127.0.0.1."""
+"""Email digests: one email per receiver per run, against aiosmtpd on 127.0.0.1."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime as dt
-import email
-import email.policy
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from pipeline.alerting.alerts import Alert
 from pipeline.alerting.delivery import AlertingSettings, build_senders
 from pipeline.alerting.outbox import BatchSender, Outbox, OutboxSettings, deliver_due
-from pipeline.alerting.render import Renderer, digest_subject
+from pipeline.alerting.render import (
+    DIGEST_MAX_FULL_ALERTS,
+    DIGEST_MAX_HTML_CHARS,
+    Renderer,
+    digest_subject,
+)
+from tests.peers import HttpPeer, SmtpPeer, smtp_server
 
 NOW = dt.datetime(2026, 10, 5, 9, 0, tzinfo=dt.UTC)
 SENDER = "keytrail@example.com"
 RECIPIENTS = ["secops@example.com"]
-
-
-class _LocalController(Controller):
-    """A Controller on a port the OS picks, read back before aiosmtpd connects to it."""
-
-    def _trigger_server(self) -> None:
-        assert isinstance(self.server, asyncio.base_events.Server)
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
-
-
-@dataclass
-class Inbox:
-    """Stores each accepted message, or replies to DATA with ``data_reply`` when it is set."""
-
-    data_reply: str | None = None
-    received: list[EmailMessage] = field(default_factory=list)
-    data_commands: int = 0
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        self.data_commands += 1
-        if self.data_reply:
-            return self.data_reply
-        raw = envelope.original_content or b""
-        parsed = email.message_from_bytes(raw, policy=email.policy.default)
-        assert isinstance(parsed, EmailMessage)
-        self.received.append(parsed)
-        return "250 OK queued"
+HOOK_ENV = "KEYTRAIL_TEST_DIGEST_HOOK_URL"
 
 
 @pytest.fixture
-def inbox() -> Iterator[tuple[Inbox, int]]:
-    handler = Inbox()
-    controller = _LocalController(handler, hostname="127.0.0.1", port=0)
-    controller.start()
-    yield handler, int(controller.port)
-    controller.stop()
+def inbox() -> Iterator[tuple[SmtpPeer, int]]:
+    with smtp_server() as (handler, port):
+        yield handler, port
 
 
 def make_alert(number: int, severity: str) -> Alert:
@@ -113,10 +83,10 @@ def email_only(port: int) -> dict[str, Any]:
     }
 
 
-def queue(tmp_path: Path, alerts: list[Alert]) -> Outbox:
+def queue(tmp_path: Path, alerts: list[Alert], channels: list[str] | None = None) -> Outbox:
     outbox = Outbox(tmp_path / "state.db", settings=OutboxSettings(max_attempts=5))
     for alert in alerts:
-        outbox.enqueue(alert, ["team"], now=NOW)
+        outbox.enqueue(alert, ["team"], now=NOW, channels={"team": channels or ["email"]})
     return outbox
 
 
@@ -180,15 +150,15 @@ def test_render_digest_without_alerts_is_an_error() -> None:
 # Delivery through the outbox ------------------------------------------------------------------
 
 
-def test_email_only_receiver_gets_one_digest(tmp_path: Path, inbox: tuple[Inbox, int]) -> None:
+def test_email_only_receiver_gets_one_digest(tmp_path: Path, inbox: tuple[SmtpPeer, int]) -> None:
     handler, port = inbox
     senders = build_senders(settings_for(email_only(port)), tmp_path, NOW)
     assert isinstance(senders["team"], BatchSender)
     with queue(tmp_path, ALERTS) as outbox:
         report = deliver_due(outbox, senders, NOW)
         rows = outbox.list_rows()
-    assert len(handler.received) == 1
-    message = handler.received[0]
+    assert len(handler.messages) == 1
+    message = handler.messages[0]
     assert message.get_all("X-Keytrail-Alert") == [
         "digest-test-1",
         "digest-test-2",
@@ -204,18 +174,18 @@ def test_email_only_receiver_gets_one_digest(tmp_path: Path, inbox: tuple[Inbox,
     assert {row.remote_id for row in rows} == {str(message["Message-ID"])}
 
 
-def test_single_alert_sent_plainly(tmp_path: Path, inbox: tuple[Inbox, int]) -> None:
+def test_single_alert_sent_plainly(tmp_path: Path, inbox: tuple[SmtpPeer, int]) -> None:
     handler, port = inbox
     senders = build_senders(settings_for(email_only(port)), tmp_path, NOW)
     with queue(tmp_path, ALERTS[:1]) as outbox:
         deliver_due(outbox, senders, NOW)
-    assert len(handler.received) == 1
-    assert handler.received[0]["Subject"] == f"[keytrail] HIGH: {ALERTS[0].title}"
-    assert handler.received[0].get_all("X-Keytrail-Alert") == ["digest-test-1"]
+    assert len(handler.messages) == 1
+    assert handler.messages[0]["Subject"] == f"[keytrail] HIGH: {ALERTS[0].title}"
+    assert handler.messages[0].get_all("X-Keytrail-Alert") == ["digest-test-1"]
 
 
 def test_temporary_smtp_error_retries_all_rows_together(
-    tmp_path: Path, inbox: tuple[Inbox, int]
+    tmp_path: Path, inbox: tuple[SmtpPeer, int]
 ) -> None:
     handler, port = inbox
     handler.data_reply = "451 4.3.0 try again later"
@@ -234,13 +204,15 @@ def test_temporary_smtp_error_retries_all_rows_together(
         later = waiting[0].next_attempt_at + dt.timedelta(seconds=1)
         second = deliver_due(outbox, senders, later)
         done = outbox.list_rows()
-    assert len(handler.received) == 1
-    assert len(handler.received[0].get_all("X-Keytrail-Alert") or []) == 3
+    assert len(handler.messages) == 1
+    assert len(handler.messages[0].get_all("X-Keytrail-Alert") or []) == 3
     assert second.receivers["team"].sent == 3
     assert [row.status for row in done] == ["delivered"] * 3
 
 
-def test_permanent_smtp_error_makes_all_rows_dead(tmp_path: Path, inbox: tuple[Inbox, int]) -> None:
+def test_permanent_smtp_error_makes_all_rows_dead(
+    tmp_path: Path, inbox: tuple[SmtpPeer, int]
+) -> None:
     handler, port = inbox
     handler.data_reply = "550 5.7.1 rejected"
     senders = build_senders(settings_for(email_only(port)), tmp_path, NOW)
@@ -248,24 +220,155 @@ def test_permanent_smtp_error_makes_all_rows_dead(tmp_path: Path, inbox: tuple[I
         report = deliver_due(outbox, senders, NOW)
         rows = outbox.list_rows()
     assert handler.data_commands == 1
-    assert handler.received == []
+    assert handler.messages == []
     assert report.receivers["team"].dead == 3
     assert [letter.alert_id for letter in report.dead] == [row.alert_id for row in rows]
     assert [row.status for row in rows] == ["dead"] * 3
     assert all("550" in (row.last_error or "") for row in rows)
 
 
-def test_mixed_receiver_sends_per_alert(tmp_path: Path, inbox: tuple[Inbox, int]) -> None:
+@pytest.fixture
+def hook(monkeypatch: pytest.MonkeyPatch) -> Iterator[HttpPeer]:
+    with HttpPeer() as peer:
+        monkeypatch.setenv(HOOK_ENV, peer.url("/hook"))
+        yield peer
+
+
+def email_and_webhook(port: int) -> dict[str, Any]:
+    return {**email_only(port), "webhook": {"url_env": HOOK_ENV, "max_retries": 0}}
+
+
+def test_mixed_receiver_digest_and_per_alert_posts(
+    tmp_path: Path, inbox: tuple[SmtpPeer, int], hook: HttpPeer
+) -> None:
     handler, port = inbox
-    receiver = {**email_only(port), "file": {}}
-    senders = build_senders(settings_for(receiver), tmp_path, NOW)
-    assert not isinstance(senders["team"], BatchSender)
-    with queue(tmp_path, ALERTS) as outbox:
+    senders = build_senders(settings_for(email_and_webhook(port)), tmp_path, NOW)
+    sender = senders["team"]
+    assert isinstance(sender, BatchSender)
+    assert sender.batch_channels == frozenset({"email"})
+    with queue(tmp_path, ALERTS, ["email", "webhook"]) as outbox:
         report = deliver_due(outbox, senders, NOW)
-    assert len(handler.received) == 3
-    assert [m.get_all("X-Keytrail-Alert") for m in handler.received] == [
+        rows = outbox.list_rows()
+    assert len(handler.messages) == 1
+    assert len(handler.messages[0].get_all("X-Keytrail-Alert") or []) == 3
+    assert [body["dedup_key"] for body in hook.bodies] == [
+        "digest-test-1",
+        "digest-test-2",
+        "digest-test-3",
+    ]
+    assert report.receivers["team"].sent == 6
+    assert [(row.channel, row.status) for row in rows] == [
+        ("email", "delivered"),
+        ("webhook", "delivered"),
+    ] * 3
+
+
+def test_half_failed_receiver_retries_only_email(
+    tmp_path: Path, inbox: tuple[SmtpPeer, int], hook: HttpPeer
+) -> None:
+    handler, port = inbox
+    handler.data_reply = "451 4.3.0 try again later"
+    senders = build_senders(settings_for(email_and_webhook(port)), tmp_path, NOW)
+    with queue(tmp_path, ALERTS, ["email", "webhook"]) as outbox:
+        first = deliver_due(outbox, senders, NOW)
+        waiting = outbox.list_rows(channel="email")
+        assert first.receivers["team"].sent == 3
+        assert first.receivers["team"].retry == 3
+        assert len(hook.requests) == 3
+        assert [row.status for row in waiting] == ["pending"] * 3
+
+        handler.data_reply = None
+        later = waiting[0].next_attempt_at + dt.timedelta(seconds=1)
+        second = deliver_due(outbox, senders, later)
+        rows = outbox.list_rows()
+    assert len(hook.requests) == 3
+    assert handler.data_commands == 2
+    assert len(handler.messages) == 1
+    assert len(handler.messages[0].get_all("X-Keytrail-Alert") or []) == 3
+    assert second.receivers["team"].sent == 3
+    assert {row.status for row in rows} == {"delivered"}
+
+
+def test_whole_receiver_row_sends_every_channel(
+    tmp_path: Path, inbox: tuple[SmtpPeer, int], hook: HttpPeer
+) -> None:
+    handler, port = inbox
+    senders = build_senders(settings_for(email_and_webhook(port)), tmp_path, NOW)
+    with queue(tmp_path, ALERTS[:2], ["*"]) as outbox:
+        report = deliver_due(outbox, senders, NOW)
+    assert [m.get_all("X-Keytrail-Alert") for m in handler.messages] == [
         ["digest-test-1"],
         ["digest-test-2"],
-        ["digest-test-3"],
     ]
-    assert report.receivers["team"].sent == 3
+    assert len(hook.requests) == 2
+    assert report.receivers["team"].sent == 2
+
+
+def test_removed_channel_row_is_dead_with_fix(tmp_path: Path, inbox: tuple[SmtpPeer, int]) -> None:
+    _, port = inbox
+    senders = build_senders(settings_for(email_only(port)), tmp_path, NOW)
+    with queue(tmp_path, ALERTS[:1], ["webhook"]) as outbox:
+        report = deliver_due(outbox, senders, NOW)
+        (row,) = outbox.list_rows()
+    assert row.status == "dead"
+    assert report.dead[0].channel == "webhook"
+    assert row.last_error == (
+        f"receiver team has no webhook channel in the config any more; add it back and run "
+        f"`keytrail outbox retry {row.id}`, or leave the row dead"
+    )
+
+
+# Digest size cap ------------------------------------------------------------------------------
+
+
+def many_alerts(count: int) -> list[Alert]:
+    alerts = []
+    for number in range(count):
+        alert = make_alert(number, "high" if number % 10 == 0 else "medium")
+        alerts.append(dataclasses.replace(alert, title=f"{alert.title} " + "w" * 200))
+    return alerts
+
+
+def test_digest_of_500_alerts_is_capped() -> None:
+    alerts = many_alerts(500)
+
+    message = Renderer().render_email_digest(alerts, sender=SENDER, recipients=RECIPIENTS, now=NOW)
+
+    text, html = text_and_html(message)
+    size = len(message.as_bytes())
+    assert size < 1_000_000
+    assert len(html) <= DIGEST_MAX_HTML_CHARS
+    assert message["Subject"] == "[keytrail] 500 alerts: 50 high, 450 medium"
+    assert message["X-Keytrail-Alert-Count"] == "500"
+    assert len(message.get_all("X-Keytrail-Alert") or []) == DIGEST_MAX_FULL_ALERTS
+    assert html.count("What to do next") == DIGEST_MAX_FULL_ALERTS
+    assert text.count("What to do next:") == DIGEST_MAX_FULL_ALERTS
+    more = 500 - DIGEST_MAX_FULL_ALERTS
+    assert f"<h2>{more} more alerts</h2>" in html
+    assert f"==== {more} more alerts ====" in text
+    for alert in alerts:
+        assert alert.alert_id in text
+        assert alert.alert_id in html
+    assert f"==== Alert {DIGEST_MAX_FULL_ALERTS} of 500 ====" in text
+    assert "500 alerts: 50 high, 450 medium" in html
+
+
+def test_digest_shows_fewer_when_alerts_are_large() -> None:
+    big = [dataclasses.replace(alert, silence_hint="s" * 60_000) for alert in many_alerts(30)]
+
+    message = Renderer().render_email_digest(big, sender=SENDER, recipients=RECIPIENTS, now=NOW)
+
+    _, html = text_and_html(message)
+    shown = len(message.get_all("X-Keytrail-Alert") or [])
+    assert len(html) <= DIGEST_MAX_HTML_CHARS
+    assert shown == 5
+    assert f"<h2>{30 - shown} more alerts</h2>" in html
+
+
+def test_small_digest_shows_every_alert_in_full() -> None:
+    message = Renderer().render_email_digest(ALERTS, sender=SENDER, recipients=RECIPIENTS, now=NOW)
+
+    text, html = text_and_html(message)
+    assert "more alerts" not in html
+    assert "more alerts" not in text
+    assert message["X-Keytrail-Alert-Count"] == "3"

@@ -73,6 +73,8 @@ class Alert:
     principal involved, including those only in the evidence. ``who`` is the text to show for
     the actor: the principal, or the source address and how many principals used it.
     ``locations`` lists each source address once with its city and country.
+    ``top_events`` contains up to a few event dicts behind the findings, most telling first
+    (see :mod:`pipeline.alerting.top_events`); it is empty until the planner fills it in.
     """
 
     alert_id: str
@@ -97,6 +99,7 @@ class Alert:
     event_count: int = 0
     next_steps: list[Step] = field(default_factory=list)
     silence_hint: str = ""
+    top_events: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_findings(cls, findings: Sequence[Mapping[str, Any]]) -> Alert:

@@ -3,11 +3,12 @@
 The engine uses this module in three steps:
 
 1. :func:`plan_alerts` filters a run's new findings (``min_severity``, allow-list, active
-   silences), routes and groups them into alerts per receiver.
+   silences), routes and groups them into alerts per receiver, and copies each alert's top
+   events from the run's window.
 2. :func:`enqueue_alerts` runs inside the run's commit transaction. It drops alerts whose
    ``dedup_key`` the receiver was sent within ``repeat_interval``, unless the alert grew (new
    resources, new source addresses or a higher severity; then it is sent as an update), and
-   queues one outbox row per (alert, receiver).
+   queues one outbox row per (alert, receiver, channel).
 3. :func:`build_senders` turns each receiver's channels into an outbox sender, and
    :func:`pipeline.alerting.outbox.deliver_due` sends the due rows.
 
@@ -29,7 +30,15 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from detectors.base import severity_rank
 from pipeline.alerting.alerts import Alert
@@ -44,7 +53,8 @@ from pipeline.alerting.channels import (
     WebhookSettings,
     build_payload,
 )
-from pipeline.alerting.outbox import OutboxRow, OutboxSettings, Sender, enqueue
+from pipeline.alerting.channels.email import port_security_mismatch
+from pipeline.alerting.outbox import WHOLE_RECEIVER, OutboxRow, OutboxSettings, Sender, enqueue
 from pipeline.alerting.output import OUTBOX_DIR, OutputSettings, write_alert_files
 from pipeline.alerting.render import Renderer
 from pipeline.alerting.routing import (
@@ -59,6 +69,12 @@ from pipeline.alerting.silences import (
     Silence,
     apply_silences,
     parse_duration,
+)
+from pipeline.alerting.top_events import (
+    DEFAULT_TOP_EVENTS,
+    MAX_TOP_EVENTS,
+    top_events_from_payload,
+    with_top_events,
 )
 from pipeline.errors import ConfigError, KeytrailError
 from pipeline.store.state import alert_thread, record_alert_thread
@@ -75,6 +91,7 @@ __all__ = [
     "build_senders",
     "channel_senders",
     "enqueue_alerts",
+    "log_env_receivers",
     "plan_alerts",
     "receivers_from_env",
     "resolve_receiver_paths",
@@ -144,6 +161,7 @@ class AlertingSettings(OutputSettings):
         repeat_interval: how long a receiver is not sent an alert with the same dedup key
             again, unless the alert grew.
         delivery: retry policy of the outbox table.
+        top_events: how many of the events behind an alert it lists (0 lists none).
     """
 
     receivers: dict[str, ReceiverSettings] = Field(default_factory=dict)
@@ -151,6 +169,9 @@ class AlertingSettings(OutputSettings):
     allow_list: list[AllowEntry] = Field(default_factory=list)
     repeat_interval: dt.timedelta = dt.timedelta(hours=4)
     delivery: OutboxSettings = Field(default_factory=OutboxSettings)
+    top_events: int = Field(default=DEFAULT_TOP_EVENTS, ge=0, le=MAX_TOP_EVENTS)
+    # Names of the receivers with_env_receivers added, for log_env_receivers.
+    _env_receivers: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("repeat_interval", mode="before")
     @classmethod
@@ -300,6 +321,10 @@ def _email_from_env(environ: Mapping[str, str], problems: list[str]) -> EmailSet
     addresses = [item.strip() for item in recipients.split(",") if item.strip()]
     if addresses:
         data["recipients"] = addresses
+    mismatch = _smtp_port_problem(data)
+    if mismatch is not None:
+        problems.append(mismatch)
+        return None
     if "username" in data and _env(environ, SMTP_PASSWORD_ENV) is None:
         problems.append(
             f"{SMTP_PASSWORD_ENV}: missing; {_SMTP_FIELD_ENV['username']} is set, so the SMTP "
@@ -311,6 +336,32 @@ def _email_from_env(environ: Mapping[str, str], problems: list[str]) -> EmailSet
     except ValidationError as exc:
         problems.extend(_email_env_problems(exc))
         return None
+
+
+def _smtp_port_problem(data: Mapping[str, Any]) -> str | None:
+    """Return the problem line when the port and security variables disagree, else None.
+
+    The channel would reject the pair at the first send. Checking here makes
+    ``validate-config`` and the start of ``keytrail run`` report it, naming both variables.
+    """
+    port = int(data.get("port", EmailSettings.model_fields["port"].default))
+    security = str(data.get("security", EmailSettings.model_fields["security"].default))
+    if security not in ("starttls", "tls", "none"):
+        return None  # EmailSettings reports the invalid value itself.
+    mismatch = port_security_mismatch(port, security)
+    if mismatch is None:
+        return None
+    port_env = _SMTP_FIELD_ENV["port"]
+    security_env = _SMTP_FIELD_ENV["security"]
+    if "port" not in data:
+        mismatch += f" ({port_env} is unset and defaults to {port})"
+    elif "security" not in data:
+        mismatch += f" ({security_env} is unset and defaults to {security})"
+    if port == 465:
+        fix = f"set {security_env}=tls, or {port_env}=587 with {security_env}=starttls"
+    else:
+        fix = f"set {security_env}=starttls, or {port_env}=465 with {security_env}=tls"
+    return f"{port_env}, {security_env}: {mismatch}; {fix}"
 
 
 def _email_env_problems(exc: ValidationError) -> list[str]:
@@ -360,13 +411,23 @@ def with_env_receivers(settings: AlertingSettings, environ: Mapping[str, str]) -
     routes = [Route.model_validate({"receiver": name, "continue": True}) for name in receivers]
     routes += routing.routes
     routes.append(Route(receiver=routing.default_receiver))
-    logger.info("receivers from environment variables: %s", ", ".join(receivers))
-    return settings.model_copy(
+    updated = settings.model_copy(
         update={
             "receivers": receivers,
             "routing": routing.model_copy(update={"routes": routes}),
         }
     )
+    updated._env_receivers = list(receivers)
+    return updated
+
+
+def log_env_receivers(settings: AlertingSettings) -> None:
+    """Log at INFO which receivers :func:`with_env_receivers` built, by name only.
+
+    Config loading runs before the CLI sets up logging, so the CLI calls this afterwards.
+    """
+    if settings._env_receivers:
+        logger.info("receivers from environment variables: %s", ", ".join(settings._env_receivers))
 
 
 def resolve_receiver_paths(receiver: ReceiverSettings, base_dir: Path) -> ReceiverSettings:
@@ -421,6 +482,7 @@ class AlertPlan:
 
     Attributes:
         alerts: ``(receiver, alerts)`` pairs in routing order.
+        channels: receiver -> its channel names; each gets its own outbox row per alert.
         below_min_severity: findings below ``min_severity``.
         allowed: findings removed by the allow-list.
         allowed_by: allow-list entry (``entry <index>: <reason>``) -> findings removed.
@@ -429,6 +491,7 @@ class AlertPlan:
     """
 
     alerts: list[tuple[str, list[Alert]]] = field(default_factory=list)
+    channels: dict[str, list[str]] = field(default_factory=dict)
     below_min_severity: int = 0
     allowed: int = 0
     allowed_by: dict[str, int] = field(default_factory=dict)
@@ -441,8 +504,14 @@ def plan_alerts(
     settings: AlertingSettings,
     silences: list[Silence],
     now: dt.datetime,
+    *,
+    events: pd.DataFrame | None = None,
 ) -> AlertPlan:
-    """Filter findings by ``min_severity``, the allow-list and silences, then route and group."""
+    """Filter findings by ``min_severity``, the allow-list and silences, then route and group.
+
+    ``events`` is the run's window (event schema). Each alert gets up to
+    ``settings.top_events`` of the events its findings name; without ``events`` it gets none.
+    """
     plan = AlertPlan()
     if findings.empty:
         return plan
@@ -463,7 +532,11 @@ def plan_alerts(
         plan.silenced_by = {str(k): int(v) for k, v in counts}
 
     if not frame.empty:
-        plan.alerts = route_alerts(frame, settings.routing)
+        routed = route_alerts(frame, settings.routing)
+        plan.alerts = with_top_events(routed, events, settings.top_events)
+    for receiver, _ in plan.alerts:
+        if receiver in settings.receiver_names():
+            plan.channels[receiver] = settings.receiver(receiver).channels()
     return plan
 
 
@@ -482,8 +555,11 @@ def enqueue_alerts(
     skipped, unless it names a resource or source address the last one did not, or has a
     higher severity. Then it is queued with the title prefix :data:`UPDATE_PREFIX`.
 
+    Each alert gets one outbox row per channel in ``plan.channels`` (one row for the whole
+    receiver when the plan names none).
+
     Returns:
-        Receiver name -> ``{"queued", "updates", "repeats_skipped"}`` counts.
+        Receiver name -> ``{"queued", "updates", "repeats_skipped"}`` counts of alerts.
     """
     counts: dict[str, dict[str, int]] = {}
     for receiver, alerts in plan.alerts:
@@ -497,7 +573,8 @@ def enqueue_alerts(
             if decision == "update":
                 queued = dataclasses.replace(alert, title=UPDATE_PREFIX + alert.title)
                 entry["updates"] += 1
-            entry["queued"] += enqueue(conn, queued, [receiver], now=now)
+            if enqueue(conn, queued, [receiver], now=now, channels=plan.channels):
+                entry["queued"] += 1
             _record_notified(conn, receiver, alert, now)
     return counts
 
@@ -554,7 +631,7 @@ def alert_from_payload(payload: Mapping[str, Any]) -> Alert:
     """Rebuild an :class:`Alert` from the dict :func:`outbox.alert_payload` stored.
 
     The alert is built again from its findings, with their times parsed back, and keeps the
-    stored title (which carries the update prefix).
+    stored title (which carries the update prefix) and top events.
     """
     findings = []
     for item in payload["findings"]:
@@ -564,7 +641,11 @@ def alert_from_payload(payload: Mapping[str, Any]) -> Alert:
                 finding[name] = pd.Timestamp(finding[name]).to_pydatetime()
         findings.append(finding)
     alert = Alert.from_findings(findings)
-    return dataclasses.replace(alert, title=str(payload.get("title") or alert.title))
+    return dataclasses.replace(
+        alert,
+        title=str(payload.get("title") or alert.title),
+        top_events=top_events_from_payload(payload.get("top_events") or []),
+    )
 
 
 ChannelSend = Callable[[Alert], Delivery]
@@ -677,71 +758,88 @@ def _receiver_sender(
         return alert_thread(ledger, name, alert.dedup_key)
 
     sends = channel_senders(receiver, settings, renderer, output_dir, now, thread_of=thread_of)
-
-    def send(row: OutboxRow) -> Delivery:
-        # NOTE: a receiver with several channels is one outbox row, so a retry after one
-        # channel failed sends the alert again through the channels that had delivered.
-        alert = alert_from_payload(row.payload)
-        results = {channel: deliver(alert) for channel, deliver in sends.items()}
-        delivery = _combine(name, results)
-        first_message = not alert.title.startswith(UPDATE_PREFIX)
-        if ledger is not None and first_message and delivery.remote_id:
-            # Stored before the outbox marks the row delivered; a crash in between sends
-            # the row again, and the resent message then becomes the thread.
-            record_alert_thread(
-                ledger, name, row.dedup_key, delivery.remote_id, alert_id=row.alert_id, now=now
-            )
-        return delivery
-
+    digest = None
     mail = receiver.email
-    if mail is not None and sends.keys() == {"email"}:
-        return _EmailDigestSender(name, mail, renderer, now, send)
-    return send
+    if mail is not None:
+
+        def digest(alerts: list[Alert]) -> Delivery:
+            message = renderer.render_email_digest(
+                alerts, sender=mail.sender, recipients=mail.recipients, now=now
+            )
+            return EmailChannel(mail).send(message)
+
+    return _ReceiverSender(name, sends, digest, now, ledger)
 
 
-class _EmailDigestSender:
-    """The sender of a receiver whose only channel is email: one digest per run.
+class _ReceiverSender:
+    """The outbox sender of one receiver: each row goes out through the channel it names.
 
-    :func:`pipeline.alerting.outbox.deliver_due` passes all due rows of the receiver to
-    :meth:`send_batch`. Two or more rows become one email built by
+    A row of channel :data:`~pipeline.alerting.outbox.WHOLE_RECEIVER` (migrated from the
+    one-row-per-receiver outbox) goes out through every channel, and its result combines
+    theirs. A row naming a channel the receiver no longer has fails, so it is dead-lettered
+    with the fix instead of waiting forever.
+
+    Email rows are batched: :func:`pipeline.alerting.outbox.deliver_due` passes every due email
+    row of the receiver to :meth:`send_batch`. Two or more rows become one digest built by
     :meth:`Renderer.render_email_digest`; a single row is sent as the usual single-alert
-    email, so a run with one alert looks as it did before digests. A receiver that also has
-    Slack, webhook or file channels keeps one message per alert, because those channels
-    send one message per alert and the outbox row is shared by all channels.
-
-    A digest does not record a Slack thread: an email-only receiver has no Slack channel.
+    email, so a run with one alert looks as it did before digests.
     """
 
     def __init__(
         self,
         name: str,
-        mail: EmailSettings,
-        renderer: Renderer,
+        sends: Mapping[str, ChannelSend],
+        digest: Callable[[list[Alert]], Delivery] | None,
         now: dt.datetime,
-        single: Sender,
+        ledger: sqlite3.Connection | None,
     ) -> None:
         self._name = name
-        self._mail = mail
-        self._renderer = renderer
+        self._sends = dict(sends)
+        self._digest = digest
         self._now = now
-        self._single = single
+        self._ledger = ledger
+        self.channels = frozenset(self._sends)
+        self.batch_channels = frozenset({"email"} & self.channels)
 
     def __call__(self, row: OutboxRow) -> Delivery:
-        return self._single(row)
+        alert = alert_from_payload(row.payload)
+        if row.channel == WHOLE_RECEIVER:
+            results = {channel: send(alert) for channel, send in self._sends.items()}
+            delivery = _combine(self._name, results)
+        elif row.channel in self._sends:
+            delivery = self._sends[row.channel](alert)
+        else:
+            return Delivery(
+                "failed",
+                f"receiver {self._name} has no {row.channel} channel in the config any more; "
+                f"add it back and run `keytrail outbox retry {row.id}`, or leave the row dead",
+            )
+        first_message = not alert.title.startswith(UPDATE_PREFIX)
+        threaded = row.channel in ("slack", WHOLE_RECEIVER)
+        if self._ledger is not None and threaded and first_message and delivery.remote_id:
+            # Stored before the outbox marks the row delivered; a crash in between sends
+            # the row again, and the resent message then becomes the thread.
+            record_alert_thread(
+                self._ledger,
+                self._name,
+                row.dedup_key,
+                delivery.remote_id,
+                alert_id=row.alert_id,
+                now=self._now,
+            )
+        return delivery
 
     def send_batch(self, rows: list[OutboxRow]) -> Delivery:
+        """Send the due email rows of this receiver as one digest (one row: a plain email)."""
         if len(rows) == 1:
-            return self._single(rows[0])
+            return self(rows[0])
+        if self._digest is None:
+            # Unreachable through deliver_due: batch_channels is empty without an email channel.
+            raise ValueError(f"receiver {self._name} has no email channel to send a digest")
         alerts = [alert_from_payload(row.payload) for row in rows]
-
-        def send_digest(_: Alert) -> Delivery:
-            message = self._renderer.render_email_digest(
-                alerts, sender=self._mail.sender, recipients=self._mail.recipients, now=self._now
-            )
-            return EmailChannel(self._mail).send(message)
-
+        digest = self._digest
         logger.debug("sending %s alerts to %s as one digest email", len(rows), self._name)
-        result = _guarded(send_digest)(alerts[0])
+        result = _guarded(lambda _: digest(alerts))(alerts[0])
         return _combine(self._name, {"email": result})
 
 

@@ -1,10 +1,11 @@
-"""The delivery outbox: one SQLite row per (alert, receiver) until the receiver has the alert.
+"""The delivery outbox: one SQLite row per (alert, receiver, channel) until the channel has it.
 
 The engine enqueues rows with :func:`enqueue` in the same transaction that records its alerts,
-so an alert is either recorded and queued for every receiver, or neither. :func:`deliver_due`
-then sends the rows whose time has come and records each result with :meth:`Outbox.record`
-(or, for a :class:`BatchSender` that sends all due rows of its receiver at once, one result for
-all of them with :meth:`Outbox.record_many`):
+so an alert is either recorded and queued for every channel of every receiver, or neither.
+:func:`deliver_due` then sends the rows whose time has come and records each result with
+:meth:`Outbox.record` (or, for the channels of a :class:`BatchSender` that sends all due rows
+of one receiver and channel at once, one result for all of them with
+:meth:`Outbox.record_many`):
 
 * ``delivered``: the row is done and keeps the receiver's message id (``remote_id``).
 * ``retry``: the row waits ``max(retry_after, backoff)`` seconds, where the backoff grows
@@ -17,10 +18,16 @@ again.
 
 ``keytrail outbox list`` and ``keytrail outbox retry`` list and requeue rows.
 
-Delivery is at-least-once per (alert, receiver). There is no ``sending`` state: a process that
-dies after a sender returned and before :meth:`Outbox.record` committed leaves the row pending,
-and the next run sends it again. That duplicate, and the one after an ``ambiguous`` retry (a
-timeout after the server accepted the message), are the only duplicates the outbox produces.
+Because each channel has its own row, a receiver whose Slack message was delivered and whose
+email failed retries only the email. A row whose ``channel`` is :data:`WHOLE_RECEIVER` is sent
+through every channel of its receiver as one delivery. Tables of outbox schema version 1,
+which had one row per (alert, receiver), are migrated to such rows.
+
+Delivery is at-least-once per (alert, receiver, channel). There is no ``sending`` state: a
+process that dies after a sender returned and before :meth:`Outbox.record` committed leaves the
+row pending, and the next run sends it again. That duplicate, and the one after an
+``ambiguous`` retry (a timeout after the server accepted the message), are the only duplicates
+the outbox produces.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import json
 import logging
 import random
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -43,7 +50,9 @@ from pipeline.alerting.channels.base import Delivery
 from pipeline.errors import StateError
 
 __all__ = [
+    "OUTBOX_SCHEMA_VERSION",
     "OUTBOX_STATUSES",
+    "WHOLE_RECEIVER",
     "BatchSender",
     "DeadLetter",
     "DeliveryReport",
@@ -64,14 +73,22 @@ logger = logging.getLogger(__name__)
 OutboxStatus = Literal["pending", "delivered", "dead"]
 OUTBOX_STATUSES: Final[tuple[OutboxStatus, ...]] = ("pending", "delivered", "dead")
 
-# These tables are created here with IF NOT EXISTS, on first use, rather than in the schema
-# migration of pipeline.store.state, so the outbox also works on a database of its own.
-_TABLES: Final = (
-    """
-    CREATE TABLE IF NOT EXISTS outbox (
+WHOLE_RECEIVER: Final = "*"
+"""``channel`` of a row that is sent through every channel of its receiver as one delivery."""
+
+OUTBOX_SCHEMA_VERSION: Final = 2
+"""Version of the outbox table layout. Version 1 (state schema 3) had one row per (alert,
+receiver) and no ``channel`` column. Version 2 has one row per (alert, receiver, channel)."""
+
+# These tables are created here on first use, rather than in the schema migration of
+# pipeline.store.state, so the outbox also works on a database of its own. The outbox keeps its
+# own version number in outbox_schema because PRAGMA user_version belongs to the state schema.
+_OUTBOX_TABLE: Final = """
+    CREATE TABLE {name} (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         alert_id TEXT NOT NULL,
         receiver TEXT NOT NULL,
+        channel TEXT NOT NULL DEFAULT '*',
         dedup_key TEXT NOT NULL,
         payload_json TEXT NOT NULL,
         status TEXT NOT NULL DEFAULT 'pending'
@@ -82,15 +99,22 @@ _TABLES: Final = (
         remote_id TEXT,
         created_at TEXT NOT NULL,
         delivered_at TEXT,
-        UNIQUE (alert_id, receiver)
+        UNIQUE (alert_id, receiver, channel)
     )
-    """,
-    "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at) WHERE status = 'pending'",
+"""
+_DUE_INDEX: Final = (
+    "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at) WHERE status = 'pending'"
 )
+_VERSION_TABLE: Final = "CREATE TABLE IF NOT EXISTS outbox_schema (version INTEGER NOT NULL)"
 
-_COLUMNS: Final = (
+# The columns both layouts share, copied unchanged by the migration from version 1.
+_V1_COLUMNS: Final = (
     "id, alert_id, receiver, dedup_key, payload_json, status, attempts, next_attempt_at, "
     "last_error, remote_id, created_at, delivered_at"
+)
+_COLUMNS: Final = (
+    "id, alert_id, receiver, channel, dedup_key, payload_json, status, attempts, "
+    "next_attempt_at, last_error, remote_id, created_at, delivered_at"
 )
 
 
@@ -98,7 +122,7 @@ class OutboxSettings(BaseModel):
     """Retry policy of the outbox.
 
     Attributes:
-        max_attempts: delivery attempts per (alert, receiver) before the row is dead.
+        max_attempts: delivery attempts per (alert, receiver, channel) before the row is dead.
         backoff_base_seconds: upper bound of the wait after the first failed attempt; the
             bound doubles with each further attempt.
         backoff_cap_seconds: the largest upper bound of the wait, in seconds.
@@ -123,14 +147,17 @@ class OutboxSettings(BaseModel):
 
 @dataclass(frozen=True)
 class OutboxRow:
-    """One (alert, receiver) delivery as stored in the outbox table.
+    """One (alert, receiver, channel) delivery as stored in the outbox table.
 
     Times are timezone-aware UTC datetimes. ``attempts`` counts the attempts recorded so far.
+    ``channel`` is a channel name of the receiver (``slack``, ``email``, ``webhook``, ``file``)
+    or :data:`WHOLE_RECEIVER`.
     """
 
     id: int
     alert_id: str
     receiver: str
+    channel: str
     dedup_key: str
     payload_json: str
     status: OutboxStatus
@@ -158,19 +185,22 @@ raises anyway, :func:`deliver_due` records the exception as a ``retry``.
 
 @runtime_checkable
 class BatchSender(Protocol):
-    """A sender that can also send all due rows of its receiver in one message.
+    """A sender that sends all due rows of some of its channels in one message.
 
-    :func:`deliver_due` calls :meth:`send_batch` with every due row of the receiver, oldest
-    first, and records the one result on every row, so the rows are delivered, retried or
-    dead together. An email receiver uses this to send one digest per run.
+    For a channel in :attr:`batch_channels`, :func:`deliver_due` calls :meth:`send_batch` with
+    every due row of the receiver on that channel, oldest first, and records the one result on
+    every row, so the rows are delivered, retried or dead together. The email channel uses this
+    to send one digest per receiver per run.
     """
+
+    batch_channels: frozenset[str]
 
     def __call__(self, row: OutboxRow) -> Delivery:
         """Send one row."""
         ...
 
     def send_batch(self, rows: list[OutboxRow]) -> Delivery:
-        """Send ``rows`` (at least one, all of the same receiver) as one message."""
+        """Send ``rows`` (at least one, all of the same receiver and channel) as one message."""
         ...
 
 
@@ -185,7 +215,8 @@ class ReceiverCounts:
         pending: rows of this receiver still pending after the pass (due later, deferred, or
             scheduled again).
         deferred: due rows not attempted in this pass because an earlier row of the same
-            receiver asked for a retry, or because no sender is configured for the receiver.
+            receiver and channel asked for a retry, or because no sender is configured for the
+            receiver.
     """
 
     sent: int = 0
@@ -202,6 +233,7 @@ class DeadLetter:
     row_id: int
     alert_id: str
     receiver: str
+    channel: str
     detail: str
 
 
@@ -235,14 +267,78 @@ class DeliveryReport:
 
 
 def create_tables(conn: sqlite3.Connection) -> None:
-    """Create the outbox table and index if they do not exist.
+    """Create the outbox tables if they do not exist, and migrate a version 1 outbox table.
 
     The statements run one by one with :meth:`sqlite3.Connection.execute`, never
     ``executescript`` (which commits first), so calling this inside a caller's transaction
-    keeps that transaction open.
+    keeps that transaction open. Outside a transaction, a migration runs in one of its own.
+
+    Raises:
+        StateError: the outbox table was made by a newer keytrail.
     """
-    for statement in _TABLES:
-        conn.execute(statement)
+    version = _schema_version(conn)
+    if version == OUTBOX_SCHEMA_VERSION:
+        return
+    if version > OUTBOX_SCHEMA_VERSION:
+        raise StateError(
+            f"the outbox table has schema version {version}, newer than the version "
+            f"{OUTBOX_SCHEMA_VERSION} this keytrail supports; upgrade keytrail"
+        )
+    own_transaction = not conn.in_transaction
+    if own_transaction:
+        conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(_VERSION_TABLE)
+        if _table_exists(conn, "outbox"):
+            _migrate_from_v1(conn)
+        else:
+            conn.execute(_OUTBOX_TABLE.format(name="outbox"))
+        conn.execute(_DUE_INDEX)
+        conn.execute("DELETE FROM outbox_schema")
+        conn.execute("INSERT INTO outbox_schema (version) VALUES (?)", (OUTBOX_SCHEMA_VERSION,))
+    except BaseException:
+        if own_transaction and conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    if own_transaction:
+        conn.execute("COMMIT")
+
+
+def _schema_version(conn: sqlite3.Connection) -> int:
+    """Return the outbox schema version: 0 without an outbox table, 1 for the old layout."""
+    if _table_exists(conn, "outbox_schema"):
+        row = conn.execute("SELECT max(version) FROM outbox_schema").fetchone()
+        if row is not None and row[0] is not None:
+            return int(row[0])
+    return 1 if _table_exists(conn, "outbox") else 0
+
+
+def _table_exists(conn: sqlite3.Connection, name: str) -> bool:
+    found = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+    ).fetchone()
+    return found is not None
+
+
+def _migrate_from_v1(conn: sqlite3.Connection) -> None:
+    """Rebuild a version 1 outbox table with a ``channel`` column, keeping every row and id.
+
+    SQLite cannot change a UNIQUE constraint in place, so the rows move to a new table. Each
+    old row covered every channel of its receiver, so it becomes a :data:`WHOLE_RECEIVER` row.
+    """
+    rows = conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
+    conn.execute(_OUTBOX_TABLE.format(name="outbox_v2"))
+    conn.execute(
+        f"INSERT INTO outbox_v2 ({_V1_COLUMNS}, channel) "
+        f"SELECT {_V1_COLUMNS}, '{WHOLE_RECEIVER}' FROM outbox"
+    )
+    conn.execute("DROP TABLE outbox")
+    conn.execute("ALTER TABLE outbox_v2 RENAME TO outbox")
+    logger.info(
+        "outbox: migrated %s rows to schema version %s (one row per channel)",
+        rows,
+        OUTBOX_SCHEMA_VERSION,
+    )
 
 
 def alert_payload(alert: Alert) -> dict[str, Any]:
@@ -256,17 +352,25 @@ def alert_payload(alert: Alert) -> dict[str, Any]:
 
 
 def enqueue(
-    conn: sqlite3.Connection, alert: Alert, receivers: Iterable[str], *, now: datetime
+    conn: sqlite3.Connection,
+    alert: Alert,
+    receivers: Iterable[str],
+    *,
+    now: datetime,
+    channels: Mapping[str, Sequence[str]] | None = None,
 ) -> int:
-    """Queue ``alert`` for each receiver on ``conn``, inside the caller's transaction.
+    """Queue ``alert`` for each channel of each receiver on ``conn``, in the caller's transaction.
+
+    ``channels`` maps a receiver to its channel names. A receiver it does not list (or lists
+    with no channels) gets one :data:`WHOLE_RECEIVER` row.
 
     This function neither begins nor commits a transaction. The engine calls it between its
     own ``BEGIN IMMEDIATE`` and ``COMMIT`` that record the alerts, so a rollback removes the
     queued rows with the alerts. On a connection in autocommit mode with no open transaction,
     each row commits by itself; use :meth:`Outbox.enqueue` for a transaction of its own.
 
-    Enqueueing is idempotent: a row for an (alert id, receiver) that already exists is left
-    as it is, whatever its status.
+    Enqueueing is idempotent: a row for an (alert id, receiver, channel) that already exists is
+    left as it is, whatever its status.
 
     Returns:
         The number of rows added.
@@ -274,14 +378,17 @@ def enqueue(
     create_tables(conn)
     payload = json.dumps(alert_payload(alert), sort_keys=True)
     stamp = _utc_text(now)
+    channels = channels or {}
     added = 0
     for receiver in dict.fromkeys(receivers):
-        cursor = conn.execute(
-            "INSERT OR IGNORE INTO outbox (alert_id, receiver, dedup_key, payload_json, status, "
-            "attempts, next_attempt_at, created_at) VALUES (?, ?, ?, ?, 'pending', 0, ?, ?)",
-            (alert.alert_id, receiver, alert.dedup_key, payload, stamp, stamp),
-        )
-        added += cursor.rowcount
+        for channel in dict.fromkeys(channels.get(receiver) or [WHOLE_RECEIVER]):
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO outbox (alert_id, receiver, channel, dedup_key, "
+                "payload_json, status, attempts, next_attempt_at, created_at) "
+                "VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?)",
+                (alert.alert_id, receiver, channel, alert.dedup_key, payload, stamp, stamp),
+            )
+            added += cursor.rowcount
     return added
 
 
@@ -359,14 +466,22 @@ class Outbox:
 
     # Writes
 
-    def enqueue(self, alert: Alert, receivers: Iterable[str], *, now: datetime) -> int:
+    def enqueue(
+        self,
+        alert: Alert,
+        receivers: Iterable[str],
+        *,
+        now: datetime,
+        channels: Mapping[str, Sequence[str]] | None = None,
+    ) -> int:
         """Queue ``alert`` for each receiver in a transaction of its own (see :func:`enqueue`).
 
         Returns:
-            The number of rows added; existing (alert id, receiver) rows are kept as they are.
+            The number of rows added; existing (alert id, receiver, channel) rows are kept as
+            they are.
         """
         with self._transaction("enqueue alert " + alert.alert_id):
-            return enqueue(self._conn, alert, receivers, now=now)
+            return enqueue(self._conn, alert, receivers, now=now, channels=channels)
 
     def record(self, row_id: int, delivery: Delivery, now: datetime) -> OutboxRow:
         """Store the result of one delivery attempt of a pending row and return the new row.
@@ -447,33 +562,44 @@ class Outbox:
         backoff = self._rng.uniform(0, bound)
         return max(retry_after or 0.0, backoff)
 
-    def retry_dead(self, ids: Iterable[int] | None = None, *, now: datetime) -> int:
+    def retry_dead(
+        self,
+        ids: Iterable[int] | None = None,
+        *,
+        now: datetime,
+        receiver: str | None = None,
+        channel: str | None = None,
+    ) -> int:
         """Queue dead rows again, due at ``now`` with their attempts reset to zero.
 
         Args:
             ids: the row ids to queue again; None queues every dead row. Ids of rows that are
                 not dead are ignored.
             now: when the rows become due.
+            receiver: queue only rows of this receiver.
+            channel: queue only rows of this channel (``slack``, ``email``, ...).
 
         Returns:
             The number of rows queued again.
         """
+        where = "status = 'dead'"
+        filters: list[Any] = []
+        if receiver is not None:
+            where += " AND receiver = ?"
+            filters.append(receiver)
+        if channel is not None:
+            where += " AND channel = ?"
+            filters.append(channel)
+        update = "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ? WHERE "
         stamp = _utc_text(now)
         with self._transaction("queue dead outbox rows again"):
             if ids is None:
-                cursor = self._conn.execute(
-                    "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ? "
-                    "WHERE status = 'dead'",
-                    (stamp,),
-                )
-                changed = cursor.rowcount
+                changed = self._conn.execute(update + where, (stamp, *filters)).rowcount
             else:
                 changed = 0
                 for row_id in dict.fromkeys(ids):
                     cursor = self._conn.execute(
-                        "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ? "
-                        "WHERE id = ? AND status = 'dead'",
-                        (stamp, int(row_id)),
+                        update + where + " AND id = ?", (stamp, *filters, int(row_id))
                     )
                     changed += cursor.rowcount
         logger.info("queued %s dead outbox rows again", changed)
@@ -490,20 +616,27 @@ class Outbox:
         ).fetchall()
         return [_row(values) for values in rows]
 
-    def list_rows(self, status: OutboxStatus | None = None) -> list[OutboxRow]:
-        """Return the rows with ``status`` (all rows for None), in the order they were queued.
+    def list_rows(
+        self, status: OutboxStatus | None = None, *, channel: str | None = None
+    ) -> list[OutboxRow]:
+        """Return the rows with ``status`` and ``channel`` (None: any), in the order queued.
 
         Raises:
             ValueError: ``status`` is not one of :data:`OUTBOX_STATUSES`.
         """
-        if status is None:
-            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM outbox ORDER BY id").fetchall()
-        elif status in OUTBOX_STATUSES:
-            rows = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM outbox WHERE status = ? ORDER BY id", (status,)
-            ).fetchall()
-        else:
+        if status is not None and status not in OUTBOX_STATUSES:
             raise ValueError(f"invalid outbox status {status!r}; expected one of {OUTBOX_STATUSES}")
+        where = "WHERE 1 = 1"
+        filters: list[str] = []
+        if status is not None:
+            where += " AND status = ?"
+            filters.append(status)
+        if channel is not None:
+            where += " AND channel = ?"
+            filters.append(channel)
+        rows = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM outbox {where} ORDER BY id", filters
+        ).fetchall()
         return [_row(values) for values in rows]
 
     def counts(self) -> dict[str, int]:
@@ -581,42 +714,46 @@ class _Transaction:
 def deliver_due(outbox: Outbox, senders: Mapping[str, Sender], now: datetime) -> DeliveryReport:
     """Send every due row with its receiver's sender and record each result.
 
-    Only rows that are due are sent, so a receiver that delivered is not sent its alert
-    again when another receiver of the same alert failed. After a ``retry`` result, the
-    receiver's other due rows wait for the next pass (counted as ``deferred``), so an
-    unreachable or rate-limiting receiver costs one attempt per pass instead of one per row.
+    Only rows that are due are sent, so a channel that delivered is not sent its alert again
+    when another channel or receiver of the same alert failed. After a ``retry`` result, the
+    other due rows of the same receiver and channel wait for the next pass (counted as
+    ``deferred``), so an unreachable or rate-limiting channel costs one attempt per pass
+    instead of one per row, and does not hold back the receiver's other channels.
 
     A sender that raises breaks the channel contract. The exception is recorded as a
     ``retry`` with its type and message in ``last_error``, so it cannot stop the other
     receivers.
 
-    A receiver whose sender is a :class:`BatchSender` gets all its due rows in one
-    :meth:`BatchSender.send_batch` call, and the one result is recorded on every row.
+    For a channel in a :class:`BatchSender`'s ``batch_channels``, all due rows of the receiver
+    on that channel go in one :meth:`BatchSender.send_batch` call, and the one result is
+    recorded on every row.
 
     Rows whose receiver has no sender stay pending and are listed in ``unknown_receivers``.
     So a receiver removed from the configuration keeps its rows until the configuration
     names it again.
     """
     report = DeliveryReport()
-    held_back: set[str] = set()
+    # A lane is one (receiver, channel): retries and batches never cross lanes.
+    held_back: set[tuple[str, str]] = set()
+    batched: set[tuple[str, str]] = set()
     due = outbox.due(now)
-    batched: set[str] = set()
     for row in due:
         counts = report.counts(row.receiver)
+        lane = (row.receiver, row.channel)
         sender = senders.get(row.receiver)
         if sender is None:
             if row.receiver not in report.unknown_receivers:
                 report.unknown_receivers.append(row.receiver)
             counts.deferred += 1
             continue
-        if row.receiver in batched:
+        if lane in batched:
             continue
-        if row.receiver in held_back:
+        if lane in held_back:
             counts.deferred += 1
             continue
-        if isinstance(sender, BatchSender):
-            batched.add(row.receiver)
-            rows = [other for other in due if other.receiver == row.receiver]
+        if isinstance(sender, BatchSender) and row.channel in sender.batch_channels:
+            batched.add(lane)
+            rows = [other for other in due if (other.receiver, other.channel) == lane]
             delivery = _attempt_batch(sender, rows)
             stored_rows = outbox.record_many([other.id for other in rows], delivery, now)
             for other, stored in zip(rows, stored_rows, strict=True):
@@ -625,7 +762,7 @@ def deliver_due(outbox: Outbox, senders: Mapping[str, Sender], now: datetime) ->
         delivery = _attempt(sender, row)
         stored = outbox.record(row.id, delivery, now)
         if _count(report, counts, row, stored, delivery) == "retry":
-            held_back.add(row.receiver)
+            held_back.add(lane)
 
     for receiver, pending in outbox.pending_by_receiver().items():
         report.counts(receiver).pending = pending
@@ -647,25 +784,28 @@ def _count(
     """Count and log the stored result of one row; return ``sent``, ``dead`` or ``retry``."""
     if stored.status == "delivered":
         counts.sent += 1
-        logger.debug("delivered alert %s to %s", row.alert_id, row.receiver)
+        logger.debug("delivered alert %s to %s/%s", row.alert_id, row.receiver, row.channel)
         return "sent"
     if stored.status == "dead":
         counts.dead += 1
         detail = stored.last_error or delivery.detail
-        report.dead.append(DeadLetter(row.id, row.alert_id, row.receiver, detail))
+        report.dead.append(DeadLetter(row.id, row.alert_id, row.receiver, row.channel, detail))
         logger.error(
-            "delivery of alert %s to %s failed after %s attempts and the row is dead: %s",
+            "delivery of alert %s to %s/%s failed after %s attempts and row %s is dead: %s",
             row.alert_id,
             row.receiver,
+            row.channel,
             stored.attempts,
+            row.id,
             detail,
         )
         return "dead"
     counts.retry += 1
     logger.warning(
-        "delivery of alert %s to %s failed (attempt %s), retrying at %s: %s",
+        "delivery of alert %s to %s/%s failed (attempt %s), retrying at %s: %s",
         row.alert_id,
         row.receiver,
+        row.channel,
         stored.attempts,
         stored.next_attempt_at.isoformat(),
         stored.last_error,
@@ -678,7 +818,10 @@ def _attempt_batch(sender: BatchSender, rows: list[OutboxRow]) -> Delivery:
         return sender.send_batch(rows)
     except Exception as exc:
         logger.exception(
-            "batch sender for %s raised on %s outbox rows", rows[0].receiver, len(rows)
+            "batch sender for %s/%s raised on %s outbox rows",
+            rows[0].receiver,
+            rows[0].channel,
+            len(rows),
         )
         return Delivery("retry", f"sender raised {type(exc).__name__}: {exc}")
 
@@ -698,6 +841,7 @@ def _row(values: tuple[Any, ...]) -> OutboxRow:
         row_id,
         alert_id,
         receiver,
+        channel,
         dedup_key,
         payload_json,
         status,
@@ -712,6 +856,7 @@ def _row(values: tuple[Any, ...]) -> OutboxRow:
         id=int(row_id),
         alert_id=str(alert_id),
         receiver=str(receiver),
+        channel=str(channel),
         dedup_key=str(dedup_key),
         payload_json=str(payload_json),
         status=status,

@@ -32,6 +32,8 @@ from pipeline.alerting.escape import clean_line, escape_mrkdwn, header_text, tru
 from pipeline.errors import ConfigError
 
 __all__ = [
+    "DIGEST_MAX_FULL_ALERTS",
+    "DIGEST_MAX_HTML_CHARS",
     "MAX_SUBJECT_CHARS",
     "SLACK_MAX_BLOCKS",
     "SLACK_MAX_FIELDS",
@@ -66,6 +68,13 @@ SLACK_MAX_HEADER_CHARS: Final = 150
 SLACK_MAX_CONTEXT_ELEMENTS: Final = 10
 
 MAX_SUBJECT_CHARS: Final = 180
+
+DIGEST_MAX_FULL_ALERTS: Final = 20
+"""Alerts a digest email shows in full; later ones get one line each under "N more alerts"."""
+DIGEST_MAX_HTML_CHARS: Final = 500_000
+"""Budget for a digest's HTML part, in characters. Fewer alerts are shown in full until the
+part fits. The text part is usually smaller, so a digest stays near 1 MB or below, unless
+one alert alone passes the budget: the first alert is always shown in full."""
 
 _SEVERITY_EMOJI: Final = {
     "critical": ":red_circle:",
@@ -226,7 +235,13 @@ class Renderer:
         Each alert block in the text part comes from ``email.txt.j2`` and in the HTML part
         from ``_email_alert.html.j2``, the templates of the single-alert email, so the wording
         of an alert is written once. The subject counts the alerts per severity (see
-        :func:`digest_subject`). There is one ``X-Keytrail-Alert`` header per alert, in order.
+        :func:`digest_subject`).
+
+        The first :data:`DIGEST_MAX_FULL_ALERTS` alerts are shown in full, fewer when their
+        HTML would pass :data:`DIGEST_MAX_HTML_CHARS`. Each later alert gets one line (severity,
+        title, actor, alert id) under a "N more alerts" heading, so no alert is left out.
+        There is one ``X-Keytrail-Alert`` header per alert shown in full, in order, and an
+        ``X-Keytrail-Alert-Count`` header with the number of all alerts.
 
         Raises:
             ValueError: ``alerts`` is empty.
@@ -235,12 +250,17 @@ class Renderer:
             raise ValueError("a digest email needs at least one alert")
         now = now or dt.datetime.now(dt.UTC)
         subject = digest_subject(alerts)
-        views = [alert_view(alert, clean_line) for alert in alerts]
-        context = {
-            "alerts": views,
-            "subject": subject,
-            "severity_summary": _severity_summary(alerts),
-        }
+        full = min(len(alerts), DIGEST_MAX_FULL_ALERTS)
+        context = self._digest_context(alerts, full, subject)
+        html = self._render(DIGEST_HTML_TEMPLATE, **context)
+        while len(html) > DIGEST_MAX_HTML_CHARS and full > 1:
+            full = max(1, full // 2)
+            context = self._digest_context(alerts, full, subject)
+            html = self._render(DIGEST_HTML_TEMPLATE, **context)
+        if full < len(alerts):
+            logger.info(
+                "digest email shows %s of %s alerts in full and lists the rest", full, len(alerts)
+            )
         message = EmailMessage(policy=email.policy.SMTP)
         message["Subject"] = subject
         message["From"] = sender
@@ -248,11 +268,23 @@ class Renderer:
         message["Date"] = email.utils.format_datetime(now.astimezone(dt.UTC))
         domain = email.utils.parseaddr(sender)[1].rpartition("@")[2] or "localhost"
         message["Message-ID"] = f"<digest.{secrets.token_hex(8)}@{domain}>"
-        for alert in alerts:
+        for alert in alerts[:full]:
             message["X-Keytrail-Alert"] = header_text(alert.dedup_key, 200)
+        message["X-Keytrail-Alert-Count"] = str(len(alerts))
         message.set_content(self._render(DIGEST_TEXT_TEMPLATE, **context))
-        message.add_alternative(self._render(DIGEST_HTML_TEMPLATE, **context), subtype="html")
+        message.add_alternative(html, subtype="html")
         return message
+
+    @staticmethod
+    def _digest_context(alerts: Sequence[Alert], full: int, subject: str) -> dict[str, Any]:
+        """Return the digest template context with the first ``full`` alerts shown in full."""
+        return {
+            "alerts": [alert_view(alert, clean_line) for alert in alerts[:full]],
+            "more_alerts": [_brief_view(alert) for alert in alerts[full:]],
+            "total": len(alerts),
+            "subject": subject,
+            "severity_summary": _severity_summary(alerts),
+        }
 
     def _render(self, name: str, **context: Any) -> str:
         try:
@@ -320,7 +352,8 @@ def alert_view(alert: Alert, clean: Callable[[str], str]) -> dict[str, Any]:
     Times are formatted with :func:`format_time`, ``evidence`` and ``baseline`` become lists
     of ``{"key", "value"}`` items with ``summary`` first (see :func:`summary_items` for what
     is left out), next steps become ``{"text", "commands"}`` dicts, and locations become
-    ``{"place", "ip"}`` dicts whose ``place`` is empty when GeoIP named none.
+    ``{"place", "ip"}`` dicts whose ``place`` is empty when GeoIP named none. Top events
+    keep their keys, with missing values as empty strings.
     """
     findings = []
     for finding in alert.findings:
@@ -359,9 +392,29 @@ def alert_view(alert: Alert, clean: Callable[[str], str]) -> dict[str, Any]:
         "next_steps": [{"text": s.text, "commands": list(s.commands)} for s in alert.next_steps],
         "silence_hint": alert.silence_hint,
         "findings": findings,
+        "top_events": [_top_event_view(event) for event in alert.top_events],
     }
     cleaned: dict[str, Any] = _clean_tree(view, clean)
     return cleaned
+
+
+def _brief_view(alert: Alert) -> dict[str, str]:
+    """Return the one-line view of an alert listed after the full ones in a digest."""
+    return {
+        "severity": clean_line(alert.severity),
+        "title": clean_line(alert.title),
+        "who": clean_line(alert.who or alert.principal),
+        "first_seen": format_time(alert.first_seen),
+        "alert_id": alert.alert_id,
+    }
+
+
+def _top_event_view(event: dict[str, Any]) -> dict[str, Any]:
+    """Return a top event with its time formatted and missing values as empty strings."""
+    view = {key: "" if value is None else value for key, value in event.items()}
+    time = event.get("time")
+    view["time"] = format_time(time) if isinstance(time, dt.datetime) else str(time or "")
+    return view
 
 
 def _items(values: dict[str, Any]) -> list[dict[str, str]]:

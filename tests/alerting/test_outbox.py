@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from pipeline.alerting import outbox as outbox_module
 from pipeline.alerting.alerts import Alert, alerts_from_findings
 from pipeline.alerting.channels.base import Delivery
 from pipeline.alerting.outbox import (
+    WHOLE_RECEIVER,
     DeadLetter,
     Outbox,
     OutboxRow,
@@ -325,7 +327,9 @@ def test_deliver_due_reports_dead_rows(box: Outbox, alerts: list[Alert]) -> None
     report = deliver_due(box, {"webhook": webhook}, NOW)
 
     row_id = box.list_rows()[0].id
-    assert report.dead == [DeadLetter(row_id, alerts[0].alert_id, "webhook", "HTTP 404 Not Found")]
+    assert report.dead == [
+        DeadLetter(row_id, alerts[0].alert_id, "webhook", WHOLE_RECEIVER, "HTTP 404 Not Found")
+    ]
     assert report.receivers["webhook"].dead == 1
     assert report.summary() == {
         "receivers": {"webhook": {"sent": 0, "retry": 0, "dead": 1, "pending": 0, "deferred": 0}},
@@ -334,6 +338,7 @@ def test_deliver_due_reports_dead_rows(box: Outbox, alerts: list[Alert]) -> None
                 "row_id": row_id,
                 "alert_id": alerts[0].alert_id,
                 "receiver": "webhook",
+                "channel": WHOLE_RECEIVER,
                 "detail": "HTTP 404 Not Found",
             }
         ],
@@ -459,7 +464,9 @@ def test_settings_reject_cap_below_base() -> None:
 
 def test_public_api() -> None:
     assert set(outbox_module.__all__) == {
+        "OUTBOX_SCHEMA_VERSION",
         "OUTBOX_STATUSES",
+        "WHOLE_RECEIVER",
         "BatchSender",
         "DeadLetter",
         "DeliveryReport",
@@ -474,3 +481,192 @@ def test_public_api() -> None:
         "deliver_due",
         "enqueue",
     }
+
+
+# One row per channel
+
+
+class ChannelReceiver:
+    """A sender that returns queued results per channel and records (channel, alert id) pairs."""
+
+    def __init__(self, results: dict[str, list[Delivery]]) -> None:
+        self.results = results
+        self.sent: list[tuple[str, str]] = []
+
+    def __call__(self, row: OutboxRow) -> Delivery:
+        self.sent.append((row.channel, row.alert_id))
+        queued = self.results[row.channel]
+        return queued.pop(0) if len(queued) > 1 else queued[0]
+
+
+def test_enqueue_adds_one_row_per_channel(box: Outbox, alerts: list[Alert]) -> None:
+    added = box.enqueue(alerts[0], ["team", "siem"], now=NOW, channels={"team": ["slack", "email"]})
+
+    rows = box.list_rows()
+    assert added == 3
+    assert [(row.receiver, row.channel) for row in rows] == [
+        ("team", "slack"),
+        ("team", "email"),
+        ("siem", WHOLE_RECEIVER),
+    ]
+    again = box.enqueue(alerts[0], ["team"], now=NOW, channels={"team": ["email", "slack"]})
+    assert again == 0
+
+
+def test_deliver_due_retries_only_failed_channel(box: Outbox, alerts: list[Alert]) -> None:
+    box.enqueue(alerts[0], ["team"], now=NOW, channels={"team": ["slack", "email"]})
+    box.enqueue(alerts[1], ["team"], now=NOW, channels={"team": ["slack", "email"]})
+    team = ChannelReceiver(
+        {"slack": [delivered()], "email": [Delivery("retry", "SMTP 451"), delivered()]}
+    )
+
+    first = deliver_due(box, {"team": team}, NOW)
+    second = deliver_due(box, {"team": team}, NOW + timedelta(hours=2))
+
+    # The email retry defers the second email row but not the second Slack row. The next
+    # pass sends due rows oldest due time first, so the deferred row goes before the retry.
+    assert team.sent == [
+        ("slack", alerts[0].alert_id),
+        ("email", alerts[0].alert_id),
+        ("slack", alerts[1].alert_id),
+        ("email", alerts[1].alert_id),
+        ("email", alerts[0].alert_id),
+    ]
+    assert first.receivers["team"].sent == 2
+    assert first.receivers["team"].retry == 1
+    assert first.receivers["team"].deferred == 1
+    assert second.receivers["team"].sent == 2
+    assert box.counts() == {"pending": 0, "delivered": 4, "dead": 0}
+
+
+def test_list_and_retry_dead_by_channel(box: Outbox, alerts: list[Alert]) -> None:
+    box.enqueue(alerts[0], ["team"], now=NOW, channels={"team": ["slack", "email"]})
+    team = ChannelReceiver(
+        {"slack": [Delivery("failed", "404")], "email": [Delivery("failed", "550")]}
+    )
+    deliver_due(box, {"team": team}, NOW)
+
+    assert [row.channel for row in box.list_rows("dead", channel="email")] == ["email"]
+    assert box.retry_dead(now=NOW, channel="email") == 1
+    assert box.retry_dead(now=NOW, receiver="other") == 0
+    assert [(row.channel, row.status) for row in box.list_rows()] == [
+        ("slack", "dead"),
+        ("email", "pending"),
+    ]
+    slack_id = box.list_rows(channel="slack")[0].id
+    assert box.retry_dead([slack_id], now=NOW, channel="email") == 0
+    assert box.retry_dead([slack_id], now=NOW, channel="slack") == 1
+
+
+# Migration of a version 1 outbox table (state schema 3: one row per alert and receiver)
+
+V1_TABLE = """
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    alert_id TEXT NOT NULL,
+    receiver TEXT NOT NULL,
+    dedup_key TEXT NOT NULL,
+    payload_json TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending'
+        CHECK (status IN ('pending', 'delivered', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at TEXT NOT NULL,
+    last_error TEXT,
+    remote_id TEXT,
+    created_at TEXT NOT NULL,
+    delivered_at TEXT,
+    UNIQUE (alert_id, receiver)
+)
+"""
+V1_INDEX = "CREATE INDEX outbox_due ON outbox (next_attempt_at) WHERE status = 'pending'"
+STAMP = "2026-10-10T03:00:00.000000Z"
+
+
+def v1_state(path: Path, alerts: list[Alert]) -> None:
+    """Write a state database as keytrail with state schema 3 left it, with two outbox rows."""
+    State(path).close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(V1_TABLE)
+    conn.execute(V1_INDEX)
+    payload = json.dumps(outbox_module.alert_payload(alerts[0]))
+    conn.execute(
+        "INSERT INTO outbox (id, alert_id, receiver, dedup_key, payload_json, status, attempts, "
+        "next_attempt_at, last_error, created_at) VALUES (7, ?, 'team', ?, ?, 'pending', 2, ?, "
+        "'HTTP 500', ?)",
+        (alerts[0].alert_id, alerts[0].dedup_key, payload, STAMP, STAMP),
+    )
+    conn.execute(
+        "INSERT INTO outbox (id, alert_id, receiver, dedup_key, payload_json, status, attempts, "
+        "next_attempt_at, remote_id, created_at, delivered_at) VALUES (8, ?, 'team', ?, ?, "
+        "'delivered', 1, ?, '1700000000.000100', ?, ?)",
+        (alerts[1].alert_id, alerts[1].dedup_key, payload, STAMP, STAMP, STAMP),
+    )
+    conn.close()
+
+
+def test_v1_outbox_migrated_on_open(tmp_path: Path, alerts: list[Alert]) -> None:
+    path = tmp_path / "state.db"
+    v1_state(path, alerts)
+
+    with Outbox(path) as outbox:
+        rows = outbox.list_rows()
+        added = outbox.enqueue(alerts[0], ["team"], now=NOW, channels={"team": ["slack"]})
+        after = outbox.list_rows()
+
+    assert [(row.id, row.channel, row.status, row.attempts) for row in rows] == [
+        (7, WHOLE_RECEIVER, "pending", 2),
+        (8, WHOLE_RECEIVER, "delivered", 1),
+    ]
+    assert rows[0].last_error == "HTTP 500"
+    assert rows[1].remote_id == "1700000000.000100"
+    assert added == 1
+    assert [(row.id, row.channel) for row in after][-1] == (9, "slack")
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM outbox_schema").fetchall() == [
+        (outbox_module.OUTBOX_SCHEMA_VERSION,)
+    ]
+    assert conn.execute(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'outbox_due'"
+    ).fetchone() == (1,)
+    assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    conn.close()
+
+
+def test_v1_outbox_row_still_delivers(tmp_path: Path, alerts: list[Alert]) -> None:
+    path = tmp_path / "state.db"
+    v1_state(path, alerts)
+    team = Receiver(delivered())
+
+    with Outbox(path) as outbox:
+        report = deliver_due(outbox, {"team": team}, NOW)
+
+    assert team.sent == [alerts[0].alert_id]
+    assert report.receivers["team"].sent == 1
+
+
+def test_v1_migration_rolls_back_with_caller(tmp_path: Path, alerts: list[Alert]) -> None:
+    path = tmp_path / "state.db"
+    v1_state(path, alerts)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    enqueue(conn, alerts[1], ["team"], now=NOW, channels={"team": ["email"]})
+    conn.execute("ROLLBACK")
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(outbox)")]
+    conn.close()
+
+    # The rollback undid the migration with the enqueue: the table is as it was.
+    assert "channel" not in columns
+    with Outbox(path) as outbox:
+        assert [row.id for row in outbox.list_rows()] == [7, 8]
+
+
+def test_newer_outbox_schema_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with Outbox(path):
+        pass
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("UPDATE outbox_schema SET version = 99")
+    conn.close()
+
+    with pytest.raises(StateError, match="schema version 99, newer than the version 2"):
+        Outbox(path)

@@ -7,14 +7,17 @@ revoked webhook or a rejected recipient will not start working by itself), and m
 
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pipeline.errors import ConfigError
 
-__all__ = ["Delivery", "DeliveryStatus", "read_secret"]
+__all__ = ["Delivery", "DeliveryStatus", "parse_retry_after", "read_secret", "retry_after_header"]
 
 DeliveryStatus = Literal["delivered", "retry", "failed"]
 
@@ -70,3 +73,48 @@ def read_secret(env_name: str, file: Path | None, secret_name: str) -> str:
             f"environment variable {env_name} is not set or empty; set it to the {secret_name}"
         )
     return value
+
+
+def parse_retry_after(value: str | None, *, now: dt.datetime | None = None) -> float | None:
+    """Return the wait in seconds that a ``Retry-After`` value requests, or None if invalid.
+
+    HTTP allows a number of seconds or an HTTP date. A number may have a fraction here, a
+    negative one counts as 0, and a date in the past gives 0. ``now`` (default: the current
+    time) is what a date is counted from.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        return max(float(text), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    moment = now or dt.datetime.now(dt.UTC)
+    return max((when - moment).total_seconds(), 0.0)
+
+
+def retry_after_header(
+    headers: Mapping[str, Any] | Any, *, now: dt.datetime | None = None
+) -> float | None:
+    """Return the ``Retry-After`` wait in seconds from response headers, or None.
+
+    ``headers`` may be an :class:`email.message.Message` (urllib), a dict of strings, or a
+    dict of lists of strings (slack_sdk). The name is matched case-insensitively. Of a list,
+    the first value counts.
+    """
+    if not headers:
+        return None
+    items = headers.items() if hasattr(headers, "items") else []
+    for name, value in items:
+        if str(name).lower() != "retry-after":
+            continue
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        return parse_retry_after(None if value is None else str(value), now=now)
+    return None

@@ -32,13 +32,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.alerting.channels.base import Delivery
 from pipeline.errors import ConfigError
 
-__all__ = ["DEFAULT_PASSWORD_ENV", "EmailChannel", "EmailSettings"]
+__all__ = ["DEFAULT_PASSWORD_ENV", "EmailChannel", "EmailSettings", "port_security_mismatch"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PASSWORD_ENV: Final = "KEYTRAIL_SMTP_PASSWORD"
 IMPLICIT_TLS_PORT: Final = 465
 SUBMISSION_PORT: Final = 587
+RELAY_PORT: Final = 25
 
 SmtpSecurity = Literal["starttls", "tls", "none"]
 
@@ -323,17 +324,29 @@ def _login_once(client: smtplib.SMTP, username: str, password: str) -> None:
         client.login(username, password)
 
 
+def port_security_mismatch(port: int, security: str) -> str | None:
+    """Return why ``port`` and ``security`` disagree, or None when they fit.
+
+    Port 465 carries SMTP inside implicit TLS. Ports 587 and 25 start in clear text and
+    upgrade with STARTTLS, so a TLS handshake there fails. Other ports are not checked.
+    """
+    if port == IMPLICIT_TLS_PORT and security != "tls":
+        return f"port 465 expects implicit TLS but security is {security!r}"
+    if port in (SUBMISSION_PORT, RELAY_PORT) and security == "tls":
+        return f"port {port} expects STARTTLS but security is 'tls'"
+    return None
+
+
 def _settings_problems(settings: EmailSettings) -> list[str]:
     problems = []
-    if settings.port == IMPLICIT_TLS_PORT and settings.security != "tls":
+    mismatch = port_security_mismatch(settings.port, settings.security)
+    if mismatch is not None and settings.port == IMPLICIT_TLS_PORT:
         problems.append(
-            f"email.security: port 465 expects implicit TLS but security is "
-            f"{settings.security!r}; set security: tls, or use port 587 with starttls"
+            f"email.security: {mismatch}; set security: tls, or use port 587 with starttls"
         )
-    if settings.port == SUBMISSION_PORT and settings.security == "tls":
+    elif mismatch is not None:
         problems.append(
-            "email.security: port 587 expects STARTTLS but security is 'tls'; set security: "
-            "starttls, or use port 465 with tls"
+            f"email.security: {mismatch}; set security: starttls, or use port 465 with tls"
         )
     if settings.username and settings.security == "none" and not _is_loopback(settings.host):
         problems.append(

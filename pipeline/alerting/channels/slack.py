@@ -37,7 +37,7 @@ from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
 from slack_sdk.webhook import WebhookClient
 
-from pipeline.alerting.channels.base import Delivery, read_secret
+from pipeline.alerting.channels.base import Delivery, read_secret, retry_after_header
 from pipeline.errors import ConfigError
 
 __all__ = ["SlackChannel", "SlackSettings"]
@@ -180,7 +180,7 @@ class _RateLimitRetryHandler(RateLimitErrorRetryHandler):
     ) -> bool:
         if response is None or response.status_code != 429:
             return False
-        wait = _retry_after(response.headers)
+        wait = retry_after_header(response.headers)
         return wait is None or wait <= self.max_wait_seconds
 
     def prepare_for_next_attempt(
@@ -191,28 +191,11 @@ class _RateLimitRetryHandler(RateLimitErrorRetryHandler):
         response: HttpResponse | None = None,
         error: Exception | None = None,
     ) -> None:
-        wait = _retry_after(response.headers) if response is not None else None
+        wait = retry_after_header(response.headers) if response is not None else None
         state.next_attempt_requested = True
         # Without a Retry-After header, wait one second, as slack_sdk's own handler does.
         time.sleep(1.0 if wait is None else wait)
         state.increment_current_attempt()
-
-
-def _retry_after(headers: Any) -> float | None:
-    """Return the ``Retry-After`` seconds from response headers, or None if absent or a date."""
-    if not headers:
-        return None
-    for name, value in dict(headers).items():
-        if name.lower() != "retry-after":
-            continue
-        if isinstance(value, list):
-            value = value[0] if value else ""
-        try:
-            seconds = float(str(value).strip())
-        except ValueError:
-            return None
-        return max(seconds, 0.0)
-    return None
 
 
 def _shorten(text: str) -> str:
@@ -344,7 +327,7 @@ class SlackChannel:
                 "delivered", f"webhook accepted the message (HTTP {status} {body_excerpt})"
             )
         if status == 429:
-            wait = _retry_after(headers)
+            wait = retry_after_header(headers)
             return Delivery(
                 "retry", f"webhook rate limited (HTTP 429), retry after {wait} s", retry_after=wait
             )
@@ -408,7 +391,7 @@ class SlackChannel:
         summary = f"chat.postMessage returned {code} (HTTP {status})"
 
         if status == 429 or code == "ratelimited":
-            wait = _retry_after(getattr(response, "headers", None))
+            wait = retry_after_header(getattr(response, "headers", None))
             return Delivery("retry", f"{summary}, retry after {wait} s", retry_after=wait)
         if status >= 500 or code in _TRANSIENT_API_CODES:
             return Delivery("retry", summary)

@@ -15,8 +15,6 @@ drop the copy that an ambiguous retry (a timeout after the request was sent) may
 
 from __future__ import annotations
 
-import datetime as dt
-import email.utils
 import http.client
 import json
 import logging
@@ -35,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline import __version__
 from pipeline.alerting.alerts import Alert, to_jsonable
-from pipeline.alerting.channels.base import Delivery, read_secret
+from pipeline.alerting.channels.base import Delivery, read_secret, retry_after_header
 from pipeline.errors import ConfigError
 
 __all__ = ["SCHEMA_VERSION", "WebhookChannel", "WebhookSettings", "build_payload"]
@@ -125,6 +123,9 @@ def build_payload(alert: Alert) -> dict[str, Any]:
     - ``event_count`` (int): events behind all findings.
     - ``findings`` (list of objects): the full finding records, JSON-converted.
     - ``next_steps`` (list of objects): ``text`` and ``commands`` (list of str).
+    - ``top_events`` (list of objects): up to ``alerting.top_events`` events behind the
+      alert, most telling first, with the keys of
+      :data:`pipeline.alerting.top_events.TOP_EVENT_FIELDS`; ``time`` is ISO 8601 UTC.
     """
     return {
         "schema_version": SCHEMA_VERSION,
@@ -153,6 +154,7 @@ def build_payload(alert: Alert) -> dict[str, Any]:
         "next_steps": [
             {"text": step.text, "commands": list(step.commands)} for step in alert.next_steps
         ],
+        "top_events": to_jsonable(alert.top_events),
     }
 
 
@@ -321,7 +323,7 @@ class WebhookChannel:
         if 200 <= status < 300:
             return Delivery("delivered", f"webhook accepted the alert ({summary})")
         if status == 429:
-            wait = _retry_after(headers)
+            wait = retry_after_header(headers)
             after = f", retry after {wait:g} s" if wait is not None else ""
             return Delivery("retry", f"webhook rate limited ({summary}){after}", retry_after=wait)
         if status in _RETRY_STATUSES or status >= 500:
@@ -430,24 +432,3 @@ def _read_excerpt(response: Any) -> str:
     if len(text) > _MAX_BODY_IN_DETAIL:
         return text[:_MAX_BODY_IN_DETAIL] + "..."
     return text
-
-
-def _retry_after(headers: Any) -> float | None:
-    """Return the ``Retry-After`` wait in seconds (delay or HTTP date), or None if absent."""
-    if headers is None:
-        return None
-    value = headers.get("Retry-After")
-    if value is None:
-        return None
-    value = str(value).strip()
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return max((when - dt.datetime.now(dt.UTC)).total_seconds(), 0.0)

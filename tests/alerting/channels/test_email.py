@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import email
 import email.policy
@@ -27,6 +26,7 @@ from pipeline.alerting.channels.email import EmailChannel, EmailSettings
 from pipeline.alerting.render import Renderer
 from pipeline.errors import ConfigError
 from tests.alerting.conftest import travel_row
+from tests.peers import SmtpPeer, start_smtp
 
 SENDER = "keytrail@example.com"
 RECIPIENTS = ["secops@example.com", "oncall@example.com"]
@@ -34,52 +34,6 @@ USERNAME = "keytrail-bot"
 PASSWORD = "Zq7-never-log-this-Pa55"
 PASSWORD_ENV = {"KEYTRAIL_SMTP_PASSWORD": PASSWORD}
 CHANNEL_LOGGER = "pipeline.alerting.channels.email"
-
-
-class _LocalController(Controller):
-    """A Controller that listens on a free port chosen by the OS (``port=0``).
-
-    aiosmtpd 1.4.6 connects once to ``self.port`` after binding to create the SMTP object,
-    so the port the OS chose has to be read back before that connection.
-    """
-
-    def _trigger_server(self) -> None:
-        assert isinstance(self.server, asyncio.base_events.Server)
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
-
-
-@dataclass
-class RecordingHandler:
-    """Records what arrives; optional fixed replies to RCPT and DATA, or a drop after DATA."""
-
-    rcpt_reply: str | None = None
-    rcpt_replies: dict[str, str] = field(default_factory=dict)
-    data_reply: str | None = None
-    drop_after_data: bool = False
-    hang_after_data: bool = False
-    received: list[Envelope] = field(default_factory=list)
-
-    async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
-    ) -> str:
-        reply = self.rcpt_replies.get(address, self.rcpt_reply)
-        if reply:
-            return reply
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        if self.drop_after_data:
-            assert server.transport is not None
-            server.transport.close()
-            return "250 OK"
-        if self.hang_after_data:
-            await asyncio.sleep(30)
-        if self.data_reply:
-            return self.data_reply
-        self.received.append(envelope)
-        return "250 OK queued"
 
 
 @dataclass
@@ -123,10 +77,7 @@ def start_server() -> Iterator[Callable[..., Controller]]:
     started: list[Controller] = []
 
     def start(handler: Any, **kwargs: Any) -> Controller:
-        controller = _LocalController(
-            handler, hostname="127.0.0.1", port=0, server_hostname="localhost", **kwargs
-        )
-        controller.start()
+        controller = start_smtp(handler, server_hostname="localhost", **kwargs)
         started.append(controller)
         return controller
 
@@ -172,7 +123,7 @@ def _free_port() -> int:
 def test_plain_delivery_records_envelope(
     start_server: Callable[..., Controller], message: EmailMessage
 ) -> None:
-    handler = RecordingHandler()
+    handler = SmtpPeer()
     server = start_server(handler)
 
     delivery = EmailChannel(_settings(server.port)).send(message)
@@ -200,7 +151,7 @@ def test_starttls_with_auth_delivers_both_parts(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger=CHANNEL_LOGGER)
-    handler = RecordingHandler()
+    handler = SmtpPeer()
     authenticator = Authenticator()
     server = start_server(
         handler,
@@ -237,7 +188,7 @@ def test_implicit_tls_with_auth(
     ca_file: Path,
     message: EmailMessage,
 ) -> None:
-    handler = RecordingHandler()
+    handler = SmtpPeer()
     authenticator = Authenticator()
     # aiosmtpd 1.4.6 counts only STARTTLS as TLS for auth_require_tls, so AUTH over implicit
     # TLS needs that option off. The connection is still encrypted from the first byte.
@@ -287,7 +238,7 @@ def test_rcpt_reply_classified(
     status: DeliveryStatus,
     detail: str,
 ) -> None:
-    handler = RecordingHandler(rcpt_reply=reply)
+    handler = SmtpPeer(rcpt_reply=reply)
     server = start_server(handler)
 
     delivery = EmailChannel(_settings(server.port)).send(message)
@@ -321,7 +272,7 @@ def test_data_reply_classified(
     status: DeliveryStatus,
     fix: str,
 ) -> None:
-    server = start_server(RecordingHandler(data_reply=reply))
+    server = start_server(SmtpPeer(data_reply=reply))
 
     delivery = EmailChannel(_settings(server.port)).send(message)
 
@@ -334,7 +285,7 @@ def test_partial_refusal_counts_as_delivered(
     message: EmailMessage,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    handler = RecordingHandler(rcpt_replies={"oncall@example.com": "550 5.1.1 No such user"})
+    handler = SmtpPeer(rcpt_replies={"oncall@example.com": "550 5.1.1 No such user"})
     server = start_server(handler)
 
     delivery = EmailChannel(_settings(server.port)).send(message)
@@ -370,7 +321,7 @@ def test_silent_server_times_out_before_data(message: EmailMessage) -> None:
 def test_drop_after_data_is_ambiguous(
     start_server: Callable[..., Controller], message: EmailMessage
 ) -> None:
-    server = start_server(RecordingHandler(drop_after_data=True))
+    server = start_server(SmtpPeer(drop_after_data=True))
 
     delivery = EmailChannel(_settings(server.port)).send(message)
 
@@ -385,7 +336,7 @@ def test_drop_after_data_is_ambiguous(
 def test_timeout_after_data_is_ambiguous(
     start_server: Callable[..., Controller], message: EmailMessage
 ) -> None:
-    server = start_server(RecordingHandler(hang_after_data=True))
+    server = start_server(SmtpPeer(hang_after_data=True))
 
     delivery = EmailChannel(_settings(server.port, timeout_seconds=0.5)).send(message)
 
@@ -418,7 +369,7 @@ def test_wrong_password_fails(
     caplog.set_level(logging.DEBUG, logger=CHANNEL_LOGGER)
     authenticator = Authenticator()
     server = start_server(
-        RecordingHandler(),
+        SmtpPeer(),
         tls_context=server_tls,
         require_starttls=True,
         authenticator=authenticator,
@@ -446,7 +397,7 @@ def test_untrusted_certificate_fails(
 ) -> None:
     other_ca = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other_ca))
-    handler = RecordingHandler()
+    handler = SmtpPeer()
     server = start_server(handler, tls_context=server_tls, require_starttls=True)
     settings = _settings(server.port, security="starttls", ca_file=other_ca)
 
@@ -464,7 +415,7 @@ def test_untrusted_certificate_fails(
 def test_implicit_tls_to_plain_port_fails(
     start_server: Callable[..., Controller], ca_file: Path, message: EmailMessage
 ) -> None:
-    server = start_server(RecordingHandler())
+    server = start_server(SmtpPeer())
     settings = _settings(server.port, security="tls", ca_file=ca_file)
 
     delivery = EmailChannel(settings).send(message)
@@ -480,7 +431,7 @@ def test_implicit_tls_to_plain_port_fails(
 def test_starttls_not_offered_fails(
     start_server: Callable[..., Controller], ca_file: Path, message: EmailMessage
 ) -> None:
-    server = start_server(RecordingHandler())
+    server = start_server(SmtpPeer())
     settings = _settings(server.port, security="starttls", ca_file=ca_file)
 
     delivery = EmailChannel(settings).send(message)
@@ -493,7 +444,7 @@ def test_starttls_not_offered_fails(
 
 
 def test_header_line_break_not_sent(start_server: Callable[..., Controller]) -> None:
-    handler = RecordingHandler()
+    handler = SmtpPeer()
     server = start_server(handler)
     # The compat32 policy stores a header value as given, line breaks included.
     injected = EmailMessage(policy=email.policy.compat32)

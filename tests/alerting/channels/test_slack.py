@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +14,7 @@ from pydantic import ValidationError
 from pipeline.alerting.channels.base import Delivery
 from pipeline.alerting.channels.slack import SlackChannel, SlackSettings
 from pipeline.errors import ConfigError
+from tests.peers import HttpPeer, Reply
 
 WEBHOOK_PATH = "/services/T0KT0001/B0KT0002/hooksecretvalue42"
 BOT_TOKEN = "xoxb-1111-2222-tokensecretvalue"
@@ -37,83 +35,19 @@ PAYLOAD: dict[str, Any] = {
 }
 
 
-@dataclass
-class Reply:
-    """One scripted HTTP response; ``hang`` makes the handler wait instead of responding."""
+class FakeSlack(HttpPeer):
+    """A local HTTP server that responds like Slack's webhook and Web API endpoints.
 
-    status: int = 200
-    body: str = "ok"
-    headers: dict[str, str] = field(default_factory=dict)
-    hang: bool = False
-
-
-@dataclass
-class Recorded:
-    path: str
-    headers: dict[str, str]
-    body: dict[str, Any]
-
-
-class FakeSlack:
-    """A local HTTP server that records requests and responds from a script.
-
-    Replies are used in order; the last one repeats for every later request.
+    Replies set with ``script`` are used in order, and the last one repeats.
     """
-
-    def __init__(self) -> None:
-        self.replies: list[Reply] = [Reply()]
-        self.requests: list[Recorded] = []
-        self.release = threading.Event()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", "0"))
-                raw = self.rfile.read(length)
-                fake.requests.append(
-                    Recorded(self.path, dict(self.headers.items()), json.loads(raw))
-                )
-                index = min(len(fake.requests), len(fake.replies)) - 1
-                reply = fake.replies[index]
-                if reply.hang:
-                    fake.release.wait(5)
-                    return
-                data = reply.body.encode("utf-8")
-                self.send_response(reply.status)
-                content_type = "application/json" if reply.body.startswith("{") else "text/plain"
-                self.send_header("Content-Type", f"{content_type}; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                for name, value in reply.headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
 
     @property
     def webhook_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{WEBHOOK_PATH}"
+        return self.url(WEBHOOK_PATH)
 
     @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api/"
-
-    def script(self, *replies: Reply) -> None:
-        self.replies = list(replies)
-
-    def stop(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+        return self.url("/api/")
 
 
 @pytest.fixture(autouse=True)
@@ -125,10 +59,8 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def slack() -> Iterator[FakeSlack]:
-    fake = FakeSlack()
-    fake.thread.start()
-    yield fake
-    fake.stop()
+    with FakeSlack() as fake:
+        yield fake
 
 
 @pytest.fixture
@@ -319,7 +251,7 @@ def test_webhook_400_invalid_blocks_failed(
 def test_webhook_timeout_is_ambiguous_retry(
     slack: FakeSlack, monkeypatch: pytest.MonkeyPatch, caplog_debug: pytest.LogCaptureFixture
 ) -> None:
-    slack.script(Reply(hang=True))
+    slack.script(Reply(hang=5))
 
     delivery = webhook_channel(slack, monkeypatch, timeout_seconds=0.5).send(PAYLOAD)
 

@@ -6,10 +6,8 @@ import json
 import logging
 import re
 import socket
-import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from pipeline.alerting.alerts import Alert, alerts_from_findings
 from pipeline.alerting.channels.base import Delivery
 from pipeline.alerting.channels.webhook import WebhookChannel, WebhookSettings, build_payload
 from pipeline.errors import ConfigError
+from tests import peers
 from tests.alerting.conftest import burst_row, travel_row
 
 URL_TOKEN = "urltokensecret77"
@@ -30,78 +29,25 @@ HEADER_VALUE = "Bearer headertokensecret88"
 
 
 @dataclass
-class Reply:
-    """One scripted HTTP response; ``hang`` makes the handler wait instead of responding."""
+class Reply(peers.Reply):
+    """A scripted HTTP response whose body is empty unless a test sets one."""
 
-    status: int = 200
     body: str = ""
-    headers: dict[str, str] = field(default_factory=dict)
-    hang: bool = False
 
 
-@dataclass
-class Recorded:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: dict[str, Any]
-
-
-class Receiver:
+class Receiver(peers.HttpPeer):
     """A local HTTP server that records POST requests and responds from a script.
 
     Replies are used in order; the last one repeats for every later request.
     """
 
     def __init__(self) -> None:
-        self.replies: list[Reply] = [Reply()]
-        self.requests: list[Recorded] = []
-        self.release = threading.Event()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", "0"))
-                raw = self.rfile.read(length)
-                receiver.requests.append(
-                    Recorded("POST", self.path, dict(self.headers.items()), json.loads(raw))
-                )
-                index = min(len(receiver.requests), len(receiver.replies)) - 1
-                reply = receiver.replies[index]
-                if reply.hang:
-                    receiver.release.wait(5)
-                    return
-                data = reply.body.encode("utf-8")
-                self.send_response(reply.status)
-                self.send_header("Content-Type", "text/plain; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                for name, value in reply.headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        super().__init__()
+        self.script(Reply())
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{HOOK_PATH}"
-
-    def script(self, *replies: Reply) -> None:
-        self.replies = list(replies)
-
-    def stop(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+    def hook_url(self) -> str:
+        return self.url(HOOK_PATH)
 
 
 @pytest.fixture(autouse=True)
@@ -113,10 +59,8 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    server.thread.start()
-    yield server
-    server.stop()
+    with Receiver() as server:
+        yield server
 
 
 @pytest.fixture
@@ -232,7 +176,7 @@ def test_send_2xx_delivered(
     receiver.script(Reply(status, body))
     payload = build_payload(travel_alert)
 
-    delivery = make_channel(receiver.url, monkeypatch).send(payload)
+    delivery = make_channel(receiver.hook_url, monkeypatch).send(payload)
 
     excerpt = "" if status == 204 else " accepted"
     assert delivery == Delivery("delivered", f"webhook accepted the alert (HTTP {status}{excerpt})")
@@ -251,7 +195,7 @@ def test_send_2xx_delivered(
 def test_send_without_header_setting(
     receiver: Receiver, travel_alert: Alert, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    delivery = make_channel(receiver.url, monkeypatch, header=False).send(
+    delivery = make_channel(receiver.hook_url, monkeypatch, header=False).send(
         build_payload(travel_alert)
     )
 
@@ -266,7 +210,7 @@ def test_send_custom_header_name_from_file(
     secret_file.write_text("tokenfromfile99\n", encoding="utf-8")
 
     channel = make_channel(
-        receiver.url,
+        receiver.hook_url,
         monkeypatch,
         header=False,
         header_name="X-Api-Key",
@@ -282,7 +226,7 @@ def test_send_url_from_file(
     receiver: Receiver, travel_alert: Alert, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     url_file = tmp_path / "url"
-    url_file.write_text(receiver.url + "\n", encoding="utf-8")
+    url_file.write_text(receiver.hook_url + "\n", encoding="utf-8")
     monkeypatch.delenv("KEYTRAIL_WEBHOOK_URL", raising=False)
 
     channel = WebhookChannel(WebhookSettings(url_file=url_file, timeout_seconds=0.5))
@@ -303,7 +247,7 @@ def test_send_429_then_ok_retries_in_call(
 ) -> None:
     receiver.script(Reply(429, "slow down", {"Retry-After": "0.2"}), Reply(200, "ok"))
 
-    delivery = make_channel(receiver.url, monkeypatch).send(build_payload(travel_alert))
+    delivery = make_channel(receiver.hook_url, monkeypatch).send(build_payload(travel_alert))
 
     assert delivery == Delivery("delivered", "webhook accepted the alert (HTTP 200 ok)")
     assert len(receiver.requests) == 2
@@ -318,7 +262,7 @@ def test_send_429_long_wait_returns_to_outbox(
 ) -> None:
     receiver.script(Reply(429, "", {"Retry-After": "120"}))
 
-    delivery = make_channel(receiver.url, monkeypatch).send(build_payload(travel_alert))
+    delivery = make_channel(receiver.hook_url, monkeypatch).send(build_payload(travel_alert))
 
     assert delivery == Delivery(
         "retry", "webhook rate limited (HTTP 429), retry after 120 s", retry_after=120.0
@@ -334,7 +278,7 @@ def test_send_always_503_exhausts_retries(
 ) -> None:
     receiver.script(Reply(503, "maintenance"))
 
-    delivery = make_channel(receiver.url, monkeypatch, max_retries=2).send(
+    delivery = make_channel(receiver.hook_url, monkeypatch, max_retries=2).send(
         build_payload(travel_alert)
     )
 
@@ -349,7 +293,7 @@ def test_send_503_no_retries_configured(
 ) -> None:
     receiver.script(Reply(503, ""))
 
-    delivery = make_channel(receiver.url, monkeypatch, max_retries=0).send(
+    delivery = make_channel(receiver.hook_url, monkeypatch, max_retries=0).send(
         build_payload(travel_alert)
     )
 
@@ -363,9 +307,9 @@ def test_send_hang_is_ambiguous_retry(
     monkeypatch: pytest.MonkeyPatch,
     caplog_debug: pytest.LogCaptureFixture,
 ) -> None:
-    receiver.script(Reply(hang=True))
+    receiver.script(Reply(hang=5))
 
-    delivery = make_channel(receiver.url, monkeypatch).send(build_payload(travel_alert))
+    delivery = make_channel(receiver.hook_url, monkeypatch).send(build_payload(travel_alert))
 
     assert delivery == Delivery(
         "retry",
@@ -434,7 +378,7 @@ def test_send_4xx_failed_with_fix(
 ) -> None:
     receiver.script(Reply(status, "nope"))
 
-    delivery = make_channel(receiver.url, monkeypatch).send(build_payload(travel_alert))
+    delivery = make_channel(receiver.hook_url, monkeypatch).send(build_payload(travel_alert))
 
     assert delivery == Delivery("failed", f"HTTP {status} nope: {fix}")
     assert len(receiver.requests) == 1
@@ -446,7 +390,7 @@ def test_send_401_without_header_names_setting(
 ) -> None:
     receiver.script(Reply(401, ""))
 
-    delivery = make_channel(receiver.url, monkeypatch, header=False).send(
+    delivery = make_channel(receiver.hook_url, monkeypatch, header=False).send(
         build_payload(travel_alert)
     )
 
@@ -462,7 +406,7 @@ def test_send_redirect_not_followed(
 ) -> None:
     receiver.script(Reply(302, "", {"Location": "http://127.0.0.1:9/elsewhere"}))
 
-    delivery = make_channel(receiver.url, monkeypatch).send(build_payload(travel_alert))
+    delivery = make_channel(receiver.hook_url, monkeypatch).send(build_payload(travel_alert))
 
     assert delivery == Delivery(
         "failed", "HTTP 302: the endpoint redirects; set KEYTRAIL_WEBHOOK_URL to the final URL"
@@ -478,7 +422,7 @@ def test_send_body_echoing_token_redacted(
 ) -> None:
     receiver.script(Reply(400, f"bad request to {HOOK_PATH} with {HEADER_VALUE}"))
 
-    delivery = make_channel(receiver.url, monkeypatch).send(build_payload(travel_alert))
+    delivery = make_channel(receiver.hook_url, monkeypatch).send(build_payload(travel_alert))
 
     assert delivery.status == "failed"
     assert delivery.detail.startswith("HTTP 400 bad request to [redacted] with [redacted]:")
