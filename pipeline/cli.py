@@ -16,6 +16,9 @@ Exit codes:
   4  another keytrail run holds the lock on the state directory
   5  alert delivery failed: an outbox row became dead, or a delivery waits for a retry
      (`keytrail outbox list` shows them; `keytrail test-alert` also exits 5 when a channel fails)
+
+`keytrail schedule` exits 0 after SIGTERM or SIGINT once the current run has finished; a second
+signal stops it at once with 128 + the signal number (143 for SIGTERM, 130 for SIGINT).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.alerting.delivery import channel_senders, sample_alert
+from pipeline.alerting.delivery import channel_senders, log_env_receivers, sample_alert
 from pipeline.alerting.escape import clean_line
 from pipeline.alerting.outbox import OUTBOX_STATUSES, Outbox, OutboxStatus
 from pipeline.alerting.render import Renderer
@@ -67,6 +70,7 @@ from pipeline.errors import ConfigError, KeytrailError
 from pipeline.formats import read_paths
 from pipeline.formats.base import Quarantined
 from pipeline.logs import setup_logging
+from pipeline.scheduler import ScheduledJob, serve
 from pipeline.schema import ARROW_SCHEMA, COLUMNS
 from pipeline.store.state import StateLockedError
 from pipeline.summary import print_summary, write_summary_json
@@ -281,6 +285,57 @@ _config_option = click.option(
 )
 
 
+def _utc_time_option(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> dt.datetime | None:
+    """Parse an ISO 8601 date or time option; a value without a zone is UTC."""
+    if value is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"invalid time {value!r}: expected an ISO 8601 date or time such as 2026-10-01 or "
+            "2026-10-01T08:00:00Z",
+            ctx=ctx,
+            param=param,
+        ) from None
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=dt.UTC)
+    return moment.astimezone(dt.UTC)
+
+
+def _run_settings(
+    config_path: Path | None,
+    sources: tuple[Path, ...],
+    state_dir: Path | None,
+    output_dir: Path | None,
+) -> Settings:
+    """Load the settings of a run, apply the folder options, start logging and check files."""
+    settings, origin = _load_settings(config_path)
+    if origin is None and not sources:
+        raise click.UsageError(
+            f"no config file: --config was not given and {DEFAULT_CONFIG} is not in {Path.cwd()}; "
+            "pass --source PATH (repeatable) to read logs with the built-in defaults, or "
+            "--config FILE"
+        )
+    updates: dict[str, Any] = {}
+    if state_dir is not None:
+        updates["state_dir"] = state_dir.resolve()
+    if output_dir is not None:
+        updates["output_dir"] = output_dir.resolve()
+    settings = settings.model_copy(update=updates)
+    _start_logging(settings)
+    _log_settings_origin(origin)
+    log_env_receivers(settings.alerting)
+    check_files(settings, source=origin or "defaults")
+    for warning in config_warnings(settings):
+        if sources and warning.startswith("sources"):
+            continue
+        logger.warning("config %s: %s", origin or "defaults", warning)
+    return settings
+
+
 @main.command()
 @_config_option
 @click.option(
@@ -311,6 +366,19 @@ _config_option = click.option(
     is_flag=True,
     help="Exit with code 3 when any record was quarantined.",
 )
+@click.option(
+    "--since",
+    callback=_utc_time_option,
+    help=(
+        "Backfill: read the window from this ISO 8601 date or time (inclusive; UTC if no zone), "
+        "whatever the checkpoints say. Source checkpoints are not advanced."
+    ),
+)
+@click.option(
+    "--until",
+    callback=_utc_time_option,
+    help="End of the --since window (exclusive; ISO 8601, UTC if no zone). Default: now.",
+)
 @_log_options
 @_handle_errors
 def run(
@@ -321,35 +389,25 @@ def run(
     summary_json: Path | None,
     dry_run: bool,
     fail_on_quarantine: bool,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
 ) -> None:
     """Read new logs, detect, write findings and outputs, and commit state (one run)."""
-    settings, origin = _load_settings(config_path)
-    if origin is None and not sources:
-        raise click.UsageError(
-            f"no config file: --config was not given and {DEFAULT_CONFIG} is not in {Path.cwd()}; "
-            "pass --source PATH (repeatable) to read logs with the built-in defaults, or "
-            "--config FILE"
+    if until is not None and since is None:
+        raise click.UsageError("--until needs --since: a backfill window needs a start")
+    if since is not None and until is not None and since >= until:
+        raise click.BadParameter(
+            f"{_iso(since)} is not before --until {_iso(until)}", param_hint="'--since'"
         )
-    updates: dict[str, Any] = {}
-    if state_dir is not None:
-        updates["state_dir"] = state_dir.resolve()
-    if output_dir is not None:
-        updates["output_dir"] = output_dir.resolve()
-    settings = settings.model_copy(update=updates)
-    _start_logging(settings)
-    _log_settings_origin(origin)
-    check_files(settings, source=origin or "defaults")
-    for warning in config_warnings(settings):
-        if sources and warning.startswith("sources"):
-            continue
-        logger.warning("config %s: %s", origin or "defaults", warning)
-
+    settings = _run_settings(config_path, sources, state_dir, output_dir)
     console = _stdout_console()
     summary = run_once(
         settings,
         sources_override=[path.resolve() for path in sources] or None,
         dry_run=dry_run,
         console=console,
+        since=since,
+        until=until,
     )
     print_summary(summary, console)
     if summary_json is not None:
@@ -357,6 +415,50 @@ def run(
     code = summary.exit_code(fail_on_quarantine=fail_on_quarantine)
     if code:
         raise SystemExit(code)
+
+
+@main.command()
+@_config_option
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="State folder (state.db, history, quarantine); overrides state_dir.",
+)
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for findings.jsonl and outbox/; overrides output_dir.",
+)
+@click.option(
+    "--once",
+    is_flag=True,
+    help="Run the job once and exit with the exit code of `keytrail run` (for cron or a "
+    "container); needs no schedule section.",
+)
+@_log_options
+@_handle_errors
+def schedule(
+    config_path: Path | None, state_dir: Path | None, output_dir: Path | None, once: bool
+) -> None:
+    """Run the job on the schedule from the config until SIGTERM or SIGINT.
+
+    The schedule section sets a cron line (with timezone) or an interval. Each run reads what
+    is new since the checkpoints, so after downtime one run catches up. SIGTERM or SIGINT lets
+    the current run finish, then exits 0. Runs are logged, not printed as a summary.
+    """
+    if config_path is None and not DEFAULT_CONFIG.is_file():
+        raise click.UsageError(
+            f"no config file: --config was not given and {DEFAULT_CONFIG} is not in {Path.cwd()}; "
+            "keytrail schedule reads its sources and schedule from a config file"
+        )
+    settings = _run_settings(config_path, (), state_dir, output_dir)
+    console = _stdout_console()
+    if once:
+        outcome = ScheduledJob(settings, console=console)()
+        if outcome.exit_code:
+            raise SystemExit(outcome.exit_code)
+        return
+    raise SystemExit(serve(settings, console=console))
 
 
 @main.command()
@@ -490,18 +592,37 @@ def simulate(out: Path, seed: int, days: int) -> None:
     default=None,
     help="Findings to score (default: findings.jsonl in the configured output_dir).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the scores as one JSON object.")
+@click.option(
+    "--now",
+    callback=_utc_time_option,
+    default=None,
+    help=(
+        "ISO 8601 time at which allow-list entries expire and silences are active (no zone: "
+        "UTC). Default: the end of the labeled period."
+    ),
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the scores and removals as one JSON object."
+)
 @_log_options
 @_handle_errors
 def evaluate(
-    config_path: Path | None, labels: Path | None, findings: Path | None, as_json: bool
+    config_path: Path | None,
+    labels: Path | None,
+    findings: Path | None,
+    now: dt.datetime | None,
+    as_json: bool,
 ) -> None:
-    """Score findings against the labeled incidents: precision and recall per detector."""
+    """Score findings against the labeled incidents: precision, recall and alerts per day.
+
+    The config's allow-list and the state's silences remove findings first, as in a run; the
+    table lists each removal with the entry or silence that made it.
+    """
     from pipeline import evaluate as evaluation  # only this command needs it
 
     settings: Settings | None = None
     origin: str | None = None
-    if config_path is not None or labels is None or findings is None:
+    if config_path is not None or labels is None or findings is None or DEFAULT_CONFIG.is_file():
         settings, origin = _load_settings(config_path)
     _start_logging(settings)
     if settings is not None:
@@ -516,26 +637,82 @@ def evaluate(
         if not path.is_file():
             raise click.UsageError(f"{name} file not found: {path}; pass --{name} FILE")
 
-    report = evaluation.evaluate(evaluation.load_findings(findings), evaluation.load_labels(labels))
-    scores = report.to_json()
+    allow_list = settings.alerting.allow_list if settings is not None else []
+    silences = (
+        evaluation.read_silences(settings.state_dir / "state.db") if settings is not None else []
+    )
+    report = evaluation.evaluate(
+        evaluation.load_findings(findings),
+        evaluation.load_labels(labels),
+        allow_list=allow_list,
+        silences=silences,
+        now=now,
+    )
     if as_json:
-        click.echo(json.dumps(scores, indent=2, default=str))
+        click.echo(json.dumps(report.to_document(), indent=2, default=str))
         return
-    table = Table(title=f"{findings} against {labels}", title_justify="left")
-    for column in ("detector", "precision", "recall", "TP", "FP", "FN"):
-        table.add_column(column, justify="left" if column == "detector" else "right")
-    for detector_id, score in scores.items():
-        if not isinstance(score, dict):
-            continue
-        table.add_row(
-            detector_id,
-            _ratio(score.get("precision")),
-            _ratio(score.get("recall")),
-            str(score.get("true_positives")),
-            str(score.get("false_positives")),
-            str(score.get("false_negatives")),
-        )
-    _stdout_console().print(table)
+    click.echo(f"{findings} against {labels} ({report.days} days)")
+    click.echo(report.to_table())
+
+
+@main.command()
+@_config_option
+@click.option(
+    "--since",
+    required=True,
+    callback=_utc_time_option,
+    help="Start of the replayed window (ISO 8601 date or time, inclusive; no zone: UTC).",
+)
+@click.option(
+    "--until",
+    required=True,
+    callback=_utc_time_option,
+    help="End of the replayed window (ISO 8601 date or time, exclusive; no zone: UTC).",
+)
+@click.option(
+    "--detectors",
+    "detector_ids",
+    multiple=True,
+    help="Detector id to run (repeatable). Default: the detectors the config enables.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the findings as JSON Lines here, for `keytrail evaluate --findings`.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as one JSON object.")
+@_log_options
+@_handle_errors
+def backtest(
+    config_path: Path | None,
+    since: dt.datetime,
+    until: dt.datetime,
+    detector_ids: tuple[str, ...],
+    out: Path | None,
+    as_json: bool,
+) -> None:
+    """Replay the stored history between --since and --until through the detectors.
+
+    Each UTC day is the window and the history before it the baseline, as in daily runs.
+    Nothing is sent and no state, history or output is written (except --out).
+    """
+    from pipeline.backtest import backtest as replay  # only this command needs it
+    from pipeline.backtest import write_findings
+
+    settings, origin = _load_settings(config_path)
+    _start_logging(settings)
+    _log_settings_origin(origin)
+    report = replay(settings, since, until, list(detector_ids) or None)
+    if out is not None:
+        written = write_findings(out, report.findings)
+        logger.info("backtest: wrote %s findings to %s", written, out)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, default=str))
+        return
+    click.echo(report.to_table())
+    if out is not None:
+        click.echo(f"{len(report.findings)} findings written to {out}")
 
 
 @main.command("validate-config")
@@ -761,7 +938,7 @@ def _outbox(config_path: Path | None, state_dir: Path | None) -> Outbox:
 
 @main.group()
 def outbox() -> None:
-    """List and requeue the delivery outbox: one row per (alert, receiver)."""
+    """List and requeue the delivery outbox: one row per (alert, receiver, channel)."""
 
 
 @outbox.command("list")
@@ -770,6 +947,7 @@ def outbox() -> None:
     type=click.Choice(list(OUTBOX_STATUSES)),
     help="List only rows with this status (default: all rows).",
 )
+@click.option("--channel", help="List only rows of this channel (slack, email, webhook, file).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as a JSON array.")
 @_config_option
 @_state_dir_option
@@ -777,19 +955,21 @@ def outbox() -> None:
 @_handle_errors
 def outbox_list(
     status: OutboxStatus | None,
+    channel: str | None,
     as_json: bool,
     config_path: Path | None,
     state_dir: Path | None,
 ) -> None:
-    """List outbox rows in the order they were queued."""
+    """List outbox rows in the order they were queued; channel * means every channel."""
     with _outbox(config_path, state_dir) as box:
-        rows = box.list_rows(status)
+        rows = box.list_rows(status, channel=channel)
     if as_json:
         data = [
             {
                 "id": row.id,
                 "alert_id": row.alert_id,
                 "receiver": row.receiver,
+                "channel": row.channel,
                 "dedup_key": row.dedup_key,
                 "status": row.status,
                 "attempts": row.attempts,
@@ -807,7 +987,7 @@ def outbox_list(
     for row in rows:
         error = f"  {clean_line(row.last_error)}" if row.last_error else ""
         click.echo(
-            f"{row.id}  {row.status:<9}  {clean_line(row.receiver)}  {row.alert_id}  "
+            f"{row.id}  {row.status:<9}  {clean_line(row.receiver)}/{row.channel}  {row.alert_id}  "
             f"attempts={row.attempts}{error}"
         )
 
@@ -815,6 +995,8 @@ def outbox_list(
 @outbox.command("retry")
 @click.argument("row_ids", nargs=-1, type=int)
 @click.option("--all", "retry_all", is_flag=True, help="Queue every dead row again.")
+@click.option("--receiver", help="Queue only dead rows of this receiver.")
+@click.option("--channel", help="Queue only dead rows of this channel (slack, email, ...).")
 @_config_option
 @_state_dir_option
 @_log_options
@@ -822,6 +1004,8 @@ def outbox_list(
 def outbox_retry(
     row_ids: tuple[int, ...],
     retry_all: bool,
+    receiver: str | None,
+    channel: str | None,
     config_path: Path | None,
     state_dir: Path | None,
 ) -> None:
@@ -829,7 +1013,12 @@ def outbox_retry(
     if bool(row_ids) == retry_all:
         raise click.UsageError("expected outbox row IDs or --all, but not both")
     with _outbox(config_path, state_dir) as box:
-        changed = box.retry_dead(None if retry_all else row_ids, now=dt.datetime.now(dt.UTC))
+        changed = box.retry_dead(
+            None if retry_all else row_ids,
+            now=dt.datetime.now(dt.UTC),
+            receiver=receiver,
+            channel=channel,
+        )
     click.echo(f"queued {changed} dead outbox rows again")
 
 
@@ -843,6 +1032,7 @@ def test_alert(receiver: str, config_path: Path | None) -> None:
     settings, origin = _load_settings(config_path)
     _start_logging(settings)
     _log_settings_origin(origin)
+    log_env_receivers(settings.alerting)
     try:
         receiver_settings = settings.alerting.receiver(receiver)
     except KeyError:

@@ -26,11 +26,21 @@ import os
 import types
 import typing
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from apscheduler.triggers.cron import CronTrigger
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # Importing the package registers the built-in detectors, which validation looks up.
 import detectors  # noqa: F401
@@ -40,6 +50,7 @@ from pipeline.alerting.delivery import (
     resolve_receiver_paths,
     with_env_receivers,
 )
+from pipeline.alerting.silences import InvalidSilenceError, parse_duration
 from pipeline.enrich import GeoIP, GeoIPSettings
 from pipeline.errors import ConfigError
 from pipeline.sources import AnySourceSettings, FilesSourceSettings
@@ -51,6 +62,7 @@ __all__ = [
     "FilesSourceSettings",
     "HistorySettings",
     "LoggingSettings",
+    "ScheduleSettings",
     "Settings",
     "build_detectors",
     "check_files",
@@ -251,6 +263,74 @@ class LoggingSettings(_Strict):
     format: Literal["text", "json"] = "text"
 
 
+class ScheduleSettings(_Strict):
+    """The trigger of ``keytrail schedule``: a crontab line or a fixed interval.
+
+    ``cron`` is a five-field crontab line (minute hour day month weekday) read in ``timezone``.
+    The time zone is required with it, so the run hours do not depend on the server's zone.
+    ``interval`` is a duration such as ``5m`` or ``1h``. A run that starts later than
+    ``misfire_grace_time`` after its planned time (the machine slept, the previous run took
+    long) is skipped, and the next one reads everything since the checkpoints.
+    ``jitter`` delays each run by a random time up to that duration. ``run_at_start`` runs the
+    job as soon as the scheduler starts, which catches up after downtime.
+    """
+
+    cron: str | None = None
+    interval: timedelta | None = None
+    timezone: str | None = None
+    misfire_grace_time: timedelta = timedelta(hours=1)
+    jitter: timedelta | None = None
+    run_at_start: bool = True
+
+    @field_validator("interval", "misfire_grace_time", "jitter", mode="before")
+    @classmethod
+    def _parse_duration(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return parse_duration(value)
+            except InvalidSilenceError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r}; expected an IANA name such as UTC or Europe/Berlin"
+            ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_trigger(self) -> ScheduleSettings:
+        if (self.cron is None) == (self.interval is None):
+            raise ValueError("set exactly one of cron (a crontab line) and interval (such as 5m)")
+        if self.cron is not None:
+            if self.timezone is None:
+                raise ValueError(
+                    "timezone is required with cron: the IANA name the crontab hours are read in, "
+                    "such as UTC or Europe/Berlin"
+                )
+            try:
+                CronTrigger.from_crontab(self.cron, timezone=self.timezone)
+            except ValueError as exc:
+                raise ValueError(f"invalid cron {self.cron!r}: {exc}") from None
+            weekdays = self.cron.split()[4]
+            if any(character.isdigit() for character in weekdays):
+                # APScheduler 3 numbers weekdays from Monday = 0, crontab from Sunday = 0, so a
+                # number would silently shift the runs by one day.
+                raise ValueError(
+                    f"invalid cron {self.cron!r}: write the weekday field with names such as "
+                    "mon-fri or sun, not numbers, because APScheduler 3 counts 0 as Monday "
+                    "where crontab counts 0 as Sunday"
+                )
+        return self
+
+
 class Settings(_Strict):
     """Everything one keytrail run needs, with paths already resolved."""
 
@@ -262,6 +342,7 @@ class Settings(_Strict):
     detectors: dict[str, DetectorSettings] = Field(default_factory=dict)
     alerting: AlertingSettings = Field(default_factory=AlertingSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    schedule: ScheduleSettings | None = None
 
     @property
     def enabled_detectors(self) -> list[str]:
@@ -488,6 +569,11 @@ def _duplicate_source_names(settings: Settings) -> list[str]:
     problems = []
     seen: set[str] = set()
     for index, source in enumerate(settings.sources):
+        if source.name.startswith("_"):
+            problems.append(
+                f"sources[{index}].name: {source.name!r} starts with an underscore; such names "
+                "are reserved for keytrail's own checkpoints, so rename the source"
+            )
         if source.name in seen:
             problems.append(
                 f"sources[{index}].name: duplicate source name {source.name!r}; "

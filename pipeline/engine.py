@@ -30,7 +30,20 @@ history files. A crash after the commit loses nothing, because step 1 of the nex
 pending outputs and its step 9 delivers the queued outbox rows. A crash after the outputs were
 written but before they were marked written is the one ambiguous case: the next run writes those
 findings again, so findings.jsonl contains at most one duplicate line per finding. Delivery is
-at-least-once per (alert, receiver), as :mod:`pipeline.alerting.outbox` describes.
+at-least-once per (alert, receiver), as :mod:`pipeline.alerting.outbox` describes. The tests kill
+a run at each of :data:`CRASH_POINTS` through the ``KEYTRAIL_TEST_CRASH_AT`` environment variable
+(:func:`_crash_point`) and check that the next run ends with the same history, findings and
+outbox files as one run that was never interrupted.
+
+Backfill: ``since`` and ``until`` ask every source for a time window, and the engine keeps only
+events with ``since <= time < until``. A backfill stores no source checkpoints, because a source
+may read more than the window (whole files, whole day partitions) and its checkpoints would then
+mark input as read whose events outside the window were dropped. The next regular run therefore
+reads from the checkpoints as before, and deduplication drops what the backfill stored.
+
+Late events: the ``_engine`` checkpoints keep ``max_event_time``, the newest event time any run
+has committed. A new finding whose events all lie more than :data:`LATE_TOLERANCE` before it
+is marked late: ``evidence["late"]`` is true and its title ends with ``(late)``.
 """
 
 from __future__ import annotations
@@ -50,7 +63,13 @@ from typing import Any
 import pandas as pd
 from rich.console import Console
 
-from detectors.base import FINDING_COLUMNS, Detector, FrameHistory, HistoryView, empty_findings
+from detectors.base import (
+    FINDING_COLUMNS,
+    FrameHistory,
+    HistoryView,
+    StatisticalDetector,
+    empty_findings,
+)
 from pipeline.alerting import OutputSettings, findings_to_json_lines, render_console, write_outputs
 from pipeline.alerting.delivery import (
     FILE_RECEIVER,
@@ -67,16 +86,56 @@ from pipeline.errors import DetectorError, KeytrailError
 from pipeline.formats.base import Quarantined
 from pipeline.schema import empty_events
 from pipeline.sources import FilesSource, Source, SourceBatch, build_source
-from pipeline.store.history import History
-from pipeline.store.state import State, state_lock
+from pipeline.store.history import CappedHistoryView, History
+from pipeline.store.state import DetectorState, State, state_lock
 from pipeline.summary import DetectorSummary, RunSummary, SourceSummary
 
-__all__ = ["COMMAND_LINE_SOURCE", "run_once"]
+__all__ = [
+    "COMMAND_LINE_SOURCE",
+    "CRASH_EXIT_CODE",
+    "CRASH_POINTS",
+    "CRASH_POINT_VARIABLE",
+    "ENGINE_CHECKPOINTS",
+    "LATE_TOLERANCE",
+    "run_once",
+]
 
 logger = logging.getLogger(__name__)
 
 COMMAND_LINE_SOURCE = "command_line"
 """Name under which ``--source`` paths keep their checkpoints."""
+
+ENGINE_CHECKPOINTS = "_engine"
+"""Checkpoint source name of the engine's own marks; config rejects source names with ``_``."""
+
+MAX_EVENT_TIME = "max_event_time"
+"""Key of the newest committed event time (ISO 8601 UTC) under :data:`ENGINE_CHECKPOINTS`."""
+
+LATE_TOLERANCE = timedelta(hours=1)
+"""How far before ``max_event_time`` a finding's last event must lie for the finding to be late.
+
+Sources deliver in batches a few minutes apart (CloudTrail about every 5 minutes), so a finding
+a few minutes older than the newest event is normal and not marked.
+"""
+
+CRASH_POINT_VARIABLE = "KEYTRAIL_TEST_CRASH_AT"
+"""Environment variable that names a crash point; only the crash-safety tests set it."""
+
+CRASH_EXIT_CODE = 86
+"""Exit code of a process ended at a crash point."""
+
+CRASH_POINTS = (
+    "after_pending_outputs",
+    "after_read",
+    "after_history",
+    "before_commit",
+    "after_commit",
+    "before_mark_written",
+    "after_outputs",
+    "after_delivery",
+    "after_expire",
+)
+"""The named points of a run, in run order, at which :func:`_crash_point` can end the process."""
 
 
 def run_once(
@@ -86,6 +145,8 @@ def run_once(
     now: datetime | None = None,
     dry_run: bool = False,
     console: Console | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
 ) -> RunSummary:
     """Run keytrail once and return its summary.
 
@@ -96,15 +157,20 @@ def run_once(
         dry_run: read and detect, print findings to ``console``, but write no outputs, no
             history and no state.
         console: where findings are printed when ``alerting.console`` is on (or in a dry run).
+        since: start of a backfill window (inclusive); a time without a zone is UTC.
+        until: end of the backfill window (exclusive; default ``now``). Needs ``since``.
 
     Raises:
+        ValueError: ``until`` without ``since``, or ``since`` not before ``until``.
         StateLockedError: another run holds the state directory's lock.
         StateError: the state database cannot be used or the commit failed.
     """
     started = datetime.now(UTC)
-    run_now = pd.Timestamp(now if now is not None else started)
-    run_now = run_now.tz_localize(UTC) if run_now.tzinfo is None else run_now.tz_convert(UTC)
+    run_now = _utc_timestamp(now if now is not None else started)
+    window = _window(since, until, run_now)
     summary = RunSummary(run_id=_new_run_id(started), started=started, dry_run=dry_run)
+    if window is not None:
+        summary.since, summary.until = window
     sources = _sources(settings, sources_override)
     clock = time.perf_counter()
     logger.info("run %s started: %s sources, dry_run=%s", summary.run_id, len(sources), dry_run)
@@ -119,15 +185,44 @@ def run_once(
 
     summary.duration_seconds = round(time.perf_counter() - clock, 3)
     logger.info(
-        "run %s finished: status=%s, %s events new, %s findings new, %s problems, %.2f s",
-        summary.run_id,
-        summary.status,
-        summary.events_new,
-        summary.findings_new,
-        len(summary.problems),
-        summary.duration_seconds,
+        "run finished: %s",
+        summary.one_line(),
+        extra={
+            "run_id": summary.run_id,
+            "status": summary.status,
+            "events_new": summary.events_new,
+            "findings_new": summary.findings_new,
+            "sources_behind": [entry["source"] for entry in summary.behind()],
+        },
     )
     return summary
+
+
+def _utc_timestamp(moment: datetime) -> pd.Timestamp:
+    stamp = pd.Timestamp(moment)
+    return stamp.tz_localize(UTC) if stamp.tzinfo is None else stamp.tz_convert(UTC)
+
+
+def _window(
+    since: datetime | None, until: datetime | None, now: pd.Timestamp
+) -> tuple[datetime, datetime] | None:
+    """Return the backfill window as UTC datetimes, or None when there is none.
+
+    Raises:
+        ValueError: ``until`` without ``since``, or ``since`` not before ``until``.
+    """
+    if since is None:
+        if until is not None:
+            raise ValueError("a backfill window needs a start: give since with until")
+        return None
+    start = _utc_timestamp(since)
+    end = _utc_timestamp(until) if until is not None else now
+    if start >= end:
+        raise ValueError(
+            f"the backfill window is empty: since {start.isoformat()} is not before "
+            f"until {end.isoformat()}"
+        )
+    return start.to_pydatetime(), end.to_pydatetime()
 
 
 def _run(
@@ -143,12 +238,16 @@ def _run(
     if not dry_run:
         _remove_uncommitted_history(History(history_root), state)
         _write_pending_outputs(settings, state, summary, console, now)
+        _crash_point("after_pending_outputs")
 
+    mark = _max_event_time(state)
+    summary.max_event_time = None if mark is None else mark.to_pydatetime()
     batches = _read_sources(sources, state, summary)
     quarantined = [item for batch in batches for item in batch.result.quarantined]
     if quarantined and not dry_run:
         path = _write_quarantine(settings.state_dir, summary.run_id, quarantined)
         summary.quarantine_file = str(path)
+    _crash_point("after_read")
 
     events = _new_events(batches, state, summary)
     events, enrich_info = enrich_events(events, settings.enrich.geoip, now=now)
@@ -160,11 +259,15 @@ def _run(
         summary.geoip.get("geoip_source"),
     )
 
-    history = History(history_root) if not dry_run or history_root.exists() else None
-    baseline = _baseline(history, events, build_detectors(settings))
+    history = (
+        History(history_root, read_only=dry_run) if not dry_run or history_root.exists() else None
+    )
+    baseline = _baseline(history, events)
+    fitted: list[DetectorState] = []
     if dry_run:
         findings = _detect(settings, events, baseline, now, state, summary)
         findings = _fill_geoip_date(findings, enrich_info)
+        findings = _mark_late(findings, mark, summary)
         if console is not None:
             render_console(findings, console)
         summary.status = "completed_with_problems" if summary.problems else "completed"
@@ -176,15 +279,17 @@ def _run(
     try:
         summary.history_rows_written = history.append(events, summary.run_id) if len(events) else 0
         logger.info("history: %s rows appended", summary.history_rows_written)
-        findings = _detect(settings, events, baseline, now, state, summary)
+        _crash_point("after_history")
+        findings = _detect(settings, events, baseline, now, state, summary, fitted)
         findings = _fill_geoip_date(findings, enrich_info)
+        findings = _mark_late(findings, mark, summary)
         try:
             pending = _finding_texts(findings)
         except ValueError as exc:
             summary.problems.append(f"outputs: invalid findings: {exc}")
             _roll_back(history, state, summary, f"findings could not be serialized: {exc}")
             return
-        plan = _plan_alerts(settings, state_path_of(settings), findings, summary, now)
+        plan = _plan_alerts(settings, state_path_of(settings), findings, events, summary, now)
         queued: dict[str, dict[str, int]] = {}
 
         def enqueue_in_commit(conn: sqlite3.Connection) -> None:
@@ -194,17 +299,20 @@ def _run(
 
         summary.status = "completed_with_problems" if summary.problems else "completed"
         summary.finished = datetime.now(UTC)
+        checkpoints, checkpoints_removed = _checkpoints_to_store(batches, events, mark, summary)
+        _crash_point("before_commit")
         state.commit_run(
             summary.run_id,
             started=summary.started,
             events=events,
             findings=findings,
-            checkpoints={batch.name: batch.checkpoints for batch in batches},
-            checkpoints_removed={batch.name: batch.checkpoints_removed for batch in batches},
+            checkpoints=checkpoints,
+            checkpoints_removed=checkpoints_removed,
             summary=summary.to_dict(),
             status=summary.status,
             pending_outputs=pending,
             in_transaction=enqueue_in_commit,
+            detector_states=fitted,
         )
         summary.alerting["queued"] = queued
         logger.info("state: committed %s events, %s findings", len(events), len(findings))
@@ -213,9 +321,13 @@ def _run(
         raise
 
     # From here on the run is committed: a failure leaves its findings pending for the next run.
+    _crash_point("after_commit")
     _write_outputs(settings, state, findings, summary, console, now)
+    _crash_point("after_outputs")
     _deliver(settings, summary, now)
+    _crash_point("after_delivery")
     _expire(settings, history, state, summary, now)
+    _crash_point("after_expire")
     if summary.problems and summary.status == "completed":
         summary.status = "completed_with_problems"
     try:
@@ -289,11 +401,17 @@ def _read_sources(sources: list[Source], state: State, summary: RunSummary) -> l
         entry = SourceSummary(name=source.name)
         summary.sources.append(entry)
         try:
-            batch = source.read(state.checkpoints(source.name))
+            batch = source.read(
+                state.checkpoints(source.name), since=summary.since, until=summary.until
+            )
         except (KeytrailError, OSError) as exc:
-            entry.error = str(exc)
-            summary.problems.append(f"source {source.name}: {exc}")
-            logger.error("source %s could not be read: %s", source.name, exc)
+            _source_failed(entry, summary, str(exc))
+            continue
+        except Exception as exc:
+            # Source modules call cloud SDKs, which raise their own exception types; any of them
+            # makes this source behind, never the whole run.
+            logger.debug("source %s raised", source.name, exc_info=exc)
+            _source_failed(entry, summary, f"{type(exc).__name__}: {exc}")
             continue
         counts = batch.result.summary()
         entry.files_listed = batch.files_listed
@@ -329,6 +447,19 @@ def _read_sources(sources: list[Source], state: State, summary: RunSummary) -> l
     return batches
 
 
+def _source_failed(entry: SourceSummary, summary: RunSummary, reason: str) -> None:
+    """Record a source that could not be read; its checkpoints stay where they were."""
+    # A SourceError's message already starts with "source <name>: ".
+    prefix = f"source {entry.name}: "
+    entry.error = reason.removeprefix(prefix)
+    summary.problems.append(prefix + entry.error)
+    logger.error(
+        "source %s could not be read, so it is behind until a run reads it: %s",
+        entry.name,
+        entry.error,
+    )
+
+
 def _write_quarantine(state_dir: Path, run_id: str, items: list[Quarantined]) -> Path:
     """Keep quarantined records with their origin and reason in ``quarantine/<run_id>.jsonl``."""
     folder = state_dir / "quarantine"
@@ -349,34 +480,139 @@ def _new_events(batches: list[SourceBatch], state: State, summary: RunSummary) -
         return empty_events()
     events = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     events = events.drop_duplicates(subset=["event_uid", "resource"]).reset_index(drop=True)
-    new = state.filter_new_events(events)
     summary.events_read = len(events)
+    events = _in_window(events, summary)
+    new = state.filter_new_events(events)
     summary.events_new = len(new)
     summary.events_already_seen = len(events) - len(new)
     logger.info("dedup: %s events read, %s new", summary.events_read, summary.events_new)
     return new
 
 
-def _baseline(
-    history: History | None, window: pd.DataFrame, detectors: list[Detector]
+def _in_window(events: pd.DataFrame, summary: RunSummary) -> pd.DataFrame:
+    """Keep the events with ``since <= time < until`` in a backfill, and count the others."""
+    if summary.since is None or summary.until is None or events.empty:
+        return events
+    times = events["time"]
+    inside = ((times >= summary.since) & (times < summary.until)).to_numpy(dtype=bool)
+    summary.events_outside_window = int((~inside).sum())
+    if summary.events_outside_window:
+        logger.info(
+            "backfill: %s events outside %s to %s dropped",
+            summary.events_outside_window,
+            summary.since.isoformat(),
+            summary.until.isoformat(),
+        )
+    return events[inside].reset_index(drop=True)
+
+
+def _max_event_time(state: State) -> pd.Timestamp | None:
+    """Return the newest event time committed by earlier runs, or None before the first."""
+    value = state.checkpoints(ENGINE_CHECKPOINTS).get(MAX_EVENT_TIME)
+    if not isinstance(value, str):
+        return None
+    try:
+        return _utc_timestamp(pd.Timestamp(value))
+    except ValueError:
+        logger.warning("state: ignored the invalid %s checkpoint %r", MAX_EVENT_TIME, value)
+        return None
+
+
+def _checkpoints_to_store(
+    batches: list[SourceBatch],
+    events: pd.DataFrame,
+    mark: pd.Timestamp | None,
+    summary: RunSummary,
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
+    """Return the checkpoints to upsert and to delete in the run's commit.
+
+    A backfill stores no source checkpoints (see the module docstring). The engine's
+    ``max_event_time`` advances to the newest new event in every run, backfills included.
+    """
+    upserts: dict[str, dict[str, Any]] = {}
+    removed: dict[str, list[str]] = {}
+    if summary.since is None:
+        upserts = {batch.name: batch.checkpoints for batch in batches}
+        removed = {batch.name: batch.checkpoints_removed for batch in batches}
+    elif any(batch.checkpoints or batch.checkpoints_removed for batch in batches):
+        logger.info("backfill: source checkpoints not stored, so regular runs keep their place")
+    if len(events):
+        newest = _utc_timestamp(events["time"].max())
+        if mark is None or newest > mark:
+            upserts[ENGINE_CHECKPOINTS] = {MAX_EVENT_TIME: newest.isoformat()}
+    return upserts, removed
+
+
+def _mark_late(
+    findings: pd.DataFrame, mark: pd.Timestamp | None, summary: RunSummary
 ) -> pd.DataFrame:
-    """Load the history before the window, as far back as the longest detector look-back."""
-    longest = max((detector.lookback for detector in detectors), default=timedelta(0))
-    if history is None or window.empty or longest <= timedelta(0):
-        return empty_events()
-    start = window["time"].min()
-    return history.events(since=start - longest, until=start)
+    """Mark findings whose events all lie more than LATE_TOLERANCE before ``mark`` as late.
+
+    A late finding gets ``evidence["late"] = True`` and `` (late)`` at the end of its title, so
+    the console, findings.jsonl and alerts all show it. Detectors are not involved.
+    """
+    if mark is None or findings.empty:
+        return findings
+    last_seen = pd.to_datetime(findings["last_seen"], utc=True)
+    late = (last_seen < mark - LATE_TOLERANCE).to_numpy(dtype=bool)
+    summary.findings_late = int(late.sum())
+    if not late.any():
+        return findings
+    findings = findings.copy()
+    findings.loc[late, "title"] = findings.loc[late, "title"].astype(str) + " (late)"
+    marked = [
+        {**(evidence or {}), "late": True} if is_late else evidence
+        for evidence, is_late in zip(findings["evidence"], late, strict=True)
+    ]
+    findings["evidence"] = pd.Series(marked, index=findings.index, dtype=object)
+    logger.warning(
+        "detect: %s findings are late: their events lie more than %s before %s, the newest "
+        "event time processed by earlier runs",
+        summary.findings_late,
+        LATE_TOLERANCE,
+        mark.isoformat(),
+    )
+    return findings
+
+
+def _crash_point(name: str) -> None:
+    """End the process at once when ``KEYTRAIL_TEST_CRASH_AT`` names this point.
+
+    Only the crash-safety tests set the variable. ``os._exit`` runs no ``finally`` blocks,
+    flushes nothing and releases the state lock only because the kernel closes the lock file,
+    as after SIGKILL.
+    """
+    if os.environ.get(CRASH_POINT_VARIABLE) == name:
+        os._exit(CRASH_EXIT_CODE)
+
+
+def _baseline(history: History | None, window: pd.DataFrame) -> CappedHistoryView | FrameHistory:
+    """Return the history before the window, read lazily and shared by the run's detectors.
+
+    The history already contains this run's events when detectors run, so reads stop at the
+    window's first event time.
+    """
+    if history is None or window.empty:
+        return FrameHistory()
+    return CappedHistoryView(history, window["time"].min())
 
 
 def _detect(
     settings: Settings,
     window: pd.DataFrame,
-    baseline: pd.DataFrame,
+    baseline: CappedHistoryView | FrameHistory,
     now: pd.Timestamp,
     state: State,
     summary: RunSummary,
+    fitted: list[DetectorState] | None = None,
 ) -> pd.DataFrame:
-    """Run every enabled detector; one that fails is reported and the others go on."""
+    """Run every enabled detector; one that fails is reported and the others go on.
+
+    Each detector reads the history no further back than its ``lookback``. A statistical
+    detector gets its stored fitted state. It is fitted again when the state is missing, was
+    fitted with other parameters or is older than its ``refit_hours``. New states are appended
+    to ``fitted`` for the run's commit, unless ``fitted`` is None (a dry run keeps nothing).
+    """
     frames = []
     start = window["time"].min() if len(window) else None
     for detector in build_detectors(settings):
@@ -385,11 +621,15 @@ def _detect(
         if window.empty:
             continue
         assert start is not None
-        view: HistoryView = FrameHistory(
-            baseline[(baseline["time"] >= start - detector.lookback).to_numpy(dtype=bool)]
+        view: HistoryView = (
+            baseline.for_lookback(detector.lookback)
+            if isinstance(baseline, CappedHistoryView)
+            else baseline
         )
         clock = time.perf_counter()
         try:
+            if isinstance(detector, StatisticalDetector):
+                _prepare_statistical(detector, view, start, state, fitted)
             found = detector.detect(window, view, now)
             missing = [name for name in FINDING_COLUMNS if name not in found.columns]
             if missing:
@@ -403,6 +643,7 @@ def _detect(
             continue
         finally:
             entry.seconds = round(time.perf_counter() - clock, 3)
+            entry.report = _detector_report(detector)
         entry.findings = len(found)
         if len(found):
             frames.append(found[list(FINDING_COLUMNS)])
@@ -422,6 +663,45 @@ def _detect(
         len(new),
     )
     return new
+
+
+def _prepare_statistical(
+    detector: StatisticalDetector,
+    view: HistoryView,
+    start: pd.Timestamp,
+    state: State,
+    fitted: list[DetectorState] | None,
+) -> None:
+    """Restore the detector's stored state, or fit it on the history before ``start``."""
+    params_hash = detector.params_hash()
+    stored = state.detector_state(detector.id)
+    if stored is not None and stored.params_hash == params_hash:
+        try:
+            detector.set_state(stored.state)
+        except (KeyError, TypeError, ValueError) as exc:
+            logger.warning("%s: stored state is invalid (%s); fitting again", detector.id, exc)
+            detector.fitted_through_ = None
+    if not detector.needs_refit(start):
+        logger.info("%s: using the state fitted through %s", detector.id, detector.fitted_through)
+        return
+    clock = time.perf_counter()
+    detector.fit(view, start)
+    logger.info("%s: fitted through %s in %.2f s", detector.id, start, time.perf_counter() - clock)
+    if fitted is not None and detector.fitted_through is not None:
+        fitted.append(
+            DetectorState(
+                detector=detector.id,
+                params_hash=params_hash,
+                fitted_through=detector.fitted_through.to_pydatetime(),
+                state=detector.get_state(),
+            )
+        )
+
+
+def _detector_report(detector: Any) -> dict[str, Any]:
+    """Return a copy of the detector's ``report_`` dict (counts such as skipped principals)."""
+    report = getattr(detector, "report_", None)
+    return json.loads(json.dumps(report, default=str)) if isinstance(report, dict) else {}
 
 
 def _fill_geoip_date(findings: pd.DataFrame, enrich_info: Any) -> pd.DataFrame:
@@ -482,6 +762,7 @@ def _write_outputs(
         return
     # A crash between writing and the next line is the ambiguous case: the next run writes
     # these findings again, so findings.jsonl may hold one duplicate line per finding.
+    _crash_point("before_mark_written")
     try:
         state.mark_outputs_written(str(finding_id) for finding_id in findings["finding_id"])
     except KeytrailError as exc:
@@ -516,12 +797,16 @@ def _plan_alerts(
     settings: Settings,
     state_path: Path,
     findings: pd.DataFrame,
+    events: pd.DataFrame,
     summary: RunSummary,
     now: pd.Timestamp,
 ) -> AlertPlan:
-    """Filter, route and group the new findings, and count what the filters removed."""
+    """Filter, route and group the new findings, and count what the filters removed.
+
+    ``events`` is the run's window, from which each alert lists its top events.
+    """
     silences = SilenceStore(state_path).active(now.to_pydatetime()) if len(findings) else []
-    plan = plan_alerts(findings, settings.alerting, silences, now.to_pydatetime())
+    plan = plan_alerts(findings, settings.alerting, silences, now.to_pydatetime(), events=events)
     summary.alerting = {
         "below_min_severity": plan.below_min_severity,
         "allowed": plan.allowed,

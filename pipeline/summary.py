@@ -63,6 +63,15 @@ class SourceSummary:
         """Total quarantined records and files."""
         return sum(self.quarantined_by_reason.values())
 
+    @property
+    def behind(self) -> bool:
+        """True when part or all of the source's new input was not read this run."""
+        return self.error is not None or bool(self.problems)
+
+    def behind_reason(self) -> str:
+        """Return why the source is behind: its error, else its problems joined by ``; ``."""
+        return self.error if self.error is not None else "; ".join(self.problems)
+
 
 @dataclass
 class DetectorSummary:
@@ -73,6 +82,7 @@ class DetectorSummary:
     new_findings: int = 0
     seconds: float = 0.0
     error: str | None = None
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,6 +92,11 @@ class RunSummary:
     ``status`` is ``running`` until the run ends, then ``completed``,
     ``completed_with_problems`` (see ``problems``) or ``failed``. ``findings_pending_written``
     counts findings that earlier runs committed but did not write out, written by this run.
+
+    ``since`` and ``until`` bound a backfill window (``None`` outside a backfill), and
+    ``events_outside_window`` counts the events read but dropped because they lie outside it.
+    ``findings_late`` counts new findings whose events all lie well before ``max_event_time``,
+    the newest event time processed by earlier runs.
     """
 
     run_id: str
@@ -99,6 +114,11 @@ class RunSummary:
     findings_new: int = 0
     findings_already_written: int = 0
     findings_pending_written: int = 0
+    since: datetime | None = None
+    until: datetime | None = None
+    events_outside_window: int = 0
+    findings_late: int = 0
+    max_event_time: datetime | None = None
     outputs: dict[str, Any] = field(default_factory=dict)
     alerting: dict[str, Any] = field(default_factory=dict)
     delivery: dict[str, Any] = field(default_factory=dict)
@@ -131,6 +151,40 @@ class RunSummary:
         """Return new findings per detector id."""
         return {detector.id: detector.new_findings for detector in self.detectors}
 
+    def behind(self) -> list[dict[str, str]]:
+        """Return ``{"source", "reason"}`` for each source that is behind after this run.
+
+        A source is behind when it could not be read (its checkpoints stayed where they were)
+        or was read only in part (checkpoints advanced only for what was read). The next run
+        reads the rest from the checkpoints.
+        """
+        return [
+            {"source": source.name, "reason": source.behind_reason()}
+            for source in self.sources
+            if source.behind
+        ]
+
+    def one_line(self) -> str:
+        """Return the run's outcome as one log line: status, counts, sources behind, time."""
+        parts = [
+            f"run {self.run_id} {self.status}",
+            f"{self.events_new} events new",
+            f"{self.findings_new} findings new",
+        ]
+        if self.findings_late:
+            parts.append(f"{self.findings_late} late")
+        if self.quarantined:
+            parts.append(f"{self.quarantined} quarantined")
+        if self.events_outside_window:
+            parts.append(f"{self.events_outside_window} outside the window")
+        behind = [entry["source"] for entry in self.behind()]
+        if behind:
+            parts.append(f"sources behind: {', '.join(behind)}")
+        if self.problems:
+            parts.append(f"{len(self.problems)} problems")
+        parts.append(f"{self.duration_seconds:.2f} s")
+        return ", ".join(parts)
+
     def exit_code(self, *, fail_on_quarantine: bool = False) -> int:
         """Return the process exit code: 0, 3 when a person should look, 5 when delivery failed.
 
@@ -158,6 +212,10 @@ class RunSummary:
         data = asdict(self)
         data["started"] = _iso(self.started)
         data["finished"] = _iso(self.finished)
+        data["since"] = _iso(self.since)
+        data["until"] = _iso(self.until)
+        data["max_event_time"] = _iso(self.max_event_time)
+        data["behind"] = self.behind()
         data["records_read"] = sum(source.records for source in self.sources)
         data["quarantined"] = self.quarantined
         data["quarantined_by_reason"] = self.quarantined_by_reason()
@@ -178,9 +236,10 @@ def print_summary(summary: RunSummary, console: Console) -> None:
     """Print the summary as aligned ``key  value`` lines that wrap under their values.
 
     The sections are: one block of counts per source (quarantine reasons and skip kinds one
-    per line), the detectors' findings, then events, findings, GeoIP, outputs, the quarantine
-    file, problems and the run's status and duration. A failed source or detector is marked
-    ``failed`` in its counts and its error is printed as a problem. Values from configs and logs are
+    per line), the detectors' findings, then the backfill window, events, findings, GeoIP,
+    outputs, the quarantine file, problems, the sources that are behind and the run's status
+    and duration. A failed source or detector is marked ``failed`` in its counts and its error
+    is printed as a problem; a source read in part is marked ``partly read``. Values from configs and logs are
     printed as :class:`rich.text.Text`, so markup and emoji codes in them print as typed.
     """
     title = f"keytrail run {summary.run_id}" + (" (dry run)" if summary.dry_run else "")
@@ -202,8 +261,12 @@ def _source_counts(source: SourceSummary) -> Table:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(no_wrap=True)
     grid.add_column(justify="right", no_wrap=True)
-    failed = Text("failed", style="red") if source.error else ""
-    grid.add_row(Text(f"source {clean_line(source.name)}", style="bold"), failed)
+    mark: Text | str = ""
+    if source.error:
+        mark = Text("failed", style="red")
+    elif source.problems:
+        mark = Text("partly read", style="yellow")
+    grid.add_row(Text(f"source {clean_line(source.name)}", style="bold"), mark)
     rows = [
         ("files read", source.files_read),
         ("files unchanged", source.files_unchanged),
@@ -242,15 +305,19 @@ def _run_details(summary: RunSummary) -> Table:
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column(overflow="fold")
 
-    grid.add_row(
-        "events",
+    if summary.since is not None:
+        grid.add_row("window", f"{_iso(summary.since)} to {_iso(summary.until)} (backfill)")
+    events = (
         f"{summary.events_read} read, {summary.events_new} new, "
-        f"{summary.events_already_seen} already seen",
+        f"{summary.events_already_seen} already seen"
     )
-    grid.add_row(
-        "findings",
-        f"{summary.findings_new} new, {summary.findings_already_written} already written",
-    )
+    if summary.since is not None:
+        events += f", {summary.events_outside_window} outside the window"
+    grid.add_row("events", events)
+    findings = f"{summary.findings_new} new, {summary.findings_already_written} already written"
+    if summary.findings_late:
+        findings += f", {summary.findings_late} late"
+    grid.add_row("findings", findings)
     _add_geoip(grid, summary.geoip)
     _add_outputs(grid, summary)
     if summary.quarantine_file:
@@ -258,6 +325,14 @@ def _run_details(summary: RunSummary) -> Table:
         grid.add_row("quarantine", Text(f"{records} kept in {clean_line(summary.quarantine_file)}"))
     for problem in _problems(summary):
         grid.add_row(Text("problem", style="bold red"), Text(clean_line(problem)))
+    for entry in summary.behind():
+        grid.add_row(
+            Text("behind", style="bold red"),
+            Text(
+                f"source {clean_line(entry['source'])}: {clean_line(entry['reason'])}; "
+                "the next run reads the rest from its checkpoints"
+            ),
+        )
 
     style = "green" if summary.status == "completed" else "red"
     if summary.status == "running":

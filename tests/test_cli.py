@@ -170,7 +170,7 @@ def test_validate_config_lists_problems(tmp_path: Path) -> None:
         f"error: invalid config {path}: 2 problems",
         "  - history.retention_days: Input should be greater than or equal to 1 (found: -1)",
         "  - state_dirr: unknown key; allowed keys: state_dir, output_dir, sources, enrich, "
-        "history, detectors, alerting, logging",
+        "history, detectors, alerting, logging, schedule",
     ]
 
 

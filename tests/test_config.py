@@ -112,7 +112,7 @@ def test_every_problem_listed_with_key_path(tmp_path: Path) -> None:
         "integer (found: 'forever')",
         "logging.level: Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR' (found: 'LOUD')",
         "state_dirr: unknown key; allowed keys: state_dir, output_dir, sources, enrich, history, "
-        "detectors, alerting, logging",
+        "detectors, alerting, logging, schedule",
         "detectors.keytrail.off_hours.min_reads: Input should be a valid integer, unable to parse "
         "string as an integer (found: 'many')",
         "detectors.keytrail.not_a_detector: unknown detector; known: keytrail.failure_burst, "

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,8 +27,11 @@ from detectors.base import (
 from pipeline.config import Settings, settings_from_mapping
 from pipeline.engine import COMMAND_LINE_SOURCE, run_once
 from pipeline.formats import read_paths
+from pipeline.logs import setup_logging
+from pipeline.sources import SourceBatch, SourceError, build_source
 from pipeline.store.history import History
 from pipeline.store.state import State, StateLockedError, state_lock
+from pipeline.summary import print_summary
 
 NOW = datetime(2026, 10, 6, 12, 0, tzinfo=UTC)
 
@@ -605,3 +611,217 @@ def test_no_findings_creates_empty_file(tmp_path: Path, logs: Path) -> None:
     assert summary.findings_new == 0
     assert summary.outputs["findings_file"] == str(path)
     assert path.read_bytes() == b""
+
+
+# Sources that fail: the run goes on, and its summary names the source that is behind and why.
+
+
+def two_source_settings(tmp_path: Path, logs: Path) -> Settings:
+    """Settings with source ``local`` (aws and gcp) and source ``extra`` (azure)."""
+    settings = make_settings(tmp_path)
+    local = settings.sources[0].model_copy(update={"paths": [logs / "aws", logs / "gcp"]})
+    extra = settings.sources[0].model_copy(update={"name": "extra", "paths": [logs / "azure"]})
+    return settings.model_copy(update={"sources": [local, extra]})
+
+
+def stored_checkpoints(tmp_path: Path, source: str) -> list[tuple[str, str, str]]:
+    """Return (key, value, updated) rows of ``source`` straight from the checkpoints table."""
+    with sqlite3.connect(tmp_path / "state" / "state.db") as conn:
+        rows = conn.execute(
+            "SELECT key, value, updated FROM checkpoints WHERE source = ? ORDER BY key", (source,)
+        ).fetchall()
+    return [(str(key), str(value), str(updated)) for key, value, updated in rows]
+
+
+def test_failed_source_keeps_checkpoints(tmp_path: Path, logs: Path) -> None:
+    settings = two_source_settings(tmp_path, logs)
+    run_once(settings, now=NOW)
+    before = stored_checkpoints(tmp_path, "extra")
+    assert len(before) == 1
+    (logs / "azure" / "PT1H.json").unlink()
+    (logs / "azure").rmdir()
+    (logs / "gcp" / "more.json").write_text(json.dumps([gcp_record()]), encoding="utf-8")
+
+    summary = run_once(settings, now=NOW)
+
+    assert stored_checkpoints(tmp_path, "extra") == before
+    assert len(stored_checkpoints(tmp_path, "local")) == 3
+    assert summary.status == "completed_with_problems"
+    assert summary.exit_code() == 3
+    assert summary.behind() == [
+        {
+            "source": "extra",
+            "reason": f"log path not found: {logs / 'azure'} (check --source or sources[].paths)",
+        }
+    ]
+
+
+def test_behind_in_json_and_console(tmp_path: Path, logs: Path) -> None:
+    settings = two_source_settings(tmp_path, logs)
+    missing = settings.sources[1].model_copy(update={"paths": [tmp_path / "gone"]})
+    settings = settings.model_copy(update={"sources": [settings.sources[0], missing]})
+    console = Console(record=True, width=300)
+
+    summary = run_once(settings, now=NOW)
+    print_summary(summary, console)
+
+    reason = f"log path not found: {tmp_path / 'gone'} (check --source or sources[].paths)"
+    assert summary.to_dict()["behind"] == [{"source": "extra", "reason": reason}]
+    text = console.export_text()
+    lines = [line for line in text.splitlines() if line.startswith("behind")]
+    assert len(lines) == 1
+    assert lines[0].split(None, 1)[1] == (
+        f"source extra: {reason}; the next run reads the rest from its checkpoints"
+    )
+
+
+class SdkError(Exception):
+    """Stands in for a cloud SDK's own exception class, which keytrail does not catch by name."""
+
+
+class RaisingSource:
+    """A source whose read raises ``error``."""
+
+    type: ClassVar[str] = "files"
+
+    def __init__(self, name: str, error: Exception) -> None:
+        self.name = name
+        self.error = error
+
+    def read(self, checkpoints: Any, *, since: Any = None, until: Any = None) -> Any:
+        raise self.error
+
+
+def replace_extra_source(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """Make the source named ``extra`` raise ``error``; other sources are built as usual."""
+    real_build = build_source
+
+    def build(source_settings: Any) -> Any:
+        if source_settings.name == "extra":
+            return RaisingSource("extra", error)
+        return real_build(source_settings)
+
+    monkeypatch.setattr("pipeline.engine.build_source", build)
+
+
+def test_unexpected_source_error_reported(
+    tmp_path: Path, logs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = two_source_settings(tmp_path, logs)
+    replace_extra_source(monkeypatch, SdkError("ThrottlingException: Rate exceeded"))
+
+    summary = run_once(settings, now=NOW)
+
+    assert summary.sources[1].error == "SdkError: ThrottlingException: Rate exceeded"
+    assert summary.problems == ["source extra: SdkError: ThrottlingException: Rate exceeded"]
+    assert summary.events_new == 3
+    assert summary.behind() == [
+        {"source": "extra", "reason": "SdkError: ThrottlingException: Rate exceeded"}
+    ]
+    with State(tmp_path / "state" / "state.db") as state:
+        assert state.checkpoints("extra") == {}
+        assert len(state.checkpoints("local")) == 2
+
+
+def test_source_error_message_not_doubled(
+    tmp_path: Path, logs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = two_source_settings(tmp_path, logs)
+    replace_extra_source(
+        monkeypatch, SourceError("extra", "AccessDenied", "grant s3:GetObject on the bucket")
+    )
+
+    summary = run_once(settings, now=NOW)
+
+    assert summary.problems == ["source extra: AccessDenied; grant s3:GetObject on the bucket"]
+    assert summary.behind() == [
+        {
+            "source": "extra",
+            "reason": "AccessDenied; grant s3:GetObject on the bucket",
+        }
+    ]
+
+
+def test_source_os_error_reported(
+    tmp_path: Path, logs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = two_source_settings(tmp_path, logs)
+    replace_extra_source(monkeypatch, ConnectionResetError(104, "Connection reset by peer"))
+
+    summary = run_once(settings, now=NOW)
+
+    assert summary.problems == ["source extra: [Errno 104] Connection reset by peer"]
+    assert summary.events_new == 3
+
+
+def test_one_line_summary(tmp_path: Path, logs: Path) -> None:
+    settings = two_source_settings(tmp_path, logs)
+    missing = settings.sources[1].model_copy(update={"paths": [tmp_path / "gone"]})
+    settings = settings.model_copy(update={"sources": [settings.sources[0], missing]})
+
+    summary = run_once(settings, now=NOW)
+
+    line = summary.one_line()
+    assert line.startswith(
+        f"run {summary.run_id} completed_with_problems, 3 events new, 3 findings new, "
+        "1 quarantined, sources behind: extra, 1 problems, "
+    )
+    assert line.endswith(" s")
+
+
+def test_finish_log_fields_in_json(tmp_path: Path, logs: Path) -> None:
+    stream = io.StringIO()
+    handler = setup_logging("INFO", "json", stream)
+    try:
+        summary = run_once(make_settings(tmp_path), now=NOW)
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+    entries = [json.loads(line) for line in stream.getvalue().splitlines()]
+    finished = [entry for entry in entries if entry["message"].startswith("run finished: ")]
+    assert len(finished) == 1
+    assert finished[0]["message"] == f"run finished: {summary.one_line()}"
+    assert finished[0]["run_id"] == summary.run_id
+    assert finished[0]["status"] == "completed"
+    assert finished[0]["events_new"] == 4
+    assert finished[0]["findings_new"] == 4
+    assert finished[0]["sources_behind"] == []
+
+
+class PartlyReadSource(RaisingSource):
+    """A source that read part of its input and names the rest in ``problems``."""
+
+    def read(self, checkpoints: Any, *, since: Any = None, until: Any = None) -> Any:
+        return SourceBatch(
+            self.name,
+            checkpoints={"2026/10/05": ["a.json.gz"]},
+            problems=["b.json.gz: HTTP 503 SlowDown after 5 attempts"],
+        )
+
+
+def test_partly_read_source_behind(
+    tmp_path: Path, logs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = two_source_settings(tmp_path, logs)
+    real_build = build_source
+    monkeypatch.setattr(
+        "pipeline.engine.build_source",
+        lambda item: (
+            PartlyReadSource("extra", RuntimeError()) if item.name == "extra" else real_build(item)
+        ),
+    )
+    console = Console(record=True, width=300)
+
+    summary = run_once(settings, now=NOW)
+    print_summary(summary, console)
+
+    assert summary.behind() == [
+        {"source": "extra", "reason": "b.json.gz: HTTP 503 SlowDown after 5 attempts"}
+    ]
+    assert summary.problems == ["source extra: b.json.gz: HTTP 503 SlowDown after 5 attempts"]
+    with State(tmp_path / "state" / "state.db") as state:
+        assert state.checkpoints("extra") == {"2026/10/05": ["a.json.gz"]}
+    text = console.export_text()
+    assert [line.split() for line in text.splitlines() if line.startswith("source extra")] == [
+        ["source", "extra", "partly", "read"]
+    ]
