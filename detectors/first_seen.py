@@ -1,0 +1,469 @@
+"""``keytrail.first_seen``: a principal reads a secret it has not read in the look-back.
+
+The module also contains the novelty helpers that :mod:`detectors.risk` shares: loading the
+activity before a window from the hourly rollup, and marking the window rows whose value is new
+for their principal.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any, ClassVar, Final, Literal, cast
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, field_validator, model_validator
+
+from detectors._common import distinct_lists, iter_rows, read_mask, stable_key, utc_iso
+from detectors.base import Detector, DetectorParams, HistoryView, build_findings, register
+
+__all__ = [
+    "FirstSeenDetector",
+    "FirstSeenParams",
+    "first_activity",
+    "load_prior",
+    "novel_mask",
+    "prior_reads",
+    "secret_name",
+    "successful_reads",
+]
+
+logger = logging.getLogger(__name__)
+
+Severity = Literal["info", "low", "medium", "high", "critical"]
+
+_READ_ACTIONS: Final = ("read", "decrypt")
+_MAX_LISTED: Final = 10
+_COLUMNS: Final = (
+    "event_uid",
+    "time",
+    "cloud",
+    "action",
+    "outcome",
+    "invoked_by",
+    "principal",
+    "principal_type",
+    "account",
+    "resource",
+    "source_ip",
+    "geo_country",
+)
+
+
+def load_prior(
+    history: HistoryView, start: pd.Timestamp, lookback: timedelta, columns: Sequence[str]
+) -> pd.DataFrame:
+    """Return the activity in the ``lookback`` before ``start`` as rollup rows.
+
+    Whole hours come from ``history.rollup``. The part of the hour that contains ``start`` is
+    read as raw events, so no event at or after ``start`` is included even when the history
+    already contains the window. Each returned row has ``columns`` plus ``hour``, ``first_time``
+    and ``last_time``; rows of one key may repeat.
+    """
+    hour = start.floor("h")
+    since = (start - pd.Timedelta(lookback)).floor("h")
+    requested = list(dict.fromkeys(columns))
+    rolled = history.rollup(
+        since=since, until=hour, columns=[*requested, "hour", "first_time", "last_time"]
+    )
+    raw = history.events(since=hour, until=start, columns=[*requested, "time"])
+    if raw.empty:
+        return rolled.reset_index(drop=True)
+    raw = raw.assign(hour=raw["time"].dt.floor("h"), first_time=raw["time"], last_time=raw["time"])
+    raw = raw.drop(columns="time")
+    frames = [frame for frame in (rolled, raw) if not frame.empty]
+    return pd.concat(frames, ignore_index=True)
+
+
+def successful_reads(frame: pd.DataFrame) -> pd.Series:
+    """Return True for successful secret reads with a principal and a resource.
+
+    A KMS Decrypt that a secret store made for the principal (``invoked_by`` set) is part of
+    that store's read and is not counted again (see :func:`detectors._common.read_mask`).
+    """
+    mask = (
+        read_mask(frame)
+        & (frame["outcome"].astype(object) == "success")
+        & frame["principal"].notna()
+        & frame["resource"].notna()
+    )
+    return mask.fillna(False).astype(bool)
+
+
+def prior_reads(prior: pd.DataFrame) -> pd.DataFrame:
+    """Return the rollup rows of successful reads, with a principal and a resource.
+
+    The rollup has no ``invoked_by``, so a KMS Decrypt tied to a secret counts here as a read
+    of that secret. Such a Decrypt normally comes with the secret store's own read of the same
+    secret by the same principal, so the set of secrets read does not change.
+    """
+    mask = (
+        prior["action"].isin(_READ_ACTIONS)
+        & (prior["outcome"].astype(object) == "success")
+        & prior["principal"].notna()
+        & prior["resource"].notna()
+    )
+    return prior[mask.fillna(False).to_numpy(dtype=bool)]
+
+
+def first_activity(prior: pd.DataFrame, window: pd.DataFrame) -> pd.Series:
+    """Return each principal's earliest event time in ``prior`` and ``window``, by principal."""
+    earlier = prior.groupby("principal", observed=True)["first_time"].min()
+    current = window.groupby("principal", observed=True)["time"].min()
+    both = pd.concat([earlier, current])
+    return both.groupby(level=0).min()
+
+
+def novel_mask(
+    prior: pd.DataFrame, current: pd.DataFrame, keys: Sequence[str], lookback: timedelta
+) -> np.ndarray:
+    """Mark the rows of ``current`` whose ``keys`` did not occur in the ``lookback`` before.
+
+    Args:
+        prior: earlier activity with ``keys`` and ``last_time``; every row is before
+            ``current``.
+        current: rows with ``keys`` and ``time``; a row is also compared with the earlier rows
+            of ``current`` itself.
+        keys: the key columns, for example ``principal`` and ``resource``; no nulls.
+        lookback: an occurrence longer ago than this does not count.
+
+    Returns:
+        One bool per row of ``current``, in its order: True when no row with the same keys has
+        a time in ``[time - lookback, time]`` before it. A prior row at the same time as a
+        current row counts as earlier.
+    """
+    names = list(keys)
+    if current.empty:
+        return np.zeros(0, dtype=bool)
+    # One int64 code per key combination, over the prior rows followed by the current rows.
+    code = np.zeros(len(prior) + len(current), dtype=np.int64)
+    for name in names:
+        both = pd.concat([prior[name], current[name]], ignore_index=True)
+        codes, uniques = pd.factorize(both, use_na_sentinel=False)
+        code = code * max(len(uniques), 1) + codes.astype(np.int64)
+    times = np.concatenate(
+        [
+            prior["last_time"].to_numpy(dtype="datetime64[us]").astype(np.int64),
+            current["time"].to_numpy(dtype="datetime64[us]").astype(np.int64),
+        ]
+    )
+    position = np.concatenate(
+        [np.full(len(prior), -1, dtype=np.int64), np.arange(len(current), dtype=np.int64)]
+    )
+    # Doubling the times puts a prior row before a current row of the same time. The sort is
+    # stable, so current rows of the same time keep their order.
+    ranked = times * 2 + (position >= 0)
+    order = np.lexsort((ranked, code))
+    code, times, position = code[order], times[order], position[order]
+
+    same_key = np.zeros(len(code), dtype=bool)
+    same_key[1:] = code[1:] == code[:-1]
+    gap = np.zeros(len(code), dtype=np.int64)
+    gap[1:] = times[1:] - times[:-1]
+    limit = int(pd.Timedelta(lookback) / pd.Timedelta(microseconds=1))
+    new = ~same_key | (gap > limit)
+
+    result = np.zeros(len(current), dtype=bool)
+    is_current = position >= 0
+    result[position[is_current]] = new[is_current]
+    return result
+
+
+def secret_name(resource: str) -> str:
+    """Return a short name for a secret: the name in a Secrets Manager ARN, else the resource."""
+    if resource.startswith("arn:") and ":secret:" in resource:
+        return resource.split(":secret:", 1)[1]
+    return resource
+
+
+class FirstSeenParams(DetectorParams):
+    """Parameters of :class:`FirstSeenDetector`."""
+
+    lookback_days: int = Field(default=30, ge=1, le=366)
+    learning_days: int = Field(default=14, ge=0)
+    sensitive_resources: list[str] = Field(default_factory=list)
+    severity: Severity = "low"
+    sensitive_severity: Severity = "high"
+    sensitive_during_learning: bool = False
+
+    @field_validator("sensitive_resources")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        empty = [index for index, pattern in enumerate(value) if not pattern.strip()]
+        if empty:
+            raise ValueError(f"empty glob patterns at positions {empty}; remove them")
+        return value
+
+    @model_validator(mode="after")
+    def _learning_within_lookback(self) -> FirstSeenParams:
+        if self.learning_days > self.lookback_days:
+            raise ValueError(
+                f"learning_days ({self.learning_days}) is longer than lookback_days "
+                f"({self.lookback_days}); the history read would never cover it"
+            )
+        return self
+
+
+@register
+class FirstSeenDetector(Detector):
+    """A principal reads a secret it has not read in the look-back.
+
+    A read is a successful ``read``, or a ``decrypt`` that the principal made itself. A KMS
+    Decrypt that a secret store made for the principal (``invoked_by`` set) is part of that
+    store's read. A read is first-seen when the same principal has no read of the same secret
+    in the ``lookback_days`` before it, in the history or earlier in the window.
+
+    Learning period: a principal whose earliest event in the look-back is less than
+    ``learning_days`` before the read is still learning, and its first-seen reads do not fire
+    unless ``sensitive_during_learning`` is set and the secret is sensitive. ``report_``
+    counts the skipped principals (``skipped_no_history``) and secrets.
+
+    One finding per principal and UTC day lists every secret it read for the first time that
+    day, so a busy first day is one finding, not one per secret. Severity is ``severity``
+    (low), or ``sensitive_severity`` (high) when a secret matches a glob in
+    ``sensitive_resources`` (case-insensitive ``fnmatch`` on the resource).
+
+    Parameters: ``lookback_days`` (30), ``learning_days`` (14), ``sensitive_resources`` ([]),
+    ``severity`` (low), ``sensitive_severity`` (high), ``sensitive_during_learning`` (false).
+
+    Blind spots: a principal that read the secret once in the look-back, an attacker using the
+    identity that normally reads the secret, and a principal that was idle for the whole
+    look-back (it is learning again when it returns).
+
+    ATT&CK: T1555.006 (Cloud Secrets Management Stores).
+    """
+
+    id: ClassVar[str] = "keytrail.first_seen"
+    mitre: ClassVar[tuple[str, ...]] = ("T1555.006",)
+    Params: ClassVar[type[DetectorParams]] = FirstSeenParams
+    params: FirstSeenParams
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.report_: dict[str, int] = {}
+
+    @property
+    def lookback(self) -> timedelta:
+        """The look-back in which an earlier read makes a secret known."""
+        return timedelta(days=self.params.lookback_days)
+
+    def detect(self, window: pd.DataFrame, history: HistoryView, now: pd.Timestamp) -> pd.DataFrame:
+        """Return one finding per principal and UTC day with first-seen reads in ``window``."""
+        params = self.params
+        self.report_ = {"skipped_no_history": 0, "skipped_no_history_secrets": 0}
+        reads = window.loc[successful_reads(window).to_numpy(dtype=bool), list(_COLUMNS)]
+        reads = reads.sort_values("time", kind="stable").reset_index(drop=True)
+        if reads.empty:
+            return build_findings([], detector=self)
+
+        start = pd.Timestamp(window["time"].min())
+        prior = load_prior(
+            history, start, self.lookback, ("principal", "resource", "action", "outcome")
+        )
+        known = prior_reads(prior)
+        new = novel_mask(known, reads, ("principal", "resource"), self.lookback)
+
+        first = first_activity(prior, window[window["principal"].notna()])
+        reads["principal_since"] = reads["principal"].map(first).astype("datetime64[us, UTC]")
+        learned = (reads["time"] - reads["principal_since"]) >= pd.Timedelta(
+            days=params.learning_days
+        )
+        sensitive = self._sensitive(reads["resource"])
+        allowed = learned.to_numpy(dtype=bool) | (sensitive & params.sensitive_during_learning)
+        fires = new & allowed
+        skipped = reads[new & ~allowed]
+        self.report_ = {
+            "skipped_no_history": int(skipped["principal"].nunique()),
+            "skipped_no_history_secrets": len(skipped.drop_duplicates(["principal", "resource"])),
+        }
+        if len(skipped):
+            logger.debug(
+                "%s: %s principals still learning", self.id, self.report_["skipped_no_history"]
+            )
+        if not fires.any():
+            return build_findings([], detector=self)
+
+        reads["sensitive"] = sensitive
+        reads["day"] = reads["time"].dt.floor("D")
+        flagged = reads[fires]
+        findings = self._findings(reads, flagged, known)
+        logger.debug("%s: %s findings", self.id, len(findings))
+        return build_findings(findings, detector=self)
+
+    def _sensitive(self, resources: pd.Series) -> np.ndarray:
+        """Return True for resources that match a ``sensitive_resources`` glob."""
+        patterns = [pattern.lower() for pattern in self.params.sensitive_resources]
+        if not patterns:
+            return np.zeros(len(resources), dtype=bool)
+        text = resources.astype(str)
+        matches = {
+            value: any(fnmatch.fnmatchcase(value.lower(), pattern) for pattern in patterns)
+            for value in text.unique()
+        }
+        return text.map(matches).to_numpy(dtype=bool)
+
+    def _findings(
+        self, reads: pd.DataFrame, flagged: pd.DataFrame, known: pd.DataFrame
+    ) -> list[dict[str, Any]]:
+        """Build one finding per principal and day from the flagged first-seen reads."""
+        keys = ["principal", "day", "resource"]
+        secrets = flagged.groupby(keys, observed=True, sort=False).agg(
+            first_read=("time", "min"), sensitive=("sensitive", "first")
+        )
+        secrets = secrets.reset_index().sort_values(["principal", "day", "first_read", "resource"])
+        findings = secrets.groupby(["principal", "day"], observed=True, sort=True).agg(
+            start=("first_read", "min")
+        )
+        findings = findings.reset_index()
+        findings["number"] = np.arange(len(findings))
+        secrets = secrets.merge(findings[["principal", "day", "number"]], on=["principal", "day"])
+
+        # Each new secret's reads that day, from its first-seen read on.
+        members = reads.merge(secrets[[*keys, "first_read", "number"]], on=keys, how="inner")
+        members = members[(members["time"] >= members["first_read"]).to_numpy(dtype=bool)]
+        members = members.sort_values(["number", "time"], kind="stable").reset_index(drop=True)
+        reads_per_secret = members.groupby(["number", "resource"], observed=True)["event_uid"]
+        secrets = secrets.merge(
+            reads_per_secret.nunique().rename("reads").reset_index(), on=["number", "resource"]
+        )
+
+        size = len(findings)
+        number = members["number"].to_numpy()
+        columns = {
+            name: distinct_lists(number, members[name], size)
+            for name in (
+                "event_uid",
+                "source_ip",
+                "geo_country",
+                "principal_type",
+                "cloud",
+                "account",
+            )
+        }
+        per_finding = members.groupby("number", sort=True).agg(
+            last_seen=("time", "max"), since=("principal_since", "first")
+        )
+        new_secrets: list[list[dict[str, Any]]] = [[] for _ in range(size)]
+        for record in cast(list[dict[str, Any]], secrets.to_dict("records")):
+            new_secrets[int(record["number"])].append(record)
+        usual = self._usual_secrets(findings, reads, known)
+
+        rows = []
+        # One iteration per finding (principal and day), not per event.
+        for item in iter_rows(findings):
+            index = int(item.number)
+            rows.append(
+                self._finding(
+                    item,
+                    new_secrets[index],
+                    usual[index],
+                    {name: values[index] for name, values in columns.items()},
+                    per_finding.loc[index],
+                )
+            )
+        return rows
+
+    def _usual_secrets(
+        self, findings: pd.DataFrame, reads: pd.DataFrame, known: pd.DataFrame
+    ) -> list[list[str]]:
+        """Return, per finding, the secrets its principal read in the look-back before it."""
+        lookback = pd.Timedelta(self.lookback)
+        latest = known.groupby(["principal", "resource"], observed=True)["last_time"].max()
+        earlier = pd.concat(
+            [
+                latest.rename("time").reset_index(),
+                reads[["principal", "resource", "time"]],
+            ],
+            ignore_index=True,
+        )
+        pairs = findings[["principal", "start", "number"]].merge(earlier, on="principal")
+        in_range = (pairs["time"] >= pairs["start"] - lookback) & (pairs["time"] < pairs["start"])
+        pairs = pairs[in_range.to_numpy(dtype=bool)]
+        found = distinct_lists(pairs["number"].to_numpy(), pairs["resource"], len(findings))
+        return [sorted(str(resource) for resource in resources) for resources in found]
+
+    def _finding(
+        self,
+        item: Any,
+        new_secrets: list[dict[str, Any]],
+        usual: list[str],
+        values: dict[str, list[Any]],
+        totals: Any,
+    ) -> dict[str, Any]:
+        params = self.params
+        principal = str(item.principal)
+        secrets = [str(record["resource"]) for record in new_secrets]
+        sensitive = [str(record["resource"]) for record in new_secrets if record["sensitive"]]
+        names = [secret_name(resource) for resource in secrets]
+
+        since = totals["since"]
+        start = pd.Timestamp(item.start)
+        age_days = round((start - since).total_seconds() / 86400, 1)
+        days = params.lookback_days
+        others = _secrets_text(len(usual))
+
+        if len(secrets) == 1:
+            title = f"First read of {names[0]} by {principal} in {days} days"
+            summary = f"first read of {names[0]} by {principal} in {days} days; {others}"
+        else:
+            title = f"{principal} read {len(secrets)} secrets for the first time in {days} days"
+            summary = (
+                f"first reads of {len(secrets)} secrets ({', '.join(names[:_MAX_LISTED])}"
+                f"{', ...' if len(names) > _MAX_LISTED else ''}) by {principal} in {days} days; "
+                f"{others}"
+            )
+
+        return {
+            "severity": params.sensitive_severity if sensitive else params.severity,
+            "title": title,
+            "principal": principal,
+            "principal_type": _single(values["principal_type"]),
+            "cloud": _single(values["cloud"]),
+            "account": _single(values["account"]),
+            "resources": secrets,
+            "source_ips": values["source_ip"],
+            "countries": values["geo_country"],
+            "first_seen": start,
+            "last_seen": pd.Timestamp(totals["last_seen"]),
+            "event_uids": values["event_uid"],
+            "dedup_key": stable_key(self.id, principal, f"{item.day:%Y-%m-%d}"),
+            "evidence": {
+                "day": f"{item.day:%Y-%m-%d}",
+                "new_secrets": [
+                    {
+                        "resource": str(record["resource"]),
+                        "name": secret_name(str(record["resource"])),
+                        "first_read": utc_iso(record["first_read"]),
+                        "reads": int(record["reads"]),
+                        "sensitive": bool(record["sensitive"]),
+                    }
+                    for record in new_secrets
+                ],
+                "new_secret_count": len(secrets),
+                "sensitive_secrets": sensitive,
+                "principal_age_days": age_days,
+                "learning_days": params.learning_days,
+            },
+            "baseline": {
+                "days": days,
+                "usual_secret_count": len(usual),
+                "usual_secrets": [secret_name(resource) for resource in usual[:_MAX_LISTED]],
+                "principal_first_seen": utc_iso(since),
+                "principal_age_days": age_days,
+                "summary": summary,
+            },
+        }
+
+
+def _secrets_text(count: int) -> str:
+    if count == 0:
+        return "it read no other secret in that time"
+    noun = "secret" if count == 1 else "secrets"
+    return f"it reads {count} other {noun}"
+
+
+def _single(values: list[Any]) -> str | None:
+    return str(values[0]) if len(values) == 1 else None
