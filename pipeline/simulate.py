@@ -28,6 +28,11 @@ from zoneinfo import ZoneInfo
 import holidays
 import numpy as np
 
+from pipeline.simulate_baselines import (
+    build_baseline_scenarios,
+    build_newcomers,
+    newcomer_routines,
+)
 from pipeline.simulate_formats import AwsWriter, AzureWriter, GcpWriter, iter_sizes
 from pipeline.simulate_geo import GeoPicker
 from pipeline.simulate_population import Access, Principal, build_population
@@ -60,6 +65,7 @@ class SimulationReport:
     principals: int = 0
     incidents: int = 0
     decoys: int = 0
+    expected: int = 0
     broken: list[str] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)
 
@@ -69,6 +75,7 @@ class SimulationReport:
         return (
             f"{self.files} files ({self.bytes / 1e6:.1f} MB) in {self.out}: records {records}; "
             f"{self.principals} principals, {self.incidents} incidents, {self.decoys} decoys, "
+            f"{self.expected} expected spans, "
             f"{len(self.broken)} broken records"
         )
 
@@ -258,14 +265,50 @@ def _population_document(population: dict[str, Principal]) -> list[dict[str, Any
 
 def _label_document(scenarios: list[Scenario], seed: int, start: date, days: int) -> dict[str, Any]:
     incidents = [scenario.label() for scenario in scenarios if scenario.detectors]
-    decoys = [scenario.label() for scenario in scenarios if not scenario.detectors]
+    expected = [scenario.label() for scenario in scenarios if scenario.expected]
+    decoys = [
+        scenario.label()
+        for scenario in scenarios
+        if not scenario.detectors and not scenario.expected
+    ]
     return {
         "seed": seed,
         "start": start.isoformat(),
         "days": days,
         "incidents": incidents,
         "decoys": decoys,
+        "expected": expected,
     }
+
+
+def _baseline_scenarios(
+    seed: int,
+    population: dict[str, Principal],
+    attacker_ips: dict[str, Any],
+    accesses: list[Access],
+    start: date,
+    days: int,
+) -> list[Scenario]:
+    """Add the principals, routines and scenarios of the learning detectors.
+
+    They draw from a second generator seeded with ``[seed, 1]``, so the calls of the older
+    scenarios stay as they were. The newcomers join ``population`` and their routine calls
+    are appended to ``accesses``.
+    """
+    rng = np.random.default_rng([seed, 1])
+    geo = GeoPicker(rng)
+    try:
+        taken = [address for principal in population.values() for address in principal.ips]
+        taken += [attacker_ips["bucharest"], attacker_ips["sao_paulo"]]
+        taken += [attacker_ips["san_francisco"], *attacker_ips["amsterdam"]]
+        geo.reserve(taken)
+        newcomers = build_newcomers(rng, geo, population)
+    finally:
+        geo.close()
+    population.update(newcomers.principals)
+    routine = newcomer_routines(rng, population, start, days, _person_routine, local_to_us)
+    accesses.extend(routine)
+    return build_baseline_scenarios(rng, population, newcomers, routine, local_to_us)
 
 
 def generate(
@@ -318,9 +361,11 @@ def generate(
         accesses.append(Access(moment, legacy, "read", (secret,), "success", legacy.ips[0]))
 
     period_end = begin + days * 86_400_000_000
+    scenarios = build_scenarios(rng, population, attacker_ips, local_to_us)
+    scenarios += _baseline_scenarios(seed, population, attacker_ips, accesses, start, days)
     scenarios = [
         scenario
-        for scenario in build_scenarios(rng, population, attacker_ips, local_to_us)
+        for scenario in scenarios
         if begin <= scenario.start_us and scenario.end_us < period_end
     ]
     for scenario in scenarios:
@@ -362,6 +407,7 @@ def generate(
         principals=len(population),
         incidents=len(labels["incidents"]),
         decoys=len(labels["decoys"]),
+        expected=len(labels["expected"]),
         broken=gcp.broken + azure.broken,
         incomplete=azure.incomplete,
     )

@@ -158,6 +158,10 @@ class GeoPicker:
         """Close the database."""
         self._reader.close()
 
+    def reserve(self, addresses: list[str]) -> None:
+        """Mark addresses as used, so that :meth:`pick` never returns them."""
+        self._used.update(addresses)
+
     def pick(self, city_key: str, count: int, *, version: int = 4) -> list[str]:
         """Return ``count`` distinct, unused addresses located in the city.
 

@@ -532,3 +532,20 @@ def build_population(rng: np.random.Generator, geo: GeoPicker) -> dict[str, Prin
         rng, "mi-report-archiver", "KV-LEGACY-REPORTS", managed=True
     )
     return population
+
+
+def build_person(
+    rng: np.random.Generator,
+    geo: GeoPicker,
+    name: str,
+    city: str,
+    timezone: str,
+    country: str,
+    cloud: str,
+    scope: str,
+    *,
+    region: str = "",
+    aws_identity: str = "",
+) -> Principal:
+    """Build one person the way :func:`build_population` does, for principals added later."""
+    return _person(rng, geo, (name, city, timezone, country, cloud, scope, region, aws_identity))

@@ -23,13 +23,22 @@ OFF_HOURS: Final = "keytrail.off_hours"
 NEW_COUNTRY: Final = "keytrail.new_country"
 IMPOSSIBLE_TRAVEL: Final = "keytrail.impossible_travel"
 FAILURE_BURST: Final = "keytrail.failure_burst"
+FIRST_SEEN: Final = "keytrail.first_seen"
+RISK: Final = "keytrail.risk"
+VOLUME_SPIKE: Final = "keytrail.volume_spike"
+ISOLATION_FOREST: Final = "keytrail.isolation_forest"
 
 LocalToUs = Callable[[date, time, str], int]
 
 
 @dataclass
 class Scenario:
-    """One injected incident (``detectors`` set) or decoy (``must_not_fire`` set)."""
+    """One injected incident (``detectors`` set), decoy (``must_not_fire`` set) or expected span.
+
+    An expected span (``expected`` set) injects nothing: it labels routine activity that a
+    detector flags by design, such as the days before a learned baseline applies.
+    ``may_fire`` lists detectors whose findings on an incident are correct but not required.
+    """
 
     id: str
     kind: str
@@ -43,15 +52,23 @@ class Scenario:
     # (principal key, start, end) spans whose routine calls this scenario replaces.
     cleared: list[tuple[str, int, int]] = field(default_factory=list)
     principals: list[str] = field(default_factory=list)
+    may_fire: list[str] = field(default_factory=list)
+    expected: list[str] = field(default_factory=list)
+    # (start, end) in epoch microseconds for a scenario without calls of its own.
+    span: tuple[int, int] | None = None
 
     @property
     def start_us(self) -> int:
-        """Time of the first injected call, in epoch microseconds."""
+        """Time of the first injected call (or the span's start), in epoch microseconds."""
+        if self.span is not None and not self.accesses:
+            return self.span[0]
         return min(access.time_us for access in self.accesses)
 
     @property
     def end_us(self) -> int:
-        """Time of the last injected call, in epoch microseconds."""
+        """Time of the last injected call (or the span's end), in epoch microseconds."""
+        if self.span is not None and not self.accesses:
+            return self.span[1]
         return max(access.time_us for access in self.accesses)
 
     def replaces(self, access: Access) -> bool:
@@ -79,6 +96,10 @@ class Scenario:
             entry["source_ip"] = self.source_ip
         if self.detectors:
             entry["detectors"] = list(self.detectors)
+            if self.may_fire:
+                entry["may_fire"] = list(self.may_fire)
+        elif self.expected:
+            entry["expected"] = list(self.expected)
         else:
             entry["must_not_fire"] = list(self.must_not_fire)
         entry["description"] = self.description
@@ -269,6 +290,7 @@ def build_scenarios(
             "within 5 minutes from one public address in Bucharest, then reads a ninth secret "
             "successfully: credential guessing with a stolen key.",
             detectors=[FAILURE_BURST],
+            may_fire=[FIRST_SEEN, RISK, VOLUME_SPIKE, ISOLATION_FOREST],
             accesses=guesses,
             source_ip=guess_ip,
         )
@@ -295,6 +317,7 @@ def build_scenarios(
             "One public address in Amsterdam is refused (HTTP 403) 12 times in 6 minutes while "
             "presenting tokens of four different Azure identities, three denials each.",
             detectors=[FAILURE_BURST],
+            may_fire=[RISK],
             accesses=spray,
             source_ip=spray_ip,
             principals=[target.key for target in sprayed],
@@ -372,7 +395,7 @@ def _decoys(
             outage_start + index * 300_000_000 + int(rng.integers(0, 20_000_000)),
             invoice,
             "read",
-            ("invoice-api-token",),
+            invoice.secrets[:1],
             "denied",
             invoice.ips[0],
         )
@@ -383,7 +406,7 @@ def _decoys(
             outage_start + 7_320_000_000,
             invoice,
             "read",
-            ("invoice-api-token",),
+            invoice.secrets[:1],
             "success",
             invoice.ips[0],
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
@@ -9,8 +10,10 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from pipeline.alerting.routing import AllowEntry
+from pipeline.alerting.silences import Matcher, Silence, SilenceStore
 from pipeline.errors import InputError
-from pipeline.evaluate import evaluate, load_findings, load_labels
+from pipeline.evaluate import evaluate, load_findings, load_labels, read_silences
 
 OFF = "keytrail.off_hours"
 TRAVEL = "keytrail.impossible_travel"
@@ -123,7 +126,7 @@ def test_no_findings_precision_none() -> None:
 
 
 def test_no_incidents_recall_none() -> None:
-    labels = {"incidents": [], "decoys": []}
+    labels: dict[str, Any] = {"incidents": [], "decoys": []}
     scores = evaluate(
         [_finding(BURST, "x", "2026-10-01T00:00:00Z", "2026-10-01T00:01:00Z")], labels
     )
@@ -211,10 +214,13 @@ def test_table_lists_detectors() -> None:
         "TP",
         "FP",
         "FN",
-        "findings",
-        "incidents",
+        "expected",
+        "allowed",
+        "silenced",
+        "alerts",
+        "alerts/day",
     ]
-    assert lines[2].split() == [BURST, "-", "0.00", "0", "0", "1", "0", "1"]
+    assert lines[2].split() == [BURST, "-", "0.00", "0", "0", "1", "0", "0", "0", "0", "0.00"]
     assert "missed: night-read (keytrail.off_hours)" in lines
     assert lines[-1] == "decoy violations: none"
 
@@ -252,3 +258,234 @@ def test_load_findings_bad_line(tmp_path: Path) -> None:
     path.write_text('{"detector": "a"}\n[1, 2]\n')
     with pytest.raises(InputError, match="line 2: expected a JSON object"):
         load_findings(path)
+
+
+# --- may_fire, expected spans, filters and alerts per day ---------------------------------------
+
+RISK = "keytrail.risk"
+FIRST = "keytrail.first_seen"
+SPIKE = "keytrail.volume_spike"
+NOW = dt.datetime(2026, 10, 31, tzinfo=dt.UTC)
+
+EXTENDED: dict[str, Any] = {
+    "start": "2026-10-01",
+    "days": 30,
+    "incidents": [
+        {
+            "id": "takeover",
+            "principal": "felix@example.com",
+            "start": "2026-10-27T15:12:00Z",
+            "end": "2026-10-27T16:31:00Z",
+            "detectors": [RISK],
+            "may_fire": [FIRST],
+        }
+    ],
+    "decoys": [
+        {
+            "id": "quarter-end",
+            "principal": "mi-batch-jobs",
+            "start": "2026-10-30T00:00:00Z",
+            "end": "2026-10-30T23:59:00Z",
+            "must_not_fire": [SPIKE],
+        }
+    ],
+    "expected": [
+        {
+            "id": "night-shift-learning",
+            "principal": "carlos@example.com",
+            "start": "2026-10-01T05:30:00Z",
+            "end": "2026-10-15T07:30:00Z",
+            "expected": [OFF],
+        }
+    ],
+}
+
+
+def _quarter_end(finding_id: str = "q-1") -> dict[str, Any]:
+    return _finding(
+        SPIKE,
+        "mi-batch-jobs",
+        "2026-10-30T00:00:41Z",
+        "2026-10-30T23:20:41Z",
+        finding_id=finding_id,
+        account="kv",
+        source_ips=["10.1.3.4"],
+        evidence={},
+    )
+
+
+def test_may_fire_counts_true_positive() -> None:
+    findings = [
+        _finding(FIRST, "felix@example.com", "2026-10-27T15:24:00Z", "2026-10-27T16:31:00Z")
+    ]
+
+    scores = evaluate(findings, EXTENDED, now=NOW).to_json()
+
+    assert scores[FIRST]["true_positives"] == 1
+    assert scores[FIRST]["false_positives"] == 0
+    assert scores[FIRST]["recall"] is None
+    assert scores[RISK]["false_negatives"] == 1
+    assert scores[RISK]["missed"] == ["takeover"]
+
+
+def test_expected_span_neither_true_nor_false() -> None:
+    findings = [
+        _finding(OFF, "carlos@example.com", "2026-10-02T06:08:00Z", "2026-10-02T06:40:00Z"),
+        _finding(OFF, "carlos@example.com", "2026-10-20T06:08:00Z", "2026-10-20T06:40:00Z"),
+    ]
+
+    scores = evaluate(findings, EXTENDED, now=NOW).to_json()
+
+    assert scores[OFF]["expected"] == 1
+    assert scores[OFF]["false_positives"] == 1
+    assert scores[OFF]["true_positives"] == 0
+    assert scores[OFF]["precision"] == 0.0
+
+
+def test_allow_list_removes_decoy_finding() -> None:
+    entry = AllowEntry(detectors=[SPIKE], principals=["mi-batch-*"], reason="quarter close")
+
+    report = evaluate([_quarter_end()], EXTENDED, allow_list=[entry], now=NOW)
+
+    scores = report.to_json()[SPIKE]
+    assert scores["findings"] == 1
+    assert scores["allowed"] == 1
+    assert scores["alerts"] == 0
+    assert scores["false_positives"] == 0
+    assert report.decoy_violations == []
+    assert [removal.to_json() for removal in report.removed] == [
+        {
+            "finding_id": "q-1",
+            "detector": SPIKE,
+            "principal": "mi-batch-jobs",
+            "first_seen": "2026-10-30T00:00:41Z",
+            "removed_by": "allow-list entry 0: quarter close",
+            "labels": ["quarter-end"],
+        }
+    ]
+    assert (
+        "removed by allow-list entry 0: quarter close: keytrail.volume_spike finding q-1 "
+        "(mi-batch-jobs, 2026-10-30T00:00:41Z; matched quarter-end)"
+    ) in report.to_table().splitlines()
+
+
+def test_expired_allow_entry_keeps_finding() -> None:
+    entry = AllowEntry(
+        detectors=[SPIKE],
+        principals=["mi-batch-jobs"],
+        reason="quarter close",
+        expires=dt.datetime(2026, 10, 15, tzinfo=dt.UTC),
+    )
+
+    report = evaluate([_quarter_end()], EXTENDED, allow_list=[entry], now=NOW)
+
+    assert report.to_json()[SPIKE]["allowed"] == 0
+    assert report.decoy_violations == [
+        {"decoy": "quarter-end", "detector": SPIKE, "finding_id": "q-1"}
+    ]
+
+
+def test_default_now_is_period_end() -> None:
+    entry = AllowEntry(
+        detectors=[SPIKE],
+        principals=["mi-batch-jobs"],
+        reason="quarter close",
+        expires=dt.datetime(2026, 11, 2, tzinfo=dt.UTC),
+    )
+
+    report = evaluate([_quarter_end()], EXTENDED, allow_list=[entry])
+
+    assert report.to_json()[SPIKE]["allowed"] == 1
+
+
+def test_silence_removal_named() -> None:
+    silence = Silence(
+        id="5a1e0c07",
+        matchers=[Matcher(label="principal", value="mi-batch-jobs")],
+        owner="ops@example.com",
+        reason="quarter close",
+        starts_at=dt.datetime(2026, 10, 29, tzinfo=dt.UTC),
+        ends_at=dt.datetime(2026, 11, 1, tzinfo=dt.UTC),
+        created_at=dt.datetime(2026, 10, 29, tzinfo=dt.UTC),
+    )
+
+    report = evaluate([_quarter_end()], EXTENDED, silences=[silence], now=NOW)
+
+    assert report.to_json()[SPIKE]["silenced"] == 1
+    assert report.to_json()[SPIKE]["alerts"] == 0
+    assert report.removed[0].removed_by == "silence 5a1e0c07"
+
+
+def test_alerts_per_day_over_period() -> None:
+    findings = [
+        _finding(
+            OFF, "tom@example.com", f"2026-10-{day:02d}T07:05:00Z", f"2026-10-{day:02d}T07:06:00Z"
+        )
+        for day in range(1, 7)
+    ]
+
+    scores = evaluate(findings, EXTENDED, now=NOW).to_json()
+
+    assert scores[OFF]["alerts"] == 6
+    assert scores[OFF]["alerts_per_day"] == 0.2
+
+
+def test_alerts_per_day_without_period() -> None:
+    findings = [
+        _finding(OFF, "tom@example.com", "2026-10-01T07:05:00Z", "2026-10-01T07:06:00Z"),
+        _finding(OFF, "tom@example.com", "2026-10-03T07:05:00Z", "2026-10-03T07:06:00Z"),
+        _finding(OFF, "ann@example.com", "2026-10-03T08:05:00Z", "2026-10-03T08:06:00Z"),
+    ]
+
+    report = evaluate(findings, {"incidents": [], "decoys": []}, now=NOW)
+
+    assert report.days == 2
+    assert report.to_json()[OFF]["alerts_per_day"] == 1.5
+
+
+def test_document_holds_removals() -> None:
+    entry = AllowEntry(detectors=[SPIKE], principals=["mi-batch-jobs"], reason="quarter close")
+
+    document = evaluate([_quarter_end()], EXTENDED, allow_list=[entry], now=NOW).to_document()
+
+    assert document["days"] == 30
+    assert document["removed"][0]["removed_by"] == "allow-list entry 0: quarter close"
+    assert document["decoy_violations"] == []
+    assert document["detectors"][SPIKE]["allowed"] == 1
+
+
+def test_load_labels_expected_missing_key(tmp_path: Path) -> None:
+    path = tmp_path / "labels.json"
+    broken = {"expected": [{"id": "a", "principal": "p", "start": "x", "end": "y"}]}
+    path.write_text(json.dumps(broken))
+
+    with pytest.raises(InputError, match=r"expected\[0\] is missing expected"):
+        load_labels(path)
+
+
+def test_read_silences_leaves_file_unchanged(tmp_path: Path) -> None:
+    state_db = tmp_path / "state.db"
+    store = SilenceStore(state_db)
+    store.add(
+        Silence(
+            id="0000c0de",
+            matchers=[Matcher(label="detector", value=SPIKE)],
+            owner="ops@example.com",
+            reason="maintenance",
+            starts_at=dt.datetime(2026, 10, 29, tzinfo=dt.UTC),
+            ends_at=dt.datetime(2026, 10, 30, tzinfo=dt.UTC),
+            created_at=dt.datetime(2026, 10, 29, tzinfo=dt.UTC),
+        ),
+        now=dt.datetime(2026, 10, 29, tzinfo=dt.UTC),
+    )
+    before = state_db.read_bytes()
+
+    silences = read_silences(state_db)
+
+    assert [silence.id for silence in silences] == ["0000c0de"]
+    assert state_db.read_bytes() == before
+
+
+def test_read_silences_missing_file(tmp_path: Path) -> None:
+    assert read_silences(tmp_path / "state.db") == []
+    assert list(tmp_path.iterdir()) == []

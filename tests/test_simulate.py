@@ -82,7 +82,7 @@ def test_report_counts(short_run: tuple[Path, SimulationReport]) -> None:
     files = [path for path in out.rglob("*") if path.is_file()]
     assert report.files == len(files)
     assert report.bytes == sum(path.stat().st_size for path in files)
-    assert report.principals == 39
+    assert report.principals == 43
     assert len(report.broken) == 3
     assert len(report.incomplete) == 1
 
@@ -108,10 +108,12 @@ def test_month_labels_valid(month_run: tuple[Path, SimulationReport]) -> None:
     assert labels["seed"] == 7
     assert labels["start"] == "2026-10-01"
     assert labels["days"] == 30
-    assert len(labels["incidents"]) == 7
-    assert len(labels["decoys"]) == 4
-    assert report.incidents == 7
-    assert report.decoys == 4
+    assert len(labels["incidents"]) == 14
+    assert len(labels["decoys"]) == 8
+    assert len(labels["expected"]) == 1
+    assert report.incidents == 14
+    assert report.decoys == 8
+    assert report.expected == 1
 
 
 def test_month_incidents_inside_period(month_run: tuple[Path, SimulationReport]) -> None:
@@ -119,7 +121,7 @@ def test_month_incidents_inside_period(month_run: tuple[Path, SimulationReport])
     labels = load_labels(out / "labels.json")
     begin = datetime(2026, 10, 1, tzinfo=UTC)
     end = begin + timedelta(days=30)
-    for entry in labels["incidents"] + labels["decoys"]:
+    for entry in labels["incidents"] + labels["decoys"] + labels["expected"]:
         start = datetime.fromisoformat(entry["start"])
         finish = datetime.fromisoformat(entry["end"])
         assert begin <= start <= finish < end, entry["id"]
@@ -136,16 +138,84 @@ def test_month_incident_detectors(month_run: tuple[Path, SimulationReport]) -> N
         "impossible-travel-jonas": ["keytrail.impossible_travel", "keytrail.new_country"],
         "failure-burst-reporting-etl": ["keytrail.failure_burst"],
         "failure-burst-source-ip": ["keytrail.failure_burst"],
+        "volume-spike-checkout": ["keytrail.volume_spike"],
+        "mass-retrieval-ci-aws": ["keytrail.mass_retrieval"],
+        "mass-retrieval-ci-gcp": ["keytrail.mass_retrieval"],
+        "first-seen-slow-reader-priya": ["keytrail.first_seen"],
+        "cross-cloud-intruder": ["keytrail.cross_cloud"],
+        "off-hours-learned-sofia": ["keytrail.off_hours"],
+        "takeover-felix": ["keytrail.risk", "keytrail.isolation_forest"],
     }
     assert {entry["id"]: entry["detectors"] for entry in labels["incidents"]} == expected
+
+
+def test_month_decoys_and_expected(month_run: tuple[Path, SimulationReport]) -> None:
+    out, _ = month_run
+    labels = load_labels(out / "labels.json")
+    decoys = {entry["id"]: entry["must_not_fire"] for entry in labels["decoys"]}
+    expected = {entry["id"]: entry["expected"] for entry in labels["expected"]}
+    assert decoys == {
+        "decoy-flight-david": [
+            "keytrail.impossible_travel",
+            "keytrail.new_country",
+            "keytrail.off_hours",
+        ],
+        "decoy-ci-night-deploy": ["keytrail.off_hours"],
+        "decoy-misconfigured-invoice-sync": ["keytrail.failure_burst"],
+        "decoy-late-sarah": ["keytrail.off_hours"],
+        "decoy-quarter-end-batch": ["keytrail.volume_spike"],
+        "decoy-new-engineer-noah": ["keytrail.first_seen", "keytrail.risk"],
+        "decoy-two-clouds-maria": ["keytrail.cross_cloud"],
+        "decoy-night-shift-carlos": ["keytrail.off_hours"],
+    }
+    assert expected == {
+        "expected-night-shift-learning-carlos": ["keytrail.off_hours"],
+    }
+
+
+def test_month_night_shift_split(month_run: tuple[Path, SimulationReport]) -> None:
+    out, _ = month_run
+    labels = load_labels(out / "labels.json")
+    learning = next(e for e in labels["expected"] if e["id"].startswith("expected-night"))
+    learned = next(e for e in labels["decoys"] if e["id"] == "decoy-night-shift-carlos")
+    # Ten working nights (Columbus Day, 2026-10-12, is a US holiday) before learned hours apply.
+    assert learning["start"].startswith("2026-10-01T0")
+    assert learning["end"].startswith("2026-10-15T0")
+    assert learned["start"].startswith("2026-10-16T0")
+    assert learning["end"] < learned["start"]
+
+
+def test_month_takeover_calls(month_run: tuple[Path, SimulationReport]) -> None:
+    out, _ = month_run
+    result = read_paths([out / "azure"])
+    events = result.events
+    felix = events[events["principal"] == "felix.wagner@example.com"]
+    odd = felix[felix["user_agent"] == "python-requests/2.32.3"]
+    assert len(odd) == 14
+    assert int((odd["outcome"] != "success").sum()) == 5
+    assert odd["source_ip"].nunique() == 1
+    assert odd["source_ip"].iloc[0] not in set(
+        felix[felix["user_agent"] != "python-requests/2.32.3"]["source_ip"]
+    )
+
+
+def test_month_mass_retrieval_lists_first(month_run: tuple[Path, SimulationReport]) -> None:
+    out, _ = month_run
+    events = read_paths([out / "aws"]).events
+    ci = events[events["principal"] == "arn:aws:iam::402857164913:role/ci-deploy"]
+    day = ci[ci["time"].dt.strftime("%Y-%m-%d") == "2026-10-27"].sort_values("time")
+    burst = day[day["time"].dt.hour == 2]
+    assert burst["action"].iloc[0] == "list"
+    reads = burst[burst["action"] == "read"]
+    assert reads["resource"].nunique() == 10
 
 
 def test_month_population_people(month_run: tuple[Path, SimulationReport]) -> None:
     out, _ = month_run
     rows = json.loads((out / "population.json").read_text())["principals"]
     people = [row for row in rows if row["kind"] == "person"]
-    assert len(rows) == 39
-    assert len(people) == 18
+    assert len(rows) == 43
+    assert len(people) == 22
     assert {row["timezone"] for row in people} == {
         "America/New_York",
         "America/Los_Angeles",
