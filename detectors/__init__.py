@@ -1,7 +1,18 @@
 """keytrail's detectors. Importing this package registers the built-in ones."""
 
 # Importing a detector module registers its detectors.
-from detectors import failure_burst, geo, off_hours  # noqa: F401
+from detectors import (  # noqa: F401
+    cross_cloud,
+    failure_burst,
+    first_seen,
+    geo,
+    isolation_forest,
+    mass_retrieval,
+    off_hours,
+    risk,
+    volume,
+)
+from detectors.api import run
 from detectors.base import (
     FINDING_COLUMNS,
     SEVERITIES,
@@ -26,4 +37,5 @@ __all__ = [
     "empty_findings",
     "get_detector",
     "registered_detectors",
+    "run",
 ]

@@ -14,27 +14,33 @@ event. Every finding explains itself with ``evidence`` and the ``baseline`` it w
 from __future__ import annotations
 
 import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
-from typing import Any, ClassVar, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol, Self
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.schema import empty_events
 
 __all__ = [
     "FINDING_COLUMNS",
+    "ROLLUP_COLUMNS",
     "ROLLUP_KEYS",
+    "ROLLUP_VALUES",
     "SEVERITIES",
     "Detector",
     "DetectorParams",
     "FrameHistory",
     "HistoryView",
+    "StatisticalDetector",
+    "StatisticalParams",
     "build_findings",
     "empty_findings",
     "get_detector",
+    "project_rollup",
     "register",
     "registered_detectors",
     "rollup_events",
@@ -89,11 +95,19 @@ ROLLUP_KEYS: Final = (
     "operation",
     "action",
     "outcome",
+    "invoked_by",
     "source_ip",
     "geo_country",
     "asn",
 )
-"""Key columns of the hourly rollup; ``hour`` is the event time floored to the hour (UTC)."""
+"""Key columns of the hourly rollup; ``hour`` is the event time floored to the hour (UTC).
+``invoked_by`` is a key so that :func:`detectors._common.read_mask` works on rollup rows."""
+
+ROLLUP_VALUES: Final = ("count", "first_time", "last_time")
+"""Value columns of the hourly rollup: rows, and the earliest and latest event time."""
+
+ROLLUP_COLUMNS: Final = (*ROLLUP_KEYS, *ROLLUP_VALUES)
+"""Every column of the hourly rollup, keys first."""
 
 
 def rollup_events(events: pd.DataFrame) -> pd.DataFrame:
@@ -120,11 +134,44 @@ def rollup_events(events: pd.DataFrame) -> pd.DataFrame:
     return result
 
 
+def project_rollup(rollup: pd.DataFrame, columns: Sequence[str] | None) -> pd.DataFrame:
+    """Keep only ``columns`` of rollup rows, merging the rows that then share their keys.
+
+    The key columns among ``columns`` become the group; ``count`` is summed, ``first_time``
+    takes the minimum and ``last_time`` the maximum. None keeps every column as it is.
+
+    Raises:
+        ValueError: ``columns`` names a column outside :data:`ROLLUP_COLUMNS`.
+    """
+    if columns is None:
+        return rollup
+    selected = list(columns)
+    unknown = [name for name in selected if name not in ROLLUP_COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown rollup columns {unknown}; known: {', '.join(ROLLUP_COLUMNS)}")
+    keys = [name for name in selected if name in ROLLUP_KEYS]
+    values = {"count": "sum", "first_time": "min", "last_time": "max"}
+    aggregations = {name: how for name, how in values.items() if name in selected}
+    if rollup.empty:
+        return rollup[selected].reset_index(drop=True)
+    if not keys:
+        # No key asked for: one row of totals.
+        totals = {name: [getattr(rollup[name], how)()] for name, how in aggregations.items()}
+        return pd.DataFrame(totals)[selected]
+    grouped = rollup.groupby(keys, dropna=False, observed=True, sort=False)
+    if aggregations:
+        merged = grouped.agg(aggregations).reset_index()
+    else:
+        merged = rollup[keys].drop_duplicates().reset_index(drop=True)
+    return merged[selected]
+
+
 class HistoryView(Protocol):
     """Read access to earlier events, for baselines.
 
     ``events`` returns raw events; ``rollup`` returns hourly counts (see :func:`rollup_events`),
-    which is what a baseline over weeks should read.
+    which is what a baseline over weeks should read. Both bounds compare with event times, so
+    an hour cut by ``since`` or ``until`` counts only its events inside the range.
     """
 
     def rollup(
@@ -134,10 +181,12 @@ class HistoryView(Protocol):
         until: pd.Timestamp | None = None,
         columns: Sequence[str] | None = None,
     ) -> pd.DataFrame:
-        """Return hourly rollup rows with ``since <= hour < until``, only ``columns`` if given.
+        """Return the hourly rollup of the events with ``since <= time < until``.
 
-        Rows of one key may repeat (one per run that stored events of that hour): group and
-        sum ``count`` (and take the min/max of ``first_time``/``last_time``) before use.
+        With ``columns``, only those columns are returned and rows that share the requested
+        key columns are merged as :func:`project_rollup` does. Without it, rows of one key may
+        repeat (one per run that stored events of that hour): group and sum ``count`` (and
+        take the min/max of ``first_time``/``last_time``) before use.
         """
         ...
 
@@ -185,10 +234,7 @@ class FrameHistory:
         columns: Sequence[str] | None = None,
     ) -> pd.DataFrame:
         """Return the hourly rollup of the rows in ``[since, until)``, only ``columns`` if given."""
-        result = rollup_events(self.events(since=since, until=until))
-        if columns is not None:
-            result = result[list(columns)]
-        return result
+        return project_rollup(rollup_events(self.events(since=since, until=until)), columns)
 
 
 class DetectorParams(BaseModel):
@@ -223,6 +269,80 @@ class Detector(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params!r})"
+
+
+class StatisticalParams(DetectorParams):
+    """Base of the parameter models of statistical detectors."""
+
+    refit_hours: float = Field(default=24.0, gt=0)
+    """Fitted state older than this (counted in event time) is fitted again."""
+
+
+class StatisticalDetector(Detector):
+    """A detector that learns from history before it scores, in the scikit-learn shape.
+
+    :meth:`fit` learns from the history before a time and stores what it learned in attributes
+    whose names end in ``_``. :meth:`score` returns one number per window row, and a higher
+    number is more anomalous. :meth:`get_state` and :meth:`set_state` move the learned
+    attributes to and from a JSON-ready dict, so the engine can keep them in the state database
+    and skip the fit in the next run. A subclass's :meth:`detect` calls :meth:`ensure_fitted`
+    first, so it also works on a detector nothing was fitted on (notebooks, tests).
+
+    The engine refits when the parameters changed (:meth:`params_hash`) or
+    :meth:`needs_refit` says the state is too old for the window. The engine's history view
+    reads no further back than :attr:`lookback`, so it must cover the span :meth:`fit` reads.
+    """
+
+    Params: ClassVar[type[DetectorParams]] = StatisticalParams
+    params: StatisticalParams
+    fitted_through_: pd.Timestamp | None = None
+
+    @property
+    def fitted_through(self) -> pd.Timestamp | None:
+        """End (exclusive) of the history the fitted state learned from; None before a fit."""
+        return self.fitted_through_
+
+    @abstractmethod
+    def fit(self, history: HistoryView, now: pd.Timestamp) -> Self:
+        """Learn from the history before ``now`` and set :attr:`fitted_through_` to ``now``."""
+
+    @abstractmethod
+    def score(self, window: pd.DataFrame) -> pd.Series:
+        """Return one anomaly score per row of ``window`` (same index); higher is more anomalous.
+
+        The subclass documents what a row is: an event, or an aggregate such as a
+        principal-hour. Rows the fitted state cannot judge (for example a principal without
+        enough history) score NaN.
+        """
+
+    @abstractmethod
+    def get_state(self) -> dict[str, Any]:
+        """Return the fitted attributes as a JSON-ready dict, ``fitted_through`` included."""
+
+    @abstractmethod
+    def set_state(self, state: dict[str, Any]) -> Self:
+        """Restore the fitted attributes from a dict that :meth:`get_state` returned."""
+
+    def needs_refit(self, until: pd.Timestamp) -> bool:
+        """Return True when the state cannot serve a window that starts at ``until``.
+
+        That is when nothing is fitted, when the state learned from events at or after
+        ``until`` (a replay of older history), or when it is older than ``refit_hours``.
+        """
+        fitted = self.fitted_through_
+        if fitted is None or fitted > until:
+            return True
+        return until - fitted > pd.Timedelta(hours=self.params.refit_hours)
+
+    def params_hash(self) -> str:
+        """Return a digest of the parameters that shape the fitted state (not ``refit_hours``)."""
+        shaping = self.params.model_dump(mode="json", exclude={"refit_hours"})
+        return _digest(self.id, json.dumps(shaping, sort_keys=True))
+
+    def ensure_fitted(self, history: HistoryView, until: pd.Timestamp) -> None:
+        """Fit on the history before ``until`` unless the current state can serve it."""
+        if self.needs_refit(until):
+            self.fit(history, until)
 
 
 _REGISTRY: dict[str, type[Detector]] = {}

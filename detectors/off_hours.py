@@ -1,4 +1,4 @@
-"""``keytrail.off_hours``: secret reads outside the principal's business hours."""
+"""``keytrail.off_hours``: secret reads outside the principal's business hours or usual hours."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from detectors._common import (
     IN_WINDOW,
     distinct_lists,
     iter_rows,
-    load_context,
     located_addresses,
     read_mask,
     value_counts_by_group,
@@ -27,7 +26,13 @@ from detectors._common import (
 from detectors.base import Detector, DetectorParams, HistoryView, build_findings, register
 from pipeline.schema import HUMAN_PRINCIPAL_TYPES, PRINCIPAL_TYPES
 
-__all__ = ["AccountOverride", "OffHoursDetector", "OffHoursParams", "PrincipalOverride"]
+__all__ = [
+    "AccountOverride",
+    "OffHoursDetector",
+    "OffHoursParams",
+    "PrincipalOverride",
+    "usual_hours_span",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +56,20 @@ _COLUMNS: Final = (
     "geo_country",
     "geo_city",
 )
+_ROLLUP_COLUMNS: Final = (
+    "hour",
+    "principal",
+    "principal_type",
+    "account",
+    "action",
+    "outcome",
+    "invoked_by",
+    "count",
+    "first_time",
+    "last_time",
+)
+# Share of a principal's reads that the usual-hours span in a finding's baseline covers.
+_USUAL_SHARE: Final = 0.9
 
 
 def parse_business_hours(value: str) -> tuple[int, int]:
@@ -153,6 +172,12 @@ class OffHoursParams(DetectorParams):
     baseline_days: int = Field(default=30, ge=1, le=366)
     habit_days: int = Field(default=4, ge=1)
     high_distinct_secrets: int = Field(default=5, ge=1)
+    baseline: Literal["learned", "office_hours", "both"] = "both"
+    learning_days: int = Field(default=28, ge=7, le=366)
+    min_learning_days: int = Field(default=10, ge=1)
+    neighbour_weight: float = Field(default=0.5, ge=0, le=1)
+    same_hour_weight: float = Field(default=0.5, ge=0, le=1)
+    min_support: float = Field(default=1.0, gt=0)
 
     _timezone = field_validator("timezone")(_check_timezone)
     _country = field_validator("holidays_country")(_check_country)
@@ -210,25 +235,51 @@ def _calendar(country: str, first_year: int, last_year: int) -> holidays.Holiday
 
 @register
 class OffHoursDetector(Detector):
-    """Secret reads outside business hours in the principal's time zone.
+    """Secret reads outside business hours, or outside the hours the principal usually reads.
 
     A read is action ``read``, or ``decrypt`` that no service made on the principal's behalf,
     that did not fail (failed attempts are the concern of ``keytrail.failure_burst``).
     Each principal gets a schedule: the first principal override whose ``match`` glob fits,
     else the first account override, else the defaults. One finding per principal and local
-    calendar day with at least ``min_reads`` off-hours read events.
+    calendar day with at least ``min_reads`` flagged read events.
+
+    ``baseline`` chooses what a read is compared with:
+
+    * ``office_hours``: the schedule. A read on a holiday, a weekend day or outside business
+      hours is flagged.
+    * ``learned``: the principal's own hours of the week over the ``learning_days`` before the
+      read's local day. An hour's count is the number of those days with a read in that hour
+      of the week, plus ``neighbour_weight`` times the counts of the hour before and after
+      (across midnight and the week's end). The support of a read is its hour's count plus
+      ``same_hour_weight`` times the sum of the counts of the same hour on the other days of
+      the same kind (business days or not), because people keep similar hours on every
+      working day. A read whose support is below ``min_support`` is flagged, inside business
+      hours too, and so is a read on a public holiday of ``holidays_country``. Principals with fewer than ``min_learning_days`` days of reads are not judged and
+      are counted in ``report_["skipped_no_history"]``.
+    * ``both`` (default): learned where the principal has ``min_learning_days``, the schedule
+      otherwise. A night-shift engineer who reads at 02:00 every day is then quiet.
 
     Parameters: ``timezone``, ``business_hours`` (``HH:MM-HH:MM``), ``business_days``,
     ``holidays_country``, ``principal_types`` (people by default; workloads opt in),
     ``overrides``, ``account_overrides``, ``min_reads``, ``baseline_days`` (30),
-    ``habit_days`` (4), ``high_distinct_secrets`` (5).
+    ``habit_days`` (4), ``high_distinct_secrets`` (5), ``baseline`` (both), ``learning_days``
+    (28), ``min_learning_days`` (10), ``neighbour_weight`` (0.5), ``same_hour_weight`` (0.5),
+    ``min_support`` (1.0).
 
-    Severity is medium. It is high when the principal had no off-hours day in the baseline
-    and read at least ``high_distinct_secrets`` distinct secrets, and low when off-hours reads
-    are a habit (at least ``habit_days`` off-hours days in the baseline).
+    Severity against the schedule is medium. It is high when the principal had no off-hours
+    day in the baseline and read at least ``high_distinct_secrets`` distinct secrets, and low
+    when off-hours reads are a habit (at least ``habit_days`` off-hours days in the baseline).
+    Severity against the learned hours is low when every flagged read was inside business
+    hours and medium otherwise.
 
-    Blind spots: people who travel read in another time zone than their configured one, and
-    the usual-hours summary assumes a day shift (it does not wrap around midnight).
+    History comes from the hourly rollup, and a rollup row is placed at its first event's
+    local time. NOTE: in a time zone with a 30- or 45-minute offset a rollup hour spans two
+    local hours. Its off-hours verdict checks its first and last event, which is exact for one
+    business interval per day, but its learned hour is that of the first event only.
+
+    Blind spots: people who travel read in another time zone than their configured one. A
+    learned pattern accepts whatever the principal did in the learning period, including an
+    attacker's habits.
 
     ATT&CK: T1555.006 (Cloud Secrets Management Stores), T1078.004 (Cloud Accounts).
     """
@@ -240,8 +291,8 @@ class OffHoursDetector(Detector):
 
     @property
     def lookback(self) -> timedelta:
-        """The baseline days plus one, since local days can start before the UTC day."""
-        return timedelta(days=self.params.baseline_days + 1)
+        """The longer of the baseline and learning days, plus one for local days before UTC."""
+        return timedelta(days=max(self.params.baseline_days, self.params.learning_days) + 1)
 
     def _profiles(self) -> list[_Profile]:
         params = self.params
@@ -311,7 +362,12 @@ class OffHoursDetector(Detector):
             group["local_hour"] = local.dt.hour.to_numpy()
             group["local_time"] = local.dt.strftime("%H:%M").astype(object)
             group["day"] = (local.dt.tz_localize(None).dt.normalize() - pd.Timestamp(0)).dt.days
+            group["weekday"] = weekday
+            group["profile"] = int(number)
             group["off"] = ~is_business_day | is_holiday | ~in_hours
+            if "last_time" in group.columns:
+                # A rollup row is off-hours when its first or its last event is.
+                group["off"] |= self._off_at(group["last_time"], profile)
             group["reason"] = np.select(
                 [is_holiday, ~is_business_day, ~in_hours],
                 ["holiday", "weekend", "outside business hours"],
@@ -324,25 +380,70 @@ class OffHoursDetector(Detector):
             parts.append(group)
         return pd.concat(parts).sort_values("time", kind="stable")
 
-    def detect(self, window: pd.DataFrame, history: HistoryView, now: pd.Timestamp) -> pd.DataFrame:
-        """Return one finding per principal and local day with off-hours reads in ``window``."""
-        params = self.params
-        context = load_context(window, history, self.lookback, _COLUMNS)
-        if context.empty:
-            return build_findings([], detector=self)
-        keep = (
-            read_mask(context)
-            & (context["outcome"].astype(object) != "failure")
-            & context["principal_type"].isin(params.principal_types).fillna(False)
-            & context["principal"].notna()
-        )
-        reads = context[keep.to_numpy(dtype=bool)]
-        if not reads[IN_WINDOW].any():
-            return build_findings([], detector=self)
-        reads = self._localize(reads)
-        reads["code"] = pd.factorize(reads["principal"])[0]
+    @staticmethod
+    def _off_at(times: pd.Series, profile: _Profile) -> np.ndarray:
+        """Return the off-hours verdict of ``times`` under ``profile``."""
+        local = times.dt.tz_convert(profile.timezone)
+        minutes = (local.dt.hour * 60 + local.dt.minute).to_numpy()
+        is_business_day = np.isin(local.dt.day_of_week.to_numpy(), profile.weekday_numbers)
+        is_holiday = profile.holiday_names(local.dt.date).notna().to_numpy()
+        in_hours = (minutes >= profile.start) & (minutes < profile.end)
+        return np.asarray(~is_business_day | is_holiday | ~in_hours)
 
-        flagged = reads[reads["off"] & reads[IN_WINDOW]]
+    def _keep(self, frame: pd.DataFrame) -> np.ndarray:
+        """Return True for successful reads of the watched principal types."""
+        keep = (
+            read_mask(frame)
+            & (frame["outcome"].astype(object) != "failure")
+            & frame["principal_type"].isin(self.params.principal_types).fillna(False)
+            & frame["principal"].notna()
+        )
+        return keep.to_numpy(dtype=bool)
+
+    def _history_reads(self, history: HistoryView, current: pd.DataFrame) -> pd.DataFrame:
+        """Return the rollup rows of earlier reads by the window's principals, one row each.
+
+        Each row stands for ``weight`` reads at ``time`` (its first event); ``last_time`` is
+        its last event.
+        """
+        start = current["time"].min()
+        rollup = history.rollup(
+            since=start - self.lookback, until=start, columns=list(_ROLLUP_COLUMNS)
+        )
+        if rollup.empty:
+            return rollup
+        rollup = rollup[self._keep(rollup)]
+        rollup = rollup[rollup["principal"].isin(current["principal"].unique()).to_numpy(bool)]
+        earlier = rollup.drop(columns=["hour"]).rename(
+            columns={"first_time": "time", "count": "weight"}
+        )
+        earlier[IN_WINDOW] = False
+        return earlier.reset_index(drop=True)
+
+    def detect(self, window: pd.DataFrame, history: HistoryView, now: pd.Timestamp) -> pd.DataFrame:
+        """Return one finding per principal and local day with flagged reads in ``window``."""
+        params = self.params
+        self.report_: dict[str, Any] = {
+            "skipped_no_history": 0,
+            "learned_principals": 0,
+            "office_hours_principals": 0,
+        }
+        if window.empty:
+            return build_findings([], detector=self)
+        current = window[self._keep(window)][[*_COLUMNS, "event_uid"]].copy()
+        current = current[current["time"].notna().to_numpy(dtype=bool)]
+        if current.empty:
+            return build_findings([], detector=self)
+        current["weight"] = 1
+        current["last_time"] = current["time"]
+        current[IN_WINDOW] = True
+        earlier = self._history_reads(history, window[window["time"].notna()])
+        reads = pd.concat([earlier, current], ignore_index=True) if len(earlier) else current
+        reads = self._localize(reads.sort_values("time", kind="stable"))
+        reads["code"] = pd.factorize(reads["principal"])[0]
+        reads = self._judge(reads)
+
+        flagged = reads[reads["flag"] & reads[IN_WINDOW]]
         if flagged.empty:
             return build_findings([], detector=self)
         days = _day_findings(flagged)
@@ -352,16 +453,57 @@ class OffHoursDetector(Detector):
 
         days = _add_baseline(days, reads, params.baseline_days)
         no_habit = days["prior_off_days"] == 0
+        learned = (days["mode"] == "learned").to_numpy()
         days["severity"] = np.select(
             [
+                learned & days["office_off"].to_numpy(dtype=bool),
+                learned,
                 no_habit & (days["distinct_secrets"] >= params.high_distinct_secrets),
                 days["prior_off_days"] >= params.habit_days,
             ],
-            ["high", "low"],
+            ["medium", "low", "high", "low"],
             default="medium",
         )
-        logger.debug("%s: %s off-hours principal-days", self.id, len(days))
-        return build_findings(_finding_rows(days, params.baseline_days), detector=self)
+        logger.debug("%s: %s flagged principal-days", self.id, len(days))
+        return build_findings(_finding_rows(days, params), detector=self)
+
+    def _judge(self, reads: pd.DataFrame) -> pd.DataFrame:
+        """Add ``flag``, ``mode`` and the learned ``support`` of each window read.
+
+        ``mode`` is ``learned``, ``office_hours`` or ``skipped`` (learned only, not enough
+        history). History rows get mode ``history`` and are never flagged.
+        """
+        params = self.params
+        if params.baseline == "office_hours":
+            support, active_days = np.zeros(len(reads)), np.zeros(len(reads), dtype=np.int64)
+        else:
+            support, active_days = _learned_support(reads, self._profiles(), params)
+        enough = active_days >= params.min_learning_days
+        window_rows = reads[IN_WINDOW].to_numpy(dtype=bool)
+        use_learned = enough if params.baseline != "office_hours" else np.zeros_like(enough)
+        fallback = "skipped" if params.baseline == "learned" else "office_hours"
+        mode = np.where(use_learned, "learned", fallback)
+        mode = np.where(window_rows, mode, "history")
+        off_pattern = support < params.min_support
+        # A learned pattern cannot know the calendar, so a public holiday still counts.
+        holiday = reads["holiday"].notna().to_numpy(dtype=bool)
+        reads["office_off"] = reads["off"]
+        reads["support"] = support
+        reads["active_days"] = active_days
+        reads["mode"] = mode
+        reads["flag"] = np.select(
+            [mode == "learned", mode == "office_hours"],
+            [off_pattern | holiday, reads["off"].to_numpy(dtype=bool)],
+            default=False,
+        )
+        learned_reason = np.where(holiday, "holiday", "outside usual hours")
+        reads["reason"] = np.where(mode == "learned", learned_reason, reads["reason"])
+        in_window = reads[window_rows]
+        for name in ("learned", "office_hours", "skipped"):
+            principals = in_window.loc[in_window["mode"] == name, "principal"].nunique()
+            key = "skipped_no_history" if name == "skipped" else f"{name}_principals"
+            self.report_[key] = int(principals)
+        return reads
 
 
 def _day_findings(flagged: pd.DataFrame) -> pd.DataFrame:
@@ -381,6 +523,10 @@ def _day_findings(flagged: pd.DataFrame) -> pd.DataFrame:
         last_seen=("time", "max"),
         events=("event_uid", "nunique"),
         distinct_secrets=("resource", "nunique"),
+        mode=("mode", "first"),
+        office_off=("office_off", "any"),
+        support=("support", "min"),
+        active_days=("active_days", "first"),
     ).reset_index()
     group = grouped.ngroup().to_numpy()
     size = len(days)
@@ -394,6 +540,9 @@ def _day_findings(flagged: pd.DataFrame) -> pd.DataFrame:
         ("principal_arns", "principal_arn"),
     ):
         days[name] = distinct_lists(group, flagged[column], size)
+    labels = flagged["weekday"].map(lambda day: WEEKDAYS[int(day)].capitalize()).astype(str)
+    labels = labels + " " + flagged["local_hour"].map("{:02d}:00".format)
+    days["hours_of_week"] = distinct_lists(group, labels, size)
     operations = value_counts_by_group(group, flagged["operation"], size)
     days["operations"] = pd.Series(operations, index=days.index, dtype=object)
     # One small list per finding: each address with the place GeoIP gave it.
@@ -409,7 +558,8 @@ def _add_baseline(days: pd.DataFrame, reads: pd.DataFrame, baseline_days: int) -
     the same baselines as a run per day.
     """
     per_day = reads.groupby(["code", "day"], sort=True)
-    table = per_day["off"].any().reset_index()
+    # History rows are learned from whatever their mode; only office-hours verdicts count here.
+    table = per_day["office_off"].any().reset_index().rename(columns={"office_off": "off"})
     # Days are small positive integers (days since 1970), so code * 10**6 + day keeps groups apart.
     scale = 10**6
     keys = table["code"].to_numpy(np.int64) * scale + table["day"].to_numpy(np.int64)
@@ -423,26 +573,122 @@ def _add_baseline(days: pd.DataFrame, reads: pd.DataFrame, baseline_days: int) -
     # Hour histogram per principal-day; prefix sums give the histogram of any day range.
     row_of_read = per_day.ngroup().to_numpy()
     histogram = np.zeros((len(table), 24), dtype=np.int64)
-    np.add.at(histogram, (row_of_read, reads["local_hour"].to_numpy(np.int64)), 1)
+    weights = reads["weight"].to_numpy(np.int64)
+    np.add.at(histogram, (row_of_read, reads["local_hour"].to_numpy(np.int64)), weights)
     prefix = np.vstack([np.zeros((1, 24), dtype=np.int64), np.cumsum(histogram, axis=0)])
     prior = prefix[last] - prefix[first]
-    total = prior.sum(axis=1)
-    cumulative = np.cumsum(prior, axis=1)
-    low = np.argmax(cumulative >= 0.1 * total[:, None], axis=1)
-    high = np.argmax(cumulative >= 0.9 * total[:, None], axis=1)
-    days["prior_reads"] = total
-    days["usual_hours"] = [
-        f"{lo:02d}:00-{hi + 1:02d}:00" if count else None
-        for lo, hi, count in zip(low, high, total, strict=True)
-    ]
+    days["prior_reads"] = prior.sum(axis=1)
+    days["usual_hours"] = usual_hours_span(prior)
     return days
 
 
-def _finding_rows(days: pd.DataFrame, baseline_days: int) -> list[dict[str, Any]]:
+def usual_hours_span(histograms: np.ndarray, share: float = _USUAL_SHARE) -> list[str | None]:
+    """Return the shortest span of local hours holding ``share`` of each histogram's reads.
+
+    ``histograms`` has one row of 24 hourly counts per principal. A span may cross midnight
+    ("22:00-06:00"); of equally short spans the one with the most reads wins, then the
+    earliest start. A row without reads gives None.
+    """
+    rows = len(histograms)
+    if rows == 0:
+        return []
+    total = histograms.sum(axis=1)
+    doubled = np.concatenate([histograms, histograms], axis=1)
+    prefix = np.concatenate(
+        [np.zeros((rows, 1), dtype=np.int64), np.cumsum(doubled, axis=1)], axis=1
+    )
+    starts = np.arange(24)
+    spans: list[str | None] = [None] * rows
+    pending = total > 0
+    for length in range(1, 25):
+        if not pending.any():
+            break
+        covered = prefix[:, starts + length] - prefix[:, starts]
+        fits = covered >= share * total[:, None]
+        found = pending & fits.any(axis=1)
+        best = np.argmax(np.where(fits, covered, -1), axis=1)
+        for row in np.flatnonzero(found):
+            begin = int(best[row])
+            end = (begin + length) % 24
+            spans[row] = (
+                f"{begin:02d}:00-{end if end else 24:02d}:00" if length < 24 else ("00:00-24:00")
+            )
+        pending &= ~found
+    return spans
+
+
+def _learned_support(
+    reads: pd.DataFrame, profiles: list[_Profile], params: OffHoursParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return the learned support of each read's hour of the week, and the active days.
+
+    Both count the ``learning_days`` local days before the read's own day (see
+    :class:`OffHoursDetector`). History rows get 0 and 0: they are never judged.
+    """
+    size = len(reads)
+    support = np.zeros(size)
+    active = np.zeros(size, dtype=np.int64)
+    window_rows = reads[IN_WINDOW].to_numpy(dtype=bool)
+    if not window_rows.any():
+        return support, active
+    per_day = reads.groupby(["code", "day"], sort=True)
+    table = per_day.size().reset_index()[["code", "day"]]
+    row_of_read = per_day.ngroup().to_numpy()
+    hour_of_week = reads["weekday"].to_numpy(np.int64) * 24 + reads["local_hour"].to_numpy(np.int64)
+    presence = np.zeros((len(table), 168), dtype=np.int32)
+    presence[row_of_read, hour_of_week] = 1
+    prefix = np.vstack(
+        [np.zeros((1, 168), dtype=np.int32), np.cumsum(presence, axis=0, dtype=np.int32)]
+    )
+    del presence
+
+    # Days are small positive integers (days since 1970), so code * 10**6 + day keeps groups apart.
+    scale = 10**6
+    keys = table["code"].to_numpy(np.int64) * scale + table["day"].to_numpy(np.int64)
+    queries = reads.loc[window_rows, ["code", "day"]]
+    query_keys = queries["code"].to_numpy(np.int64) * scale + queries["day"].to_numpy(np.int64)
+    unique_keys, query_row = np.unique(query_keys, return_inverse=True)
+    first = np.searchsorted(keys, unique_keys - params.learning_days, side="left")
+    last = np.searchsorted(keys, unique_keys, side="left")
+    learned = prefix[last] - prefix[first]
+    active[window_rows] = (last - first)[query_row]
+
+    hour = reads["local_hour"].to_numpy(np.int64)[window_rows]
+    weekday = reads["weekday"].to_numpy(np.int64)[window_rows]
+    slot = hour_of_week[window_rows]
+    seen = learned[query_row, slot]
+    neighbours = learned[query_row, (slot - 1) % 168] + learned[query_row, (slot + 1) % 168]
+    business = np.array(
+        [[day in profile.weekday_numbers for day in range(7)] for profile in profiles]
+    )
+    kinds = business[reads["profile"].to_numpy(np.int64)[window_rows]]
+    same_kind = kinds == kinds[np.arange(len(kinds)), weekday][:, None]
+    same_kind[np.arange(len(kinds)), weekday] = False
+    slots = np.arange(7)[None, :] * 24 + hour[:, None]
+    rows = query_row[:, None]
+    same_hour = learned[rows, slots] + params.neighbour_weight * (
+        learned[rows, (slots - 1) % 168] + learned[rows, (slots + 1) % 168]
+    )
+    other_days = (same_hour * same_kind).sum(axis=1)
+    support[window_rows] = (
+        seen + params.neighbour_weight * neighbours + params.same_hour_weight * other_days
+    )
+    return support, active
+
+
+def _finding_rows(days: pd.DataFrame, params: OffHoursParams) -> list[dict[str, Any]]:
+    baseline_days = params.baseline_days
     rows = []
     for day in iter_rows(days):
         usual = f"usual {day.usual_hours}" if day.usual_hours else "no reads"
         summary = f"{baseline_days}-day: {day.prior_off_days} off-hours days; {usual}"
+        learned = day.mode == "learned"
+        if learned:
+            summary = (
+                f"{params.learning_days}-day pattern: reads on {day.active_days} days, {usual}; "
+                f"{', '.join(day.hours_of_week)} had support {day.support:.2f} "
+                f"(below {params.min_support:g})"
+            )
         local_date: date = day.local_date
         rows.append(
             {
@@ -474,12 +720,17 @@ def _finding_rows(days: pd.DataFrame, baseline_days: int) -> list[dict[str, Any]
                     "operations": day.operations,
                     "locations": day.locations,
                     "principal_arns": [arn for arn in day.principal_arns if arn != day.principal],
+                    "hours_of_week": day.hours_of_week,
                 },
                 "baseline": {
+                    "mode": day.mode,
                     "days": baseline_days,
                     "off_hours_days": int(day.prior_off_days),
                     "reads": int(day.prior_reads),
                     "usual_hours": day.usual_hours,
+                    "learning_days": params.learning_days,
+                    "active_days": int(day.active_days),
+                    "support": round(float(day.support), 2) if learned else None,
                     "summary": summary,
                 },
             }
@@ -503,4 +754,6 @@ def _why_text(day: Any) -> str:
         return f"on a public holiday ({day.holiday}{where})"
     if "weekend" in reasons:
         return "on a weekend day"
+    if "outside usual hours" in reasons:
+        return "outside its usual hours"
     return "outside business hours"

@@ -1,13 +1,13 @@
 """Run state in one SQLite file: seen events, checkpoints, the findings ledger, the output
-queue and the runs.
+queue, the runs and the fitted state of statistical detectors.
 
 The file is ``<state_dir>/state.db`` in WAL mode. A run writes to it in three places:
 
 1. :meth:`State.record_started_run` stores a ``started`` run row before the run writes any
    history file, so a run killed before its commit can be found and its files deleted.
 2. :meth:`State.commit_run` stores, in one transaction, the seen event ids, the findings ledger,
-   one pending output row per new finding (with the finding as JSON), the checkpoints and the
-   finished run row. Either all of them are stored or none is.
+   one pending output row per new finding (with the finding as JSON), the checkpoints, the
+   detectors' fitted state and the finished run row. Either all of them are stored or none is.
 3. :meth:`State.mark_outputs_written` marks pending output rows written once the outputs exist.
 
 A run that fails before the commit leaves the state as it was (apart from its run row), so the
@@ -26,6 +26,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -37,6 +38,7 @@ from pipeline.errors import StateError
 __all__ = [
     "COMMITTED_STATUSES",
     "SCHEMA_VERSION",
+    "DetectorState",
     "State",
     "StateLockedError",
     "alert_thread",
@@ -104,6 +106,36 @@ committed, so its history files are not part of the history."""
 
 # Rows per executemany batch and per temporary-table probe.
 _BATCH = 50_000
+
+
+@dataclass(frozen=True)
+class DetectorState:
+    """The fitted state of one statistical detector, as the state database keeps it.
+
+    ``state`` is the JSON-ready dict of ``StatisticalDetector.get_state``; ``params_hash``
+    identifies the parameters it was fitted with; ``fitted_through`` is the end (exclusive)
+    of the history it learned from.
+    """
+
+    detector: str
+    params_hash: str
+    fitted_through: datetime
+    state: dict[str, Any]
+
+
+# Fitted state of statistical detectors, one row per detector. Like alert_threads below, the
+# table is created on first write, so adding it needs no schema version change; a read before
+# the first write finds no table and means "no state".
+_DETECTOR_STATE_TABLE: Final = """
+CREATE TABLE IF NOT EXISTS detector_state (
+    detector TEXT PRIMARY KEY,
+    params_hash TEXT NOT NULL,
+    fitted_through TEXT NOT NULL,
+    saved TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    state_json TEXT NOT NULL
+)
+"""
 
 
 class StateLockedError(StateError):
@@ -284,6 +316,34 @@ class State:
             for run_id, started, finished, status, summary in rows
         ]
 
+    def detector_state(self, detector: str) -> DetectorState | None:
+        """Return the stored fitted state of ``detector``, or None when there is none.
+
+        A database that never stored a detector state has no ``detector_state`` table, and
+        reads as having no state.
+        """
+        try:
+            row = self._conn.execute(
+                "SELECT params_hash, fitted_through, state_json FROM detector_state "
+                "WHERE detector = ?",
+                (detector,),
+            ).fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            return None
+        if row is None:
+            return None
+        params_hash, fitted_through, text = row
+        return DetectorState(
+            detector=detector,
+            params_hash=str(params_hash),
+            fitted_through=datetime.strptime(fitted_through, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+                tzinfo=UTC
+            ),
+            state=json.loads(text),
+        )
+
     def _existing(self, table: str, column: str, values: Iterable[Any]) -> set[str]:
         """Return the subset of ``values`` present in ``table.column``."""
         found: set[str] = set()
@@ -324,6 +384,7 @@ class State:
         status: str = "completed",
         pending_outputs: Mapping[str, str] | None = None,
         in_transaction: Callable[[sqlite3.Connection], None] | None = None,
+        detector_states: Iterable[DetectorState] = (),
     ) -> None:
         """Store everything a run produced in one transaction.
 
@@ -340,6 +401,8 @@ class State:
                 until :meth:`mark_outputs_written`. None queues nothing.
             in_transaction: called with the connection inside the transaction, after the
                 findings ledger is written (the engine queues alerts for delivery there).
+            detector_states: fitted states to keep, one per detector; each replaces the
+                detector's stored state.
 
         Raises:
             StateError: the transaction failed; nothing of it was stored.
@@ -355,6 +418,7 @@ class State:
             self._insert_seen(run_id, events)
             self._insert_ledger(run_id, findings, now)
             self._insert_pending(run_id, pending_outputs or {}, now)
+            self._save_detector_states(run_id, detector_states, now)
             if in_transaction is not None:
                 in_transaction(self._conn)
             for source, values in checkpoints.items():
@@ -517,6 +581,39 @@ class State:
             "VALUES (?, ?, ?, ?)",
             [(str(finding_id), run_id, text, now) for finding_id, text in outputs.items()],
         )
+
+    def save_detector_states(self, run_id: str, states: Iterable[DetectorState]) -> None:
+        """Store fitted detector states in a transaction of their own (outside a run commit)."""
+        self._require_writable()
+        now = _utc_text(datetime.now(UTC))
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._save_detector_states(run_id, states, now)
+            self._conn.execute("COMMIT")
+        except (sqlite3.Error, TypeError, ValueError) as exc:
+            self._conn.execute("ROLLBACK")
+            raise StateError(f"could not store detector states in {self.path}: {exc}") from exc
+
+    def _save_detector_states(self, run_id: str, states: Iterable[DetectorState], now: str) -> None:
+        rows = [
+            (
+                item.detector,
+                item.params_hash,
+                _utc_text(item.fitted_through),
+                now,
+                run_id,
+                json.dumps(item.state, allow_nan=False),
+            )
+            for item in states
+        ]
+        if rows:
+            self._conn.execute(_DETECTOR_STATE_TABLE)
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO detector_state "
+                "(detector, params_hash, fitted_through, saved, run_id, state_json) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
 
     def _require_writable(self) -> None:
         if self.read_only:

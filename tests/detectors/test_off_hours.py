@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 from pydantic import ValidationError
 
 from detectors.base import FINDING_COLUMNS, FrameHistory
-from detectors.off_hours import OffHoursDetector, parse_business_hours
+from detectors.off_hours import OffHoursDetector, parse_business_hours, usual_hours_span
 from tests.detectors.conftest import ACCOUNT, ALICE, DEPLOY_ROLE, NOW, aws_read
 
 Build = Callable[[list[dict[str, Any]]], pd.DataFrame]
@@ -303,3 +304,167 @@ def test_evidence_places_each_address(make_events: Build) -> None:
         {"ip": "203.0.113.10", "city": "Berlin", "country": "DE"},
         {"ip": "198.51.100.7", "city": "Frankfurt am Main", "country": "DE"},
     ]
+
+
+def weekdays_between(first: str, last: str) -> list[pd.Timestamp]:
+    days = pd.date_range(first, last, freq="D", tz="UTC")
+    return [day for day in days if day.day_of_week < 5]
+
+
+def test_night_shift_learned_is_quiet(make_events: Build) -> None:
+    # 00:30 UTC is 02:30 in Berlin; 2024-06-26 is a Wednesday.
+    history = [
+        aws_read(day + pd.Timedelta(minutes=30))
+        for day in pd.date_range("2024-06-05", "2024-06-25", tz="UTC")
+    ]
+    window = [aws_read("2024-06-26T00:30:00Z")]
+    assert detect(make_events, window, history, **BERLIN).empty
+    office = detect(make_events, window, history, baseline="office_hours", **BERLIN)
+    assert office["evidence"].iloc[0]["reasons"] == ["outside business hours"]
+
+
+def test_read_outside_learned_hours_fires_low(make_events: Build) -> None:
+    # Weekday reads at 09:00 Berlin for three weeks, then one at 16:00: inside business hours.
+    history = [
+        aws_read(day + pd.Timedelta(hours=7))
+        for day in weekdays_between("2024-06-03", "2024-06-25")
+    ]
+    findings = detect(make_events, [aws_read("2024-06-26T14:00:00Z")], history, **BERLIN)
+    assert len(findings) == 1
+    finding = findings.iloc[0]
+    assert finding["severity"] == "low"
+    assert finding["title"] == (
+        f"{ALICE} read 1 secret outside its usual hours, 2024-06-26 (Europe/Berlin)"
+    )
+    assert finding["evidence"]["reasons"] == ["outside usual hours"]
+    assert finding["evidence"]["hours_of_week"] == ["Wed 16:00"]
+    baseline = finding["baseline"]
+    assert baseline["mode"] == "learned"
+    assert baseline["active_days"] == 17
+    assert baseline["support"] == 0.0
+    assert baseline["usual_hours"] == "09:00-10:00"
+    assert baseline["summary"] == (
+        "28-day pattern: reads on 17 days, usual 09:00-10:00; Wed 16:00 had support 0.00 (below 1)"
+    )
+
+
+def test_learned_outside_office_hours_is_medium(make_events: Build) -> None:
+    history = [
+        aws_read(day + pd.Timedelta(hours=7))
+        for day in weekdays_between("2024-06-03", "2024-06-25")
+    ]
+    findings = detect(make_events, [aws_read("2024-06-26T19:00:00Z")], history, **BERLIN)
+    assert findings["severity"].tolist() == ["medium"]
+    assert findings["evidence"].iloc[0]["hours_of_week"] == ["Wed 21:00"]
+
+
+def test_neighbouring_hour_is_usual(make_events: Build) -> None:
+    # Reads at 09:00 on 17 days support 10:00 with 0.5 * 17.
+    history = [
+        aws_read(day + pd.Timedelta(hours=7))
+        for day in weekdays_between("2024-06-03", "2024-06-25")
+    ]
+    assert detect(make_events, [aws_read("2024-06-26T08:30:00Z")], history, **BERLIN).empty
+
+
+def test_same_hour_other_weekday_is_usual(make_events: Build) -> None:
+    # Reads at 14:00 Berlin on four Mondays and four Tuesdays; a Wednesday at 14:00 gets half
+    # the sum of those days' counts at 14:00, (4 + 4) * 0.5 = 4.0.
+    history = [
+        aws_read(day + pd.Timedelta(hours=12))
+        for day in weekdays_between("2024-06-03", "2024-06-25")
+        if day.day_of_week < 2
+    ]
+    window = [aws_read("2024-06-26T12:10:00Z")]
+    assert detect(make_events, window, history, min_learning_days=8, **BERLIN).empty
+    strict = detect(make_events, window, history, min_learning_days=8, min_support=4.5, **BERLIN)
+    assert strict["baseline"].iloc[0]["support"] == 4.0
+    assert strict["baseline"].iloc[0]["active_days"] == 8
+
+
+def test_weekend_hour_not_learned_from_weekdays(make_events: Build) -> None:
+    # Weekday reads at 14:00 do not support a Saturday at 14:00: a weekend day is another kind.
+    history = [
+        aws_read(day + pd.Timedelta(hours=12))
+        for day in weekdays_between("2024-06-03", "2024-06-28")
+    ]
+    findings = detect(make_events, [aws_read("2024-06-29T12:10:00Z")], history, **BERLIN)
+    assert findings["evidence"].iloc[0]["hours_of_week"] == ["Sat 14:00"]
+    assert findings["baseline"].iloc[0]["support"] == 0.0
+
+
+def test_learned_without_history_skips(make_events: Build) -> None:
+    detector = OffHoursDetector(baseline="learned", **BERLIN)
+    window = make_events([aws_read("2024-06-26T00:30:00Z")])
+    findings = detector.detect(window, FrameHistory(), NOW)
+    assert findings.empty
+    assert detector.report_ == {
+        "skipped_no_history": 1,
+        "learned_principals": 0,
+        "office_hours_principals": 0,
+    }
+
+
+def test_both_falls_back_to_office_hours(make_events: Build) -> None:
+    detector = OffHoursDetector(**BERLIN)
+    findings = detector.detect(make_events([aws_read("2024-06-26T00:30:00Z")]), FrameHistory(), NOW)
+    assert findings["baseline"].iloc[0]["mode"] == "office_hours"
+    assert detector.report_["office_hours_principals"] == 1
+
+
+@pytest.mark.parametrize(
+    ("hours", "expected"),
+    [
+        ({22: 3, 23: 3, 0: 3, 1: 3}, "22:00-02:00"),
+        ({9: 5, 10: 5, 11: 5}, "09:00-12:00"),
+        ({23: 10}, "23:00-24:00"),
+        ({}, None),
+    ],
+)
+def test_usual_hours_span_wraps_midnight(hours: dict[int, int], expected: str | None) -> None:
+    histogram = np.zeros((1, 24), dtype=np.int64)
+    for hour, count in hours.items():
+        histogram[0, hour] = count
+    assert usual_hours_span(histogram) == [expected]
+
+
+def test_learning_days_param_errors() -> None:
+    with pytest.raises(ValidationError) as caught:
+        OffHoursDetector(baseline="weekly")
+    assert caught.value.errors()[0]["loc"] == ("baseline",)
+
+
+def test_learned_judges_each_principal_day(make_events: Build) -> None:
+    # Two principals over two days: each read is judged against its own principal's days.
+    bob = "bob@example.com"
+    history = [
+        aws_read(day + pd.Timedelta(hours=hour), principal)
+        for day in weekdays_between("2024-06-03", "2024-06-24")
+        for principal, hour in ((ALICE, 7), (bob, 20))
+    ]
+    window = [
+        aws_read("2024-06-25T07:10:00Z"),
+        aws_read("2024-06-25T20:10:00Z", bob),
+        aws_read("2024-06-26T20:20:00Z"),
+        aws_read("2024-06-26T07:20:00Z", bob),
+    ]
+    findings = detect(make_events, window, history, **BERLIN).sort_values("principal")
+    assert findings["principal"].tolist() == [ALICE, bob]
+    assert [e["hours_of_week"] for e in findings["evidence"]] == [["Wed 22:00"], ["Wed 09:00"]]
+    # 16 history days and the window's own 2024-06-25.
+    assert [b["active_days"] for b in findings["baseline"]] == [17, 17]
+    assert findings["severity"].tolist() == ["medium", "low"]
+
+
+def test_learned_still_flags_holiday(make_events: Build) -> None:
+    # Weekday reads at 10:00 Berlin; 2024-10-03 (German Unity Day) at 10:00 is usual but a holiday.
+    history = [
+        aws_read(day + pd.Timedelta(hours=8))
+        for day in weekdays_between("2024-09-09", "2024-10-02")
+    ]
+    window = [aws_read("2024-10-03T08:05:00Z")]
+    findings = detect(make_events, window, history, holidays_country="DE", **BERLIN)
+    assert findings["baseline"].iloc[0]["mode"] == "learned"
+    assert findings["evidence"].iloc[0]["reasons"] == ["holiday"]
+    assert findings["severity"].tolist() == ["medium"]
+    assert detect(make_events, window, history, **BERLIN).empty

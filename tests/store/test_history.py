@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from detectors.base import HistoryView
+from detectors.base import ROLLUP_COLUMNS, FrameHistory, HistoryView
 from pipeline.schema import ARROW_SCHEMA, COLUMNS, empty_events, events_from_rows
-from pipeline.store.history import History
+from pipeline.store.history import ROLLUP_SCHEMA, CappedHistoryView, History
 
 
 def row(uid: str, time: str, cloud: str, **values: Any) -> dict[str, Any]:
@@ -78,6 +79,9 @@ def test_append_writes_one_file_per_partition(tmp_path: Path, first_run: pd.Data
         "date=2024-05-01/cloud=aws/run-1.parquet",
         "date=2024-05-01/cloud=gcp/run-1.parquet",
         "date=2024-05-02/cloud=aws/run-1.parquet",
+        "rollup/date=2024-05-01/cloud=aws/run-1.parquet",
+        "rollup/date=2024-05-01/cloud=gcp/run-1.parquet",
+        "rollup/date=2024-05-02/cloud=aws/run-1.parquet",
     ]
 
 
@@ -101,6 +105,9 @@ def test_append_same_run_twice_keeps_both(tmp_path: Path, second_run: pd.DataFra
         "date=2024-05-02/cloud=azure/run-2.1.parquet",
         "date=2024-05-02/cloud=azure/run-2.parquet",
         "date=2024-05-03/cloud=aws/run-2.parquet",
+        "rollup/date=2024-05-02/cloud=azure/run-2.1.parquet",
+        "rollup/date=2024-05-02/cloud=azure/run-2.parquet",
+        "rollup/date=2024-05-03/cloud=aws/run-2.parquet",
     ]
     assert store.events()["event_uid"].tolist() == ["z1", "z1", "a4"]
 
@@ -250,6 +257,9 @@ def test_expire_removes_old_partitions(history: History) -> None:
         "date=2024-05-02/cloud=aws/run-1.parquet",
         "date=2024-05-02/cloud=azure/run-2.parquet",
         "date=2024-05-03/cloud=aws/run-2.parquet",
+        "rollup/date=2024-05-02/cloud=aws/run-1.parquet",
+        "rollup/date=2024-05-02/cloud=azure/run-2.parquet",
+        "rollup/date=2024-05-03/cloud=aws/run-2.parquet",
     ]
     assert history.events()["event_uid"].tolist() == ["a3", "z1", "a4"]
     assert history.span() == (
@@ -271,6 +281,9 @@ def test_delete_run_removes_its_files(history: History) -> None:
         "date=2024-05-01/cloud=aws/run-1.parquet",
         "date=2024-05-01/cloud=gcp/run-1.parquet",
         "date=2024-05-02/cloud=aws/run-1.parquet",
+        "rollup/date=2024-05-01/cloud=aws/run-1.parquet",
+        "rollup/date=2024-05-01/cloud=gcp/run-1.parquet",
+        "rollup/date=2024-05-02/cloud=aws/run-1.parquet",
     ]
     # The partitions that only run-2 wrote are gone, not left empty.
     assert not (history.root / "date=2024-05-03").exists()
@@ -311,3 +324,185 @@ def test_run_ids_lists_writers(history: History, second_run: pd.DataFrame) -> No
 
 def test_run_ids_empty_history(tmp_path: Path) -> None:
     assert History(tmp_path / "absent").run_ids() == set()
+
+
+def hourly_reads() -> pd.DataFrame:
+    """Return reads of two principals at :10, :20 and :50 of each hour from 22:00 to 02:00."""
+    rows = []
+    for hour in pd.date_range("2024-05-01T22:00:00Z", "2024-05-02T02:00:00Z", freq="h"):
+        for minute, principal in ((10, "alice"), (20, "alice"), (50, "bob")):
+            moment = hour + pd.Timedelta(minutes=minute)
+            rows.append(
+                row(f"{principal}-{moment:%d%H%M}", moment.isoformat(), "aws", principal=principal)
+            )
+    return events_from_rows(rows)
+
+
+def sorted_rollup(frame: pd.DataFrame) -> pd.DataFrame:
+    keys = [name for name in frame.columns if name not in ("count", "first_time", "last_time")]
+    ordered = frame.astype({name: object for name in keys if name != "hour"})
+    return ordered.sort_values(keys, kind="stable", na_position="first").reset_index(drop=True)
+
+
+def test_rollup_file_stores_schema(tmp_path: Path, first_run: pd.DataFrame) -> None:
+    store = History(tmp_path / "history")
+    store.append(first_run, "run-1")
+
+    stored = pq.read_table(store.root / "rollup/date=2024-05-01/cloud=aws/run-1.parquet")
+
+    assert stored.schema.equals(ROLLUP_SCHEMA)
+    assert stored.column_names == list(ROLLUP_COLUMNS)
+    assert sorted(stored.column("count").to_pylist()) == [1, 1]
+
+
+@pytest.mark.parametrize(
+    ("since", "until"),
+    [
+        (None, None),
+        ("2024-05-01T23:00:00Z", "2024-05-02T01:00:00Z"),
+        ("2024-05-01T22:15:00Z", "2024-05-02T01:15:00Z"),
+        ("2024-05-01T23:12:00Z", "2024-05-01T23:55:00Z"),
+        ("2024-05-02T00:00:00Z", None),
+    ],
+)
+def test_rollup_equals_rollup_of_events(
+    tmp_path: Path, since: str | None, until: str | None
+) -> None:
+    events = hourly_reads()
+    store = History(tmp_path / "history")
+    store.append(events, "run-1")
+    start = None if since is None else pd.Timestamp(since)
+    end = None if until is None else pd.Timestamp(until)
+
+    stored = store.rollup(since=start, until=end)
+    expected = FrameHistory(events).rollup(since=start, until=end)
+
+    assert list(stored.columns) == list(ROLLUP_COLUMNS)
+    pd.testing.assert_frame_equal(sorted_rollup(stored), sorted_rollup(expected))
+
+
+def test_rollup_columns_merge_runs(tmp_path: Path) -> None:
+    events = hourly_reads()
+    store = History(tmp_path / "history")
+    store.append(events.iloc[::2], "run-1")
+    store.append(events.iloc[1::2], "run-2")
+
+    per_hour = store.rollup(columns=["hour", "principal", "count", "first_time"])
+
+    alice = per_hour[per_hour["principal"] == "alice"].sort_values("hour")
+    assert alice["count"].tolist() == [2, 2, 2, 2, 2]
+    assert alice["first_time"].dt.minute.tolist() == [10, 10, 10, 10, 10]
+    assert str(per_hour["hour"].dtype) == "datetime64[us, UTC]"
+    assert str(per_hour["principal"].dtype) == "string"
+    assert store.rollup(columns=["count"])["count"].tolist() == [15]
+
+
+def test_rollup_reads_only_partitions_in_range(tmp_path: Path) -> None:
+    store = History(tmp_path / "history")
+    store.append(hourly_reads(), "run-1")
+    # A broken file in a partition outside the range is never opened.
+    (store.root / "rollup/date=2024-05-01/cloud=aws/run-1.parquet").write_bytes(b"not parquet")
+
+    later = store.rollup(since=pd.Timestamp("2024-05-02T00:00:00Z"), columns=["count"])
+
+    assert later["count"].tolist() == [9]
+
+
+def test_rollup_unknown_column_rejected(history: History) -> None:
+    with pytest.raises(ValueError, match=r"unknown rollup columns \['bytes'\]; known: hour, "):
+        history.rollup(columns=["bytes"])
+
+
+def test_missing_rollup_is_built_once(tmp_path: Path) -> None:
+    events = hourly_reads()
+    store = History(tmp_path / "history")
+    store.append(events, "run-1")
+    rollup_folder = store.root / "rollup"
+    for path in rollup_folder.rglob("*.parquet"):
+        path.unlink()
+
+    rebuilt = store.rollup(columns=["principal", "count"])
+
+    assert sorted(zip(rebuilt["principal"], rebuilt["count"], strict=True)) == [
+        ("alice", 10),
+        ("bob", 5),
+    ]
+    assert sorted(
+        str(path.relative_to(rollup_folder)) for path in rollup_folder.rglob("*.parquet")
+    ) == [
+        "date=2024-05-01/cloud=aws/run-1.parquet",
+        "date=2024-05-02/cloud=aws/run-1.parquet",
+    ]
+
+
+def test_missing_rollup_computed_when_unwritable(tmp_path: Path) -> None:
+    store = History(tmp_path / "history")
+    store.append(hourly_reads(), "run-1")
+    rollup_folder = store.root / "rollup"
+    shutil.rmtree(rollup_folder)
+    # A file where the rollup folder belongs makes every rollup write fail, even for root.
+    rollup_folder.write_bytes(b"")
+
+    assert store.rollup(columns=["count"])["count"].tolist() == [15]
+    assert store.rollup(columns=["count"])["count"].tolist() == [15]
+    assert rollup_folder.is_file()
+
+
+def test_rollup_without_events_twin_ignored(tmp_path: Path) -> None:
+    store = History(tmp_path / "history")
+    store.append(hourly_reads(), "run-1")
+    (store.root / "date=2024-05-02/cloud=aws/run-1.parquet").unlink()
+
+    assert store.rollup(columns=["count"])["count"].tolist() == [6]
+
+
+def test_delete_run_removes_rollup_files(history: History) -> None:
+    history.delete_run("run-2")
+
+    assert not (history.root / "rollup/date=2024-05-03").exists()
+    assert history.rollup(columns=["count"])["count"].tolist() == [4]
+
+
+def test_rollup_of_empty_history(tmp_path: Path) -> None:
+    frame = History(tmp_path / "absent").rollup()
+    assert list(frame.columns) == list(ROLLUP_COLUMNS)
+    assert frame.empty
+    assert str(frame["count"].dtype) == "int64"
+
+
+def test_capped_view_stops_at_window(tmp_path: Path) -> None:
+    events = hourly_reads()
+    store = History(tmp_path / "history")
+    store.append(events, "run-1")
+    view = CappedHistoryView(store, pd.Timestamp("2024-05-02T00:15:00Z"))
+
+    assert view.events(columns=["event_uid"])["event_uid"].tolist()[-1] == "alice-020010"
+    assert view.rollup(columns=["count"])["count"].tolist() == [7]
+    later = view.rollup(since=pd.Timestamp("2024-05-03T00:00:00Z"), columns=["count"])
+    assert later["count"].tolist() == []
+
+
+def test_capped_view_lookback_and_cache(tmp_path: Path) -> None:
+    store = History(tmp_path / "history")
+    store.append(hourly_reads(), "run-1")
+    view = CappedHistoryView(store, pd.Timestamp("2024-05-02T03:00:00Z"))
+    short = view.for_lookback(pd.Timedelta(hours=2))
+
+    first = short.rollup(columns=["principal", "count"])
+    first["count"] = 0
+    again = short.rollup(since=pd.Timestamp("2024-05-01T00:00:00Z"), columns=["principal", "count"])
+
+    assert sorted(again["count"].tolist()) == [2, 4]
+    assert short.reads == 1
+    assert view.rollup(columns=["principal", "count"])["count"].sum() == 15
+
+
+def test_read_only_history_writes_no_rollup(tmp_path: Path) -> None:
+    store = History(tmp_path / "history")
+    store.append(hourly_reads(), "run-1")
+    shutil.rmtree(store.root / "rollup")
+
+    reader = History(store.root, read_only=True)
+
+    assert reader.rollup(columns=["count"])["count"].tolist() == [15]
+    assert not (store.root / "rollup").exists()

@@ -13,7 +13,13 @@ import pytest
 from detectors.base import empty_findings
 from pipeline.errors import StateError
 from pipeline.schema import events_from_rows
-from pipeline.store.state import SCHEMA_VERSION, State, StateLockedError, state_lock
+from pipeline.store.state import (
+    SCHEMA_VERSION,
+    DetectorState,
+    State,
+    StateLockedError,
+    state_lock,
+)
 
 STARTED = datetime(2026, 10, 6, 12, 0, tzinfo=UTC)
 
@@ -299,3 +305,68 @@ def test_version_1_database_upgraded(tmp_path: Path) -> None:
         assert state.ledger_count() == 1
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def fitted(detector: str = "keytrail.isolation_forest", **state: object) -> DetectorState:
+    return DetectorState(
+        detector=detector,
+        params_hash="abc123",
+        fitted_through=datetime(2026, 10, 5, 8, 0, tzinfo=UTC),
+        state={"medians": [1.5, 2.0], **state},
+    )
+
+
+def test_detector_state_absent(tmp_path: Path) -> None:
+    with State(tmp_path / "state.db") as state:
+        assert state.detector_state("keytrail.isolation_forest") is None
+
+
+def test_detector_state_saved_with_commit(tmp_path: Path) -> None:
+    with State(tmp_path / "state.db") as state:
+        state.commit_run(
+            "run-1",
+            started=datetime(2026, 10, 5, 9, 0, tzinfo=UTC),
+            events=events("e1"),
+            findings=findings(),
+            checkpoints={},
+            summary={},
+            detector_states=[fitted()],
+        )
+    with State(tmp_path / "state.db", read_only=True) as state:
+        assert state.detector_state("keytrail.isolation_forest") == fitted()
+
+
+def test_detector_state_replaced(tmp_path: Path) -> None:
+    with State(tmp_path / "state.db") as state:
+        state.save_detector_states("run-1", [fitted(version=1)])
+        state.save_detector_states("run-2", [fitted(version=2)])
+        stored = state.detector_state("keytrail.isolation_forest")
+    assert stored is not None
+    assert stored.state == {"medians": [1.5, 2.0], "version": 2}
+
+
+def test_detector_state_rolled_back_with_commit(tmp_path: Path) -> None:
+    with State(tmp_path / "state.db") as state:
+
+        def fail(conn: sqlite3.Connection) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        with pytest.raises(StateError, match="could not commit run run-1"):
+            state.commit_run(
+                "run-1",
+                started=datetime(2026, 10, 5, 9, 0, tzinfo=UTC),
+                events=events("e1"),
+                findings=findings(),
+                checkpoints={},
+                summary={},
+                in_transaction=fail,
+                detector_states=[fitted()],
+            )
+        assert state.detector_state("keytrail.isolation_forest") is None
+
+
+def test_detector_state_rejects_nan(tmp_path: Path) -> None:
+    with State(tmp_path / "state.db") as state:
+        with pytest.raises(StateError, match="Out of range float values are not JSON compliant"):
+            state.save_detector_states("run-1", [fitted(score=float("nan"))])
+        assert state.detector_state("keytrail.isolation_forest") is None

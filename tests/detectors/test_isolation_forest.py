@@ -1,0 +1,206 @@
+"""Tests for keytrail.isolation_forest: named positive and negative cases."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from pydantic import ValidationError
+
+from detectors.base import FINDING_COLUMNS, FrameHistory, rollup_events
+from detectors.isolation_forest import IsolationForestDetector, principal_hours
+from pipeline.schema import events_from_rows
+from tests.detectors.conftest import ACCOUNT, aws_denied, aws_read
+
+Build = Callable[[list[dict[str, Any]]], pd.DataFrame]
+APP = f"arn:aws:iam::{ACCOUNT}:role/app"
+BATCH = f"arn:aws:iam::{ACCOUNT}:role/batch"
+WEB = f"arn:aws:iam::{ACCOUNT}:role/web"
+HISTORY_START = pd.Timestamp("2024-06-01T00:00:00Z")
+WINDOW_START = pd.Timestamp("2024-06-08T03:00:00Z")
+NOW = WINDOW_START + pd.Timedelta(hours=1)
+
+
+def steady_history() -> pd.DataFrame:
+    """Return seven days of three roles reading their own few secrets at a steady rate."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for principal, rate, secrets in ((APP, 5, 2), (BATCH, 40, 3), (WEB, 12, 1)):
+        for hour in range(7 * 24):
+            for _ in range(int(rng.poisson(rate))):
+                moment = HISTORY_START + pd.Timedelta(hours=hour, minutes=int(rng.integers(60)))
+                secret = f"prod/{int(rng.integers(secrets))}"
+                rows.append(aws_read(moment, principal, secret=secret, principal_type="role"))
+    return events_from_rows([row | {"event_uid": f"h-{n}"} for n, row in enumerate(rows)])
+
+
+@pytest.fixture(scope="module")
+def history() -> FrameHistory:
+    return FrameHistory(steady_history())
+
+
+def minute(offset: int) -> pd.Timestamp:
+    return WINDOW_START + pd.Timedelta(minutes=offset)
+
+
+def sweep(principal: str = APP, count: int = 40) -> list[dict[str, Any]]:
+    """Return ``count`` reads of different secrets from four addresses within one hour."""
+    return [
+        aws_read(
+            minute(n),
+            principal,
+            secret=f"prod/other-{n}",
+            ip=f"198.51.100.{n % 4}",
+            principal_type="role",
+        )
+        for n in range(count)
+    ]
+
+
+def test_secret_sweep_fires(make_events: Build, history: FrameHistory) -> None:
+    detector = IsolationForestDetector()
+    findings = detector.detect(make_events(sweep()), history, NOW)
+    assert list(findings.columns) == list(FINDING_COLUMNS)
+    assert len(findings) == 1
+    finding = findings.iloc[0]
+    assert finding["principal"] == APP
+    assert finding["severity"] == "medium"
+    assert finding["title"] == (
+        f"{APP} accessed secrets unlike its own history at 2024-06-08 03:00 UTC "
+        "(40 reads, 40 secrets)"
+    )
+    assert finding["event_count"] == 40
+    evidence = finding["evidence"]
+    assert evidence["distinct_secrets"] == 40
+    assert evidence["distinct_ips"] == 4
+    assert evidence["new_secret_share"] == 1.0
+    assert evidence["anomaly_score"] > evidence["threshold"]
+    top = [item["feature"] for item in evidence["top_features"]]
+    assert top == ["new_secret_share", "distinct_secrets", "reads"]
+    assert evidence["top_features"][1]["value"] == 40
+    assert evidence["top_features"][1]["typical"] == 2.0
+    baseline = finding["baseline"]
+    assert baseline["active_hours"] == 168
+    assert baseline["typical"] == {"new_secret_share": 0.0, "distinct_secrets": 2.0, "reads": 5.0}
+    assert baseline["summary"].startswith(
+        "this hour against the 14-day median of 168 active hours: new_secret_share 1.0 against 0.0"
+    )
+
+
+def test_busy_service_at_its_rate_is_quiet(make_events: Build, history: FrameHistory) -> None:
+    window = [
+        aws_read(minute(n), BATCH, secret=f"prod/{n % 3}", principal_type="role") for n in range(42)
+    ]
+    detector = IsolationForestDetector()
+    assert detector.detect(make_events(window), history, NOW).empty
+    assert detector.report_ == {"skipped_no_history": 0, "principal_hours_scored": 1}
+
+
+def test_quiet_hour_does_not_fire(make_events: Build, history: FrameHistory) -> None:
+    # One read where the batch role makes about 40: unusual, but not a threat.
+    window = [aws_read(minute(1), BATCH, secret="prod/0", principal_type="role")]
+    assert IsolationForestDetector(min_events=1).detect(make_events(window), history, NOW).empty
+
+
+def test_sweep_below_min_events_is_quiet(make_events: Build, history: FrameHistory) -> None:
+    detector = IsolationForestDetector(min_events=41)
+    assert detector.detect(make_events(sweep()), history, NOW).empty
+
+
+def test_new_principal_is_skipped(make_events: Build, history: FrameHistory) -> None:
+    detector = IsolationForestDetector()
+    findings = detector.detect(make_events(sweep("newcomer")), history, NOW)
+    assert findings.empty
+    assert detector.report_ == {"skipped_no_history": 1, "principal_hours_scored": 0}
+
+
+def test_principal_types_filter(make_events: Build, history: FrameHistory) -> None:
+    detector = IsolationForestDetector(principal_types=["user"])
+    assert detector.detect(make_events(sweep()), history, NOW).empty
+    assert detector.principals_ == {}
+
+
+def test_fit_learns_per_principal_medians(history: FrameHistory) -> None:
+    detector = IsolationForestDetector(features=["reads", "distinct_secrets"])
+    detector.fit(history, WINDOW_START)
+    assert sorted(detector.principals_) == [APP, BATCH, WEB]
+    medians = np.expm1(detector.medians_[detector.principals_[WEB]])
+    assert medians.round(1).tolist() == [12.0, 1.0]
+    assert detector.fitted_through == WINDOW_START
+    assert detector.fitted_vectors_ == 3 * 168
+
+
+def test_state_restores_scores(make_events: Build, history: FrameHistory) -> None:
+    fitted = IsolationForestDetector().fit(history, WINDOW_START)
+    restored = IsolationForestDetector().set_state(json.loads(json.dumps(fitted.get_state())))
+    hours = principal_hours(rollup_events(make_events(sweep())), fitted.known_pairs_)
+    assert restored.score(hours).tolist() == fitted.score(hours).tolist()
+    assert restored.known_pairs_ == fitted.known_pairs_
+
+
+def test_state_from_other_sklearn_is_rejected(history: FrameHistory) -> None:
+    state = IsolationForestDetector().fit(history, WINDOW_START).get_state()
+    state["sklearn"] = "0.1"
+    with pytest.raises(ValueError, match=r"from scikit-learn 0\.1, expected 1 from"):
+        IsolationForestDetector().set_state(state)
+
+
+def test_state_with_other_features_is_rejected(history: FrameHistory) -> None:
+    state = IsolationForestDetector(features=["reads"]).fit(history, WINDOW_START).get_state()
+    with pytest.raises(ValueError, match=r"state features \['reads'\] differ"):
+        IsolationForestDetector().set_state(state)
+
+
+def test_score_before_fit_is_nan(make_events: Build) -> None:
+    hours = principal_hours(rollup_events(make_events(sweep())))
+    scores = IsolationForestDetector().score(hours)
+    assert scores.isna().tolist() == [True]
+
+
+def test_principal_hours_features(make_events: Build) -> None:
+    rows = [
+        aws_read(minute(0), APP, secret="a", ip="203.0.113.1", city="berlin", asn=64500),
+        aws_read(minute(5), APP, secret="b", ip="203.0.113.2", city="tokyo", asn=64501),
+        aws_read(minute(6), APP, secret="a", ip="203.0.113.2", city="tokyo", asn=64501),
+        aws_denied(minute(7), APP, secret="c"),
+        aws_read(minute(70), APP, secret="a"),
+    ]
+    hours = principal_hours(rollup_events(make_events(rows)), known_pairs={(APP, "x")})
+    first = hours.iloc[0]
+    assert first["events"] == 4
+    assert first["reads"] == 4
+    assert first["failures"] == 1
+    assert first["distinct_secrets"] == 3
+    assert first["distinct_ips"] == 3
+    assert first["countries"] == 2
+    assert first["asns"] == 2
+    assert first["new_secret_share"] == 1.0
+    # Secret "a" was new in the first hour, so the second hour reads nothing new.
+    assert hours.iloc[1]["new_secret_share"] == 0.0
+    assert hours["hour"].dt.hour.tolist() == [3, 4]
+
+
+@pytest.mark.parametrize(
+    ("params", "loc", "message"),
+    [
+        ({"features": []}, ("features",), "features is empty"),
+        ({"features": ["reads", "reads"]}, ("features",), "lists a feature twice"),
+        ({"features": ["bytes"]}, ("features", 0), "Input should be"),
+        ({"contamination": 0.7}, ("contamination",), "less than or equal to 0.5"),
+        ({"principal_types": ["robot"]}, ("principal_types",), "unknown principal types"),
+        ({"refit_hours": 0}, ("refit_hours",), "greater than 0"),
+    ],
+)
+def test_invalid_params_name_the_field(
+    params: dict[str, Any], loc: tuple[Any, ...], message: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        IsolationForestDetector(**params)
+    errors = caught.value.errors()
+    assert len(errors) == 1
+    assert errors[0]["loc"] == loc
+    assert message in errors[0]["msg"]
