@@ -49,9 +49,15 @@ def test_shipped_config_loads() -> None:
     ]
     assert settings.enabled_detectors == [
         "keytrail.off_hours",
+        "keytrail.isolation_forest",
         "keytrail.new_country",
         "keytrail.impossible_travel",
         "keytrail.failure_burst",
+        "keytrail.volume_spike",
+        "keytrail.mass_retrieval",
+        "keytrail.cross_cloud",
+        "keytrail.first_seen",
+        "keytrail.risk",
     ]
     assert settings.history.retention_days == 400
     assert settings.history.seen_retention_days == 30
@@ -107,7 +113,7 @@ def test_every_problem_listed_with_key_path(tmp_path: Path) -> None:
     )
 
     assert problems_of(path) == [
-        "sources[0].type: unknown source type (found: 's3'); accepted: files, s3_cloudtrail, cloudtrail_lookup, gcp_logging, azure_blob",
+        "sources[0].type: unknown source type (found: 's3'); accepted: files, s3_cloudtrail, cloudtrail_lookup, gcp_logging, azure_blob, azure_log_analytics",
         "history.retention_days: Input should be a valid integer, unable to parse string as an "
         "integer (found: 'forever')",
         "logging.level: Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR' (found: 'LOUD')",
