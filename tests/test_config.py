@@ -121,8 +121,10 @@ def test_every_problem_listed_with_key_path(tmp_path: Path) -> None:
         "detectors, alerting, logging, schedule",
         "detectors.keytrail.off_hours.min_reads: Input should be a valid integer, unable to parse "
         "string as an integer (found: 'many')",
-        "detectors.keytrail.not_a_detector: unknown detector; known: keytrail.failure_burst, "
-        "keytrail.impossible_travel, keytrail.new_country, keytrail.off_hours"
+        "detectors.keytrail.not_a_detector: unknown detector; known: keytrail.cross_cloud, "
+        "keytrail.failure_burst, keytrail.first_seen, keytrail.impossible_travel, "
+        "keytrail.isolation_forest, keytrail.mass_retrieval, keytrail.new_country, "
+        "keytrail.off_hours, keytrail.risk, keytrail.volume_spike"
         + _test_detectors_suffix(),
     ]
 
