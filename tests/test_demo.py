@@ -31,7 +31,7 @@ SCORES = {
     "keytrail.isolation_forest": (0, 0, 1, 0, 0),
     "keytrail.mass_retrieval": (2, 0, 0, 0, 0),
     "keytrail.new_country": (2, 0, 0, 0, 0),
-    "keytrail.off_hours": (3, 2, 1, 10, 0),
+    "keytrail.off_hours": (4, 2, 0, 10, 0),
     "keytrail.risk": (1, 0, 0, 0, 0),
     "keytrail.volume_spike": (1, 0, 0, 0, 1),
 }
@@ -91,11 +91,9 @@ def test_demo_finds_every_incident(demo_run: tuple[RunSummary, Path]) -> None:
     scores = _report(work, demo_settings(work)).to_json()
 
     missed = {detector: score["missed"] for detector, score in scores.items() if score["missed"]}
-    # NOTE: learned hours judge ananya.das's holiday read at her usual hour as routine, and the
-    # isolation forest judges no one in a first run (see the module docstring).
+    # NOTE: the isolation forest judges no one in a first run (see the module docstring).
     assert missed == {
         "keytrail.isolation_forest": ["takeover-felix"],
-        "keytrail.off_hours": ["off-hours-holiday-ananya"],
     }
     for detector, score in scores.items():
         if detector not in missed:

@@ -125,8 +125,11 @@ class AllowEntry(_Strict):
     - ``accounts``: the finding's account (AWS account id, GCP project, Azure subscription) is
       one of these, compared exactly.
 
-    ``expires`` is an ISO 8601 time; a value without a zone counts as UTC. From that moment
-    the entry no longer applies, and :func:`expired_entries` lists it.
+    ``expires`` is an ISO 8601 time; a value without a zone counts as UTC. The entry covers
+    activity before that moment: it removes a finding whose events all lie before ``expires``,
+    even when the events are read later (late delivery, a backfill, a replay), and never one
+    with an event at or after it. Once the run time passes ``expires``,
+    :func:`expired_entries` lists the entry so the config can be cleaned up.
     """
 
     detectors: list[NonEmptyText] = Field(min_length=1)
@@ -186,8 +189,9 @@ def apply_allow_list(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split findings into those kept and those an allow-list entry removes.
 
-    Expired entries are skipped. A finding that several entries match is credited to the
-    first of them.
+    An entry with ``expires`` removes only findings whose ``last_seen`` lies before it (see
+    :class:`AllowEntry`); ``now`` decides which entries the warning lists as expired. A finding
+    that several entries match is credited to the first of them.
 
     Returns:
         ``(kept, removed)``, both with a fresh index. ``removed`` has the extra column
@@ -196,9 +200,11 @@ def apply_allow_list(
     frame = findings.reset_index(drop=True)
     credit = pd.Series(None, index=frame.index, dtype=object)
     for index, entry in enumerate(entries):
-        if entry.is_expired(now) or frame.empty:
+        if frame.empty:
             continue
         matched = _entry_mask(frame, entry) & credit.isna()
+        if entry.expires is not None:
+            matched &= _before(frame, entry.expires, now)
         credit[matched] = f"entry {index}: {entry.reason}"
 
     expired = expired_entries(entries, now)
@@ -216,6 +222,16 @@ def apply_allow_list(
     removed = removed.reset_index(drop=True)
     logger.info("allow-list removed %s of %s findings", len(removed), len(frame))
     return kept, removed
+
+
+def _before(frame: pd.DataFrame, moment: dt.datetime, now: dt.datetime) -> pd.Series:
+    """Mark findings whose last event lies before ``moment`` (the run time when unknown)."""
+    if "last_seen" not in frame.columns:
+        return pd.Series(_utc(now) < moment, index=frame.index)
+    last = pd.to_datetime(frame["last_seen"], utc=True, format="ISO8601").fillna(
+        pd.Timestamp(_utc(now))
+    )
+    return pd.Series((last < pd.Timestamp(moment)).to_numpy(dtype=bool), index=frame.index)
 
 
 def _entry_mask(frame: pd.DataFrame, entry: AllowEntry) -> pd.Series:

@@ -170,17 +170,28 @@ def test_allow_user_agent_absent_kept(mixed: pd.DataFrame) -> None:
 # --- allow-list: expiry and bookkeeping --------------------------------------------------------
 
 
-def test_allow_expired_entry_ignored(mixed: pd.DataFrame) -> None:
-    old = entry(accounts=["shop-prod"], expires="2026-10-31T23:59:59Z")
+def test_allow_entry_expired_before_the_activity_ignored(mixed: pd.DataFrame) -> None:
+    # Bob's finding ends 2026-10-10T01:20:00Z; the entry stopped covering activity before that.
+    old = entry(accounts=["shop-prod"], expires="2026-10-10T01:00:00Z")
     kept, removed = apply_allow_list(mixed, [old], now=NOW)
     assert len(removed) == 0
     assert len(kept) == 3
 
 
-def test_allow_expiry_at_now_is_expired(mixed: pd.DataFrame) -> None:
-    boundary = entry(accounts=["shop-prod"], expires="2026-11-01T00:00:00Z")
+def test_allow_expiry_at_last_event_is_expired(mixed: pd.DataFrame) -> None:
+    boundary = entry(accounts=["shop-prod"], expires="2026-10-10T01:20:00Z")
     _, removed = apply_allow_list(mixed, [boundary], now=NOW)
     assert len(removed) == 0
+
+
+def test_allow_entry_covers_activity_before_expiry_read_later(mixed: pd.DataFrame) -> None:
+    # Run a month after the entry expired (a backfill or late logs): the activity it covered
+    # is still removed, and the entry is listed as expired for clean-up.
+    covering = entry(accounts=["shop-prod"], expires="2026-10-11T00:00:00Z")
+    later = pd.Timestamp("2026-12-01T00:00:00Z")
+    _, removed = apply_allow_list(mixed, [covering], now=later)
+    assert list(removed["principal"]) == [BOB]
+    assert expired_entries([covering], later) == [(0, covering)]
 
 
 def test_allow_unexpired_entry_applies(mixed: pd.DataFrame) -> None:
