@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import random
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -553,14 +554,16 @@ class Outbox:
 
         The backoff is drawn uniformly from ``[0, min(cap, base * 2 ** (attempts - 1))]`` (full
         jitter, so receivers that failed together do not retry together). A ``retry_after``
-        the server asked for wins when it is longer.
+        the server asked for wins when it is longer, up to ``backoff_cap_seconds``: a server
+        that asks for days or years would otherwise park the row (or overflow the datetime).
         """
-        bound = min(
-            self.settings.backoff_cap_seconds,
-            self.settings.backoff_base_seconds * 2 ** (attempts - 1),
-        )
+        cap = self.settings.backoff_cap_seconds
+        bound = min(cap, self.settings.backoff_base_seconds * 2 ** (attempts - 1))
         backoff = self._rng.uniform(0, bound)
-        return max(retry_after or 0.0, backoff)
+        requested = 0.0
+        if retry_after is not None and not math.isnan(retry_after):
+            requested = min(retry_after, cap)
+        return max(requested, backoff)
 
     def retry_dead(
         self,

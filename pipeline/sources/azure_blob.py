@@ -426,8 +426,13 @@ class AzureBlobSource:
 
 def _resume_offset(previous: Any, blob: _Blob, settled: bool) -> int | None:
     """Return the byte offset to read ``blob`` from, or None when it has nothing new."""
+    if not blob.size:
+        # An empty blob has nothing to read, and a range request on it fails with HTTP 416.
+        # A checkpoint from before it was replaced stays, and its creation time differs
+        # from the new blob's, so the blob is read from byte 0 once it has data.
+        return None
     if not isinstance(previous, Mapping):
-        return 0 if blob.size else None
+        return 0
     offset = previous.get("offset")
     if not isinstance(offset, int) or offset < 0:
         return 0

@@ -84,6 +84,9 @@ class CloudTrailLookupSettings(SourceSettings):
     initial_days: int = Field(default=1, ge=0, le=90)
     requests_per_second: float = Field(default=2.0, gt=0, le=2.0)
     max_attempts: int = Field(default=5, ge=1, le=20)
+    # The maximum pages per region and event source in one run. At 50 events a page and 2
+    # requests per second, 10,000 pages are 500,000 events and about 83 minutes.
+    max_pages: int = Field(default=10_000, ge=1)
     endpoint_url: str | None = Field(default=None, pattern=r"^https?://")
 
     @field_validator("regions")
@@ -317,7 +320,17 @@ class CloudTrailLookupSource:
                         "the next run queries the region again",
                     )
                 tokens.add(token)
+                if page >= self.settings.max_pages:
+                    raise _RegionFailed(
+                        f"LookupEvents had more than {page} pages for {event_source}",
+                        "raise max_pages, or lower initial_days or lookback_minutes; the next "
+                        "run queries the region again",
+                    )
                 arguments["NextToken"] = token
+        # The API returns events only up to EndTime. A later EventTime would move the
+        # checkpoint past every event still to come.
+        if newest is not None and newest > end:
+            newest = end
         return pages, newest
 
     def _call(
@@ -349,6 +362,14 @@ class CloudTrailLookupSource:
                 code, status = type(exc).__name__, 0
                 if attempt == attempts:
                     raise self._failure(region, code, status, attempt) from exc
+            except (ValueError, TypeError, AttributeError) as exc:
+                # botocore's response parser raises these, not a BotoCoreError, for a response
+                # that does not fit the API's shapes (an EventTime that is not a time, an
+                # object where the Events list belongs).
+                raise _RegionFailed(
+                    f"LookupEvents in {region} returned a response that could not be parsed: {exc}",
+                    "check endpoint_url; the next run queries the region again",
+                ) from exc
             delay = _backoff(attempt)
             logger.warning(
                 "source %s: LookupEvents in %s failed with %s (attempt %s of %s); "

@@ -74,6 +74,11 @@ class GcpLoggingSettings(SourceSettings):
     initial_hours: int = Field(default=24, ge=1, le=30 * 24)
     page_size: int = Field(default=1000, ge=1, le=1000)
     max_entries_per_project: int = Field(default=200_000, ge=1)
+    # The API may return pages without entries that still carry a page token, so the entry
+    # cap alone would not end a query that keeps doing so.
+    max_pages_per_project: int = Field(default=2_000, ge=1)
+    # NOTE: requests applies this to the connect and to each socket read, not to the whole
+    # response, so a server that sends a byte now and then can hold a page request longer.
     timeout_seconds: float = Field(default=60.0, gt=0, le=600)
 
     @field_validator("projects")
@@ -171,6 +176,10 @@ class GcpLoggingSource:
                     failures.append(read.error)
                     batch.problems.append(f"{read.error.reason}; {read.error.hint}")
                     continue
+                if read.newest is not None and read.newest > end:
+                    # The filter ends at ``end``. A later timestamp would move the checkpoint
+                    # past every entry still to come.
+                    read.newest, read.newest_text = pd.Timestamp(end), _rfc3339(end)
                 if not backfill and _is_newer(read, checkpoints.get(key)):
                     batch.checkpoints[key] = {"timestamp": read.newest_text}
                 batch.notes.extend(self._notes(project, read, start, end))
@@ -265,6 +274,7 @@ class GcpLoggingSource:
             "orderBy": "timestamp asc",
             "pageSize": self.settings.page_size,
         }
+        tokens: set[str] = set()
         while True:
             try:
                 # NOTE: Client.list_entries() would turn each entry into a LogEntry object, which
@@ -288,6 +298,14 @@ class GcpLoggingSource:
                     "run reads from the same checkpoint",
                 )
                 return read
+            if not isinstance(response, dict):
+                read.error = SourceError(
+                    self.name,
+                    f"project {project}: Cloud Logging returned a JSON {type(response).__name__} "
+                    "where an entries.list response object was expected",
+                    "check that api_endpoint points at the Cloud Logging API",
+                )
+                return read
             read.pages += 1
             entries = response.get("entries") or []
             if entries:
@@ -295,7 +313,19 @@ class GcpLoggingSource:
             token = response.get("nextPageToken")
             if not token:
                 return read
-            if read.entries >= self.settings.max_entries_per_project:
+            if not isinstance(token, str) or token in tokens:
+                read.error = SourceError(
+                    self.name,
+                    f"project {project}: Cloud Logging returned the page token of an earlier "
+                    f"page (or an invalid one) on page {read.pages}",
+                    "the next run reads from the same checkpoint",
+                )
+                return read
+            tokens.add(token)
+            if (
+                read.entries >= self.settings.max_entries_per_project
+                or read.pages >= self.settings.max_pages_per_project
+            ):
                 read.truncated = True
                 return read
             body["pageToken"] = token
@@ -330,10 +360,14 @@ class GcpLoggingSource:
                 "`gcloud projects set-iam-policy`)"
             )
         if read.truncated:
+            resume = (
+                f" at {read.newest_text}; the next run continues from there"
+                if read.newest_text
+                else "; the next run reads from the same checkpoint"
+            )
             notes.append(
-                f"project {project}: stopped after {read.entries} entries "
-                f"(max_entries_per_project) at {read.newest_text}; the next run continues "
-                "from there"
+                f"project {project}: stopped after {read.entries} entries in {read.pages} "
+                f"pages (max_entries_per_project or max_pages_per_project){resume}"
             )
         return notes
 

@@ -682,6 +682,11 @@ def _gunzip_capped(chunks: Iterable[bytes], limit: int) -> bytes:
             data = chunk
             while data:
                 if decompressor.eof:
+                    # Zero bytes after a member are padding, which gzip(1) and Python's gzip
+                    # module skip as well.
+                    data = data.lstrip(b"\x00")
+                    if not data:
+                        break
                     # Another gzip member follows; CloudTrail writes one, but gzip allows several.
                     decompressor = zlib.decompressobj(wbits=31)
                 started = True

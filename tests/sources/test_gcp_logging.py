@@ -321,8 +321,8 @@ def test_entry_cap_stops_and_notes(server: LoggingServer) -> None:
     assert batch.result.records == 4
     assert batch.checkpoints == {"projects/alpha": {"timestamp": "2026-12-04T11:03:00.500000Z"}}
     assert batch.notes == [
-        "project alpha: stopped after 4 entries (max_entries_per_project) at "
-        "2026-12-04T11:03:00.500000Z; the next run continues from there"
+        "project alpha: stopped after 4 entries in 2 pages (max_entries_per_project or "
+        "max_pages_per_project) at 2026-12-04T11:03:00.500000Z; the next run continues from there"
     ]
 
 

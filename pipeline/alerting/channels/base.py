@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -79,16 +80,19 @@ def parse_retry_after(value: str | None, *, now: dt.datetime | None = None) -> f
     """Return the wait in seconds that a ``Retry-After`` value requests, or None if invalid.
 
     HTTP allows a number of seconds or an HTTP date. A number may have a fraction here, a
-    negative one counts as 0, and a date in the past gives 0. ``now`` (default: the current
-    time) is what a date is counted from.
+    negative one counts as 0, an infinite or NaN one is invalid, and a date in the past gives
+    0. ``now`` (default: the current time) is what a date is counted from.
     """
     if value is None:
         return None
     text = value.strip()
     try:
-        return max(float(text), 0.0)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        # float() also reads "inf" and "nan", which no server means as a wait.
+        return max(seconds, 0.0) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):

@@ -5,9 +5,10 @@ a secret file, never from config text. They do not appear in a :class:`Delivery`
 :class:`ConfigError` message, and the logger this module passes to the slack_sdk clients
 redacts them from the SDK's log records.
 
-In-call retries use slack_sdk's retry handlers (slack_sdk 3.48): connection errors, HTTP 429
-(waiting for ``Retry-After``) and HTTP 500/503. What is still failing after ``max_retries`` is
-classified into a :class:`Delivery` for the outbox.
+In-call retries use slack_sdk's retry handlers (slack_sdk 3.48): connection errors before the
+request is sent, HTTP 429 (waiting for ``Retry-After``) and HTTP 500/503. What is still failing
+after ``max_retries`` is classified into a :class:`Delivery` for the outbox. Redirects are not
+followed.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import logging
 import random
 import re
 import time
+import urllib.request
+from http.client import HTTPResponse
 from pathlib import Path
 from typing import Any, Literal
 from urllib.error import URLError
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from slack_sdk import WebClient
@@ -35,7 +39,7 @@ from slack_sdk.http_retry.jitter import Jitter
 from slack_sdk.http_retry.request import HttpRequest
 from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
-from slack_sdk.webhook import WebhookClient
+from slack_sdk.webhook import WebhookClient, WebhookResponse
 
 from pipeline.alerting.channels.base import Delivery, read_secret, retry_after_header
 from pipeline.errors import ConfigError
@@ -59,6 +63,9 @@ _TRANSIENT_API_CODES = frozenset(
     {"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"}
 )
 _MAX_BODY_IN_DETAIL = 120
+# Bytes of a successful response that are read. Slack's responses are a few kilobytes, and a
+# longer one is cut so that a broken or hostile server cannot fill the memory.
+_MAX_RESPONSE_BYTES = 1024 * 1024
 # Exceptions from urllib and slack_sdk when a request cannot be completed. Others are bugs.
 _TRANSPORT_ERRORS = (OSError, http.client.HTTPException, SlackRequestError)
 
@@ -198,6 +205,65 @@ class _RateLimitRetryHandler(RateLimitErrorRetryHandler):
         state.increment_current_attempt()
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Turn a redirect into an ``HTTPError`` with the redirect's status.
+
+    urllib would repeat a POST redirected with 301/302/303 as a GET to wherever the redirect
+    points, with the ``Authorization`` header of bot mode, and slack_sdk would report the
+    response of that other host as Slack's.
+    """
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        return None
+
+
+def _open(req: urllib.request.Request, ssl_context: Any, proxy: str | None, timeout: Any) -> Any:
+    """Open ``req`` as slack_sdk would, but without following redirects."""
+    handlers: list[urllib.request.BaseHandler] = [
+        urllib.request.HTTPSHandler(context=ssl_context),
+        _NoRedirect(),
+    ]
+    if proxy is not None:
+        handlers.insert(0, urllib.request.ProxyHandler({"http": proxy, "https": proxy}))
+    return urllib.request.build_opener(*handlers).open(req, timeout=timeout)
+
+
+# NOTE: the two clients below override private methods of slack_sdk 3.48, the only hook
+# through which the urllib opener can be chosen. Check them when upgrading slack_sdk.
+class _WebhookClient(WebhookClient):
+    """slack_sdk's webhook client with redirects turned into errors."""
+
+    def _perform_http_request_internal(self, url: str, req: urllib.request.Request) -> Any:
+        response: HTTPResponse = _open(req, self.ssl, self.proxy, self.timeout)
+        charset = response.headers.get_content_charset() or "utf-8"
+        return WebhookResponse(
+            url=url,
+            status_code=response.status,
+            body=response.read(_MAX_RESPONSE_BYTES).decode(charset, errors="replace"),
+            headers=response.headers,  # type: ignore[arg-type]
+        )
+
+
+class _WebClient(WebClient):
+    """slack_sdk's Web API client with redirects turned into errors."""
+
+    def _perform_urllib_http_request_internal(
+        self, url: str, req: urllib.request.Request
+    ) -> dict[str, Any]:
+        response: HTTPResponse = _open(req, self.ssl, self.proxy, self.timeout)
+        charset = response.headers.get_content_charset() or "utf-8"
+        body = response.read(_MAX_RESPONSE_BYTES).decode(charset, errors="replace")
+        return {"status": response.status, "headers": response.headers, "body": body}
+
+
 def _shorten(text: str) -> str:
     text = " ".join(text.split())
     if len(text) > _MAX_BODY_IN_DETAIL:
@@ -227,6 +293,11 @@ class SlackChannel:
                 settings.webhook_url_env, settings.webhook_url_file, "Slack webhook URL"
             )
             _redactor.add(url)
+            # The path is the webhook's secret, and a proxy error page or a broken server may
+            # echo it without the host.
+            for part in (urlsplit(url).path, urlsplit(url).query):
+                if len(part) >= 8:
+                    _redactor.add(part)
             if not url.lower().startswith(("https://", "http://")):
                 source = settings.webhook_url_file or settings.webhook_url_env
                 raise ConfigError(
@@ -235,7 +306,7 @@ class SlackChannel:
                 )
             self._secret_source = str(settings.webhook_url_file or settings.webhook_url_env)
             # slack_sdk declares timeout as int, but passes it to urlopen, which accepts a float.
-            self._webhook: WebhookClient | None = WebhookClient(
+            self._webhook: WebhookClient | None = _WebhookClient(
                 url,
                 timeout=timeout,  # type: ignore[arg-type]
                 logger=_sdk_logger,
@@ -250,7 +321,7 @@ class SlackChannel:
             if not base_url.endswith("/"):
                 base_url += "/"
             self._webhook = None
-            self._web = WebClient(
+            self._web = _WebClient(
                 token=token,
                 base_url=base_url,
                 timeout=timeout,  # type: ignore[arg-type]
@@ -263,8 +334,15 @@ class SlackChannel:
         backoff = BackoffRetryIntervalCalculator(
             backoff_factor=self.settings.retry_backoff_seconds, jitter=_ProportionalJitter()
         )
+        # Only URLError is retried inside the call: urllib raises it for failures before the
+        # request is sent. A reset or disconnect while waiting for the response comes after
+        # Slack may have posted the message, so it goes back to the outbox as ambiguous
+        # instead of being sent again up to max_retries times at once.
+        connection = ConnectionErrorRetryHandler(
+            max_retry_count=retries, interval_calculator=backoff, error_types=[URLError]
+        )
         return [
-            ConnectionErrorRetryHandler(max_retry_count=retries, interval_calculator=backoff),
+            connection,
             _RateLimitRetryHandler(retries, self.settings.max_retry_after_seconds),
             ServerErrorRetryHandler(max_retry_count=retries, interval_calculator=backoff),
         ]
@@ -334,6 +412,12 @@ class SlackChannel:
         if status >= 500:
             return Delivery("retry", f"Slack server error (HTTP {status} {body_excerpt})")
         env = self.settings.webhook_url_env
+        if 300 <= status < 400:
+            return Delivery(
+                "failed",
+                f"HTTP {status}: the webhook URL redirects, and redirects are not followed; "
+                f"set {self._secret_source} to the webhook URL from the app's Incoming Webhooks page",
+            )
         if code in _REVOKED_WEBHOOK_CODES or (
             status in (404, 410) and code not in _CHANNEL_GONE_CODES
         ):
@@ -385,7 +469,9 @@ class SlackChannel:
         status = int(getattr(response, "status_code", 0) or 0)
         data = getattr(response, "data", None)
         code = (
-            str(data.get("error", "unknown_error")) if isinstance(data, dict) else "unknown_error"
+            _shorten(str(data.get("error", "unknown_error")))
+            if isinstance(data, dict)
+            else "unknown_error"
         )
         channel = self.settings.channel
         summary = f"chat.postMessage returned {code} (HTTP {status})"
@@ -395,6 +481,12 @@ class SlackChannel:
             return Delivery("retry", f"{summary}, retry after {wait} s", retry_after=wait)
         if status >= 500 or code in _TRANSIENT_API_CODES:
             return Delivery("retry", summary)
+        if 300 <= status < 400:
+            return Delivery(
+                "failed",
+                f"chat.postMessage returned a redirect (HTTP {status}), which is not "
+                "followed; set slack.base_url to the Web API URL, such as https://slack.com/api/",
+            )
 
         if code in _BAD_TOKEN_CODES:
             return Delivery(
