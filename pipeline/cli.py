@@ -615,7 +615,7 @@ def evaluate(
 ) -> None:
     """Score findings against the labeled incidents: precision, recall and alerts per day.
 
-    The config's allow-list and the state's silences remove findings first, as in a run; the
+    The config's allow-list and the state's silences remove findings first, as in a run. The
     table lists each removal with the entry or silence that made it.
     """
     from pipeline import evaluate as evaluation  # only this command needs it

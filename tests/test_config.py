@@ -124,8 +124,7 @@ def test_every_problem_listed_with_key_path(tmp_path: Path) -> None:
         "detectors.keytrail.not_a_detector: unknown detector; known: keytrail.cross_cloud, "
         "keytrail.failure_burst, keytrail.first_seen, keytrail.impossible_travel, "
         "keytrail.isolation_forest, keytrail.mass_retrieval, keytrail.new_country, "
-        "keytrail.off_hours, keytrail.risk, keytrail.volume_spike"
-        + _test_detectors_suffix(),
+        "keytrail.off_hours, keytrail.risk, keytrail.volume_spike" + _test_detectors_suffix(),
     ]
 
 

@@ -21,8 +21,18 @@ Build = Callable[[list[dict[str, Any]]], pd.DataFrame]
 
 USUAL = ("prod/api/key", "prod/db/password")
 DAY0 = pd.Timestamp("2024-06-01T00:00:00Z")  # a Saturday
-HOME: dict[str, Any] = {"city": "berlin", "ip": "203.0.113.10", "asn": 64500, "as_org": "Example Telecom"}
-AWAY: dict[str, Any] = {"city": "moscow", "ip": "198.51.100.7", "asn": 64999, "as_org": "Elsewhere Hosting"}
+HOME: dict[str, Any] = {
+    "city": "berlin",
+    "ip": "203.0.113.10",
+    "asn": 64500,
+    "as_org": "Example Telecom",
+}
+AWAY: dict[str, Any] = {
+    "city": "moscow",
+    "ip": "198.51.100.7",
+    "asn": 64999,
+    "as_org": "Elsewhere Hosting",
+}
 
 
 def at(day: int, hour: int, minute: int = 0) -> pd.Timestamp:
