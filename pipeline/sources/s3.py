@@ -90,10 +90,11 @@ class S3CloudTrailSettings(SourceSettings):
     lookback_days: int = Field(default=2, ge=0, le=30)
     start_date: date | None = None
     max_object_bytes: int = Field(default=64 * _MIB, ge=1024)
-    # NOTE: up to max_concurrency objects are held at once, so the worst-case memory of the
-    # fetched contents is max_concurrency * max_uncompressed_bytes (4 GiB with the defaults).
-    max_uncompressed_bytes: int = Field(default=512 * _MIB, ge=1024)
-    max_concurrency: int = Field(default=8, ge=1, le=64)
+    # Up to max_concurrency objects are held at once, so the fetched contents take at most
+    # max_concurrency * max_uncompressed_bytes (1 GiB with the defaults). CloudTrail writes a
+    # file about every five minutes per account and region; real ones are far smaller.
+    max_uncompressed_bytes: int = Field(default=256 * _MIB, ge=1024)
+    max_concurrency: int = Field(default=4, ge=1, le=64)
     quarantine_after_attempts: int = Field(default=3, ge=1, le=100)
     max_attempts: int = Field(default=5, ge=1, le=20)
     region_name: str | None = None
