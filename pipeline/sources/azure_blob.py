@@ -33,6 +33,8 @@ from typing import Annotated, Any, ClassVar, Final, Literal
 from pydantic import Field
 
 from pipeline.formats.reader import BatchReader
+from pipeline.sources._shared import as_utc as _as_utc
+from pipeline.sources._shared import utc_now as _utc_now
 from pipeline.sources.base import SourceBatch, SourceError, SourceSettings
 
 __all__ = ["AzureBlobSettings", "AzureBlobSource", "hour_of_blob"]
@@ -106,10 +108,6 @@ class _Blob:
     etag: str
     size: int
     created: str
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def hour_of_blob(name: str) -> datetime | None:
@@ -478,10 +476,6 @@ def _expired_keys(checkpoints: Mapping[str, Any], start: datetime) -> list[str]:
         if hour is not None and hour + timedelta(hours=1) <= start:
             expired.append(key)
     return sorted(expired)
-
-
-def _as_utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _parse_time(value: Any) -> datetime | None:

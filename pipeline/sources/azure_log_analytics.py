@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, ClassVar, Final, Literal
 
 import orjson
@@ -28,6 +28,10 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from pipeline.formats.reader import BatchReader
+from pipeline.sources._shared import as_utc as _as_utc
+from pipeline.sources._shared import parse_rfc3339 as _parse_time
+from pipeline.sources._shared import rfc3339 as _kql_time
+from pipeline.sources._shared import utc_now as _utc_now
 from pipeline.sources.base import SourceBatch, SourceError, SourceSettings
 
 __all__ = ["AzureLogAnalyticsSettings", "AzureLogAnalyticsSource", "build_query"]
@@ -87,10 +91,6 @@ class _TableRead:
     rows: list[dict[str, Any]] = field(default_factory=list)
     newest: pd.Timestamp | None = None
     partial_error: str | None = None
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def build_query(table: Table, start: datetime, end: datetime, max_rows: int) -> str:
@@ -338,28 +338,6 @@ def _first_line(value: Any) -> str:
     message = getattr(value, "message", None) or str(value)
     lines = str(message).splitlines()
     return lines[0] if lines else ""
-
-
-def _as_utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _kql_time(value: datetime | pd.Timestamp) -> str:
-    """Write a UTC time as RFC 3339 with a ``Z``, the form KQL's ``datetime()`` reads."""
-    stamp = pd.Timestamp(value)
-    stamp = stamp.tz_localize(UTC) if stamp.tzinfo is None else stamp.tz_convert(UTC)
-    return stamp.isoformat().replace("+00:00", "Z")
-
-
-def _parse_time(value: Any) -> pd.Timestamp | None:
-    """Parse an RFC 3339 time with up to 9 fractional digits; None unless it has a zone."""
-    if not isinstance(value, str):
-        return None
-    try:
-        stamp = pd.Timestamp(value)
-    except ValueError:
-        return None
-    return None if stamp.tzinfo is None else stamp.tz_convert(UTC)
 
 
 def _checkpoint_time(value: Any) -> datetime | None:

@@ -17,7 +17,6 @@ was read, because a query cut short has read the newest events and missed older 
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
 import re
@@ -26,15 +25,14 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Final, Literal
 
-import boto3
-import botocore.session
 import orjson
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-from botocore.loaders import Loader
 from pydantic import Field, field_validator
 
 from pipeline.formats.reader import BatchReader
+from pipeline.sources._shared import new_aws_session as _new_session
+from pipeline.sources._shared import utc_now as _utc_now
 from pipeline.sources.base import SourceBatch, SourceError, SourceSettings
 
 __all__ = [
@@ -124,28 +122,6 @@ class _RateLimiter:
             if delay > 0:
                 self._sleep(delay)
         self._last = self._monotonic()
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-@functools.cache
-def _data_loader() -> Loader:
-    """Return one botocore data loader shared by every session.
-
-    The loader caches the service models and endpoint rules, which take about 0.3 s to parse
-    per session. Each read still builds a new session, so credentials are resolved again and a
-    rotated key or a renewed SSO login is used by the next run.
-    """
-    loader: Loader = botocore.session.get_session().get_component("data_loader")
-    return loader
-
-
-def _new_session() -> boto3.session.Session:
-    core = botocore.session.Session()
-    core.register_component("data_loader", _data_loader())
-    return boto3.session.Session(botocore_session=core)
 
 
 class CloudTrailLookupSource:

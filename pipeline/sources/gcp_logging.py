@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any, ClassVar, Final, Literal
 from urllib.parse import urlsplit
 
@@ -33,6 +33,10 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from pipeline.formats.reader import BatchReader
+from pipeline.sources._shared import as_utc as _as_utc
+from pipeline.sources._shared import parse_rfc3339 as _entry_time
+from pipeline.sources._shared import rfc3339 as _rfc3339
+from pipeline.sources._shared import utc_now as _utc_now
 from pipeline.sources.base import SourceBatch, SourceError, SourceSettings
 
 __all__ = ["GcpLoggingSettings", "GcpLoggingSource", "build_filter"]
@@ -102,10 +106,6 @@ class _ProjectRead:
     truncated: bool = False
     error: SourceError | None = None
     page_data: list[tuple[bytes, str]] = field(default_factory=list)
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def build_filter(project: str, services: list[str], start: datetime, end: datetime) -> str:
@@ -405,29 +405,6 @@ def _is_newer(read: _ProjectRead, checkpoint: Any) -> bool:
 def _is_local(endpoint: str) -> bool:
     parts = urlsplit(endpoint)
     return parts.scheme == "http" and parts.hostname in _LOCAL_HOSTS
-
-
-def _as_utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _rfc3339(value: datetime | pd.Timestamp) -> str:
-    """Write a UTC time as RFC 3339 with a ``Z``, keeping nanoseconds of a Timestamp."""
-    stamp = pd.Timestamp(value)
-    stamp = stamp.tz_localize(UTC) if stamp.tzinfo is None else stamp.tz_convert(UTC)
-    return stamp.isoformat().replace("+00:00", "Z")
-
-
-def _entry_time(value: Any) -> pd.Timestamp | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        stamp = pd.Timestamp(value)
-    except ValueError:
-        return None
-    if stamp.tzinfo is None:
-        return None
-    return stamp.tz_convert(UTC)
 
 
 def _checkpoint_time(value: Any) -> datetime | None:

@@ -35,16 +35,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, ClassVar, Final, Literal
 
-import boto3
-import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-from botocore.loaders import Loader
 from pydantic import Field, field_validator
 
 from pipeline.formats.base import FileResult, Quarantined
 from pipeline.formats.reader import BatchReader, merge_results
 from pipeline.schema import empty_events
+from pipeline.sources._shared import new_aws_session as _new_session
+from pipeline.sources._shared import utc_now as _utc_now
 from pipeline.sources.base import SourceBatch, SourceError, SourceSettings
 
 __all__ = ["LIST_FROM_KEY", "S3CloudTrailSettings", "S3CloudTrailSource"]
@@ -198,28 +197,6 @@ class _RunCounts:
     extra: FileResult = field(default_factory=lambda: FileResult(events=empty_events()))
     failed_objects: int = 0
     unfinished_days: set[date] = field(default_factory=set)
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-@functools.cache
-def _data_loader() -> Loader:
-    """Return one botocore data loader shared by every session.
-
-    The loader caches the service models and endpoint rules, which take about 0.3 s to parse
-    per session. Each read still builds a new session, so credentials are resolved again and a
-    rotated key or a renewed SSO login is used by the next run.
-    """
-    loader: Loader = botocore.session.get_session().get_component("data_loader")
-    return loader
-
-
-def _new_session() -> boto3.session.Session:
-    core = botocore.session.Session()
-    core.register_component("data_loader", _data_loader())
-    return boto3.session.Session(botocore_session=core)
 
 
 class S3CloudTrailSource:
