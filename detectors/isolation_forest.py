@@ -13,7 +13,7 @@ import base64
 import io
 import logging
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, ClassVar, Final, Literal, Self
 
@@ -30,6 +30,7 @@ from detectors.base import (
     StatisticalDetector,
     StatisticalParams,
     build_findings,
+    project_rollup,
     register,
     rollup_events,
 )
@@ -262,9 +263,11 @@ class IsolationForestDetector(StatisticalDetector):
     database. The forest is pickled and base64 encoded, so :meth:`set_state` must only get
     states that :meth:`get_state` wrote; the engine reads them from its own state database.
 
-    Blind spots: the state is fitted at the start of a window, so in a backfill over many
-    days principals new in the window are not judged until a later run. A slow reader that
-    stays within its own spread is the concern of volume and first-seen detectors.
+    A window that spans several UTC days is judged walk-forward (see :meth:`detect`), so a
+    principal that is new in a month-long backfill is judged once it has enough active hours.
+
+    Blind spot: a slow reader that stays within its own spread is the concern of the volume
+    and first-seen detectors.
 
     ATT&CK: T1555.006 (Cloud Secrets Management Stores), T1078.004 (Cloud Accounts).
     """
@@ -293,8 +296,12 @@ class IsolationForestDetector(StatisticalDetector):
 
     def fit(self, history: HistoryView, now: pd.Timestamp) -> Self:
         """Learn per-principal scales and the forest from the rollup of ``baseline_days`` before ``now``."""
-        params = self.params
         rollup = history.rollup(since=now - self.lookback, until=now, columns=list(_ROLLUP_COLUMNS))
+        return self._fit_rollup(rollup, now)
+
+    def _fit_rollup(self, rollup: pd.DataFrame, now: pd.Timestamp) -> Self:
+        """Fit on ``rollup``, the hourly rollup of the events in ``[now - lookback, now)``."""
+        params = self.params
         rollup = self._keep_types(rollup)
         hours = principal_hours(rollup)
         names = list(params.features)
@@ -406,25 +413,58 @@ class IsolationForestDetector(StatisticalDetector):
         return self
 
     def detect(self, window: pd.DataFrame, history: HistoryView, now: pd.Timestamp) -> pd.DataFrame:
-        """Return one finding per principal-hour of ``window`` that the forest flags."""
-        self.report_ = {"skipped_no_history": 0, "principal_hours_scored": 0}
+        """Return one finding per principal-hour of ``window`` that the forest flags.
+
+        A window whose events fall on one UTC day is judged by one fit on the history before
+        its first event. A window over several UTC days is judged walk-forward, one fit per
+        day: each later day is judged by a fit on the history and the window's earlier days
+        before that day's first event, as ``keytrail backtest`` fits a fresh detector each day.
+        So a first run over a month finds what daily runs find. The fitted state left at the
+        end is the fit of the last day that had events to judge.
+        """
+        self.report_ = {
+            "skipped_no_history": 0,
+            "principal_hours_scored": 0,
+            "walk_forward_fits": 0,
+        }
         window = window[window["time"].notna().to_numpy(dtype=bool)]
         if window.empty:
             return build_findings([], detector=self)
-        self.ensure_fitted(history, window["time"].min())
+        starts = _day_starts(window["time"])
+        self.ensure_fitted(history, starts[0])
 
         events = self._keep_types(window)
-        hours = principal_hours(rollup_events(events), self.known_pairs_)
-        known = hours["principal"].isin(self.principals_).to_numpy(dtype=bool)
-        self.report_["skipped_no_history"] = int(hours.loc[~known, "principal"].nunique())
-        if self.model_ is None or not known.any():
-            return build_findings([], detector=self)
-        hours = hours[known].reset_index(drop=True)
-        self.report_["principal_hours_scored"] = len(hours)
+        rollup = project_rollup(rollup_events(events), list(_ROLLUP_COLUMNS))
+        days = rollup["hour"].dt.floor("D")
+        earlier = _EarlierRollup(history, starts[0], self.lookback)
+        # pipeline.engine stores the state after detect, so the last day's fit is kept.
+        judged = []
+        skipped: set[str] = set()
+        for number, start in enumerate(starts):
+            day = start.floor("D")
+            rows = rollup[(days == day).to_numpy(dtype=bool)]
+            if rows.empty:
+                # Every event of the day is of a principal type this detector does not judge.
+                continue
+            if number > 0:
+                before = rollup[(days < day).to_numpy(dtype=bool)]
+                self._fit_rollup(earlier.before(start, events, before), start)
+                self.report_["walk_forward_fits"] += 1
+            hours = principal_hours(rows, self.known_pairs_)
+            known = hours["principal"].isin(self.principals_).to_numpy(dtype=bool)
+            skipped.update(hours.loc[~known, "principal"])
+            if self.model_ is None or not known.any():
+                continue
+            hours = hours[known].reset_index(drop=True)
+            self.report_["principal_hours_scored"] += len(hours)
+            flagged = self._flagged_hours(hours)
+            if len(flagged):
+                judged.append(flagged)
+        self.report_["skipped_no_history"] = len(skipped)
 
-        chosen = self._flagged_hours(hours)
-        if chosen.empty:
+        if not judged:
             return build_findings([], detector=self)
+        chosen = pd.concat(judged, ignore_index=True)
         rows = _finding_rows(chosen, _window_details(events, chosen), self.params)
         logger.debug("%s: %s principal-hours flagged", self.id, len(rows))
         return build_findings(rows, detector=self)
@@ -484,6 +524,80 @@ class IsolationForestDetector(StatisticalDetector):
         z = (values - self.medians_[index]) / self.scales_[index]
         z[~known] = 0.0
         return z, known
+
+
+def _day_starts(times: pd.Series) -> list[pd.Timestamp]:
+    """Return the earliest of ``times`` in each UTC day, in time order."""
+    first = times.groupby(times.dt.floor("D").to_numpy()).min().sort_index()
+    return [pd.Timestamp(value) for value in first]
+
+
+def _rollup_since(
+    rollup: pd.DataFrame,
+    since: pd.Timestamp,
+    cut_hour: Callable[[pd.Timestamp, pd.Timestamp], pd.DataFrame],
+) -> list[pd.DataFrame]:
+    """Return the parts of ``rollup`` for events at or after ``since``.
+
+    Rows of whole hours are kept as they are. The hour that ``since`` cuts cannot be split
+    from its rollup rows, so ``cut_hour(since, end_of_that_hour)`` rolls it up from raw events.
+    """
+    whole = since.ceil("h")
+    parts = [rollup[(rollup["hour"] >= whole).to_numpy(dtype=bool)]]
+    if since < whole:
+        parts.insert(0, cut_hour(since, whole))
+    return parts
+
+
+class _EarlierRollup:
+    """The rollup a walk-forward fit learns from: the stored history, then earlier window days.
+
+    The stored history before the window is read once, over the look-back of the window's
+    first day. A later day's look-back starts later, so its rollup is cut from that read.
+    """
+
+    def __init__(self, history: HistoryView, window_start: pd.Timestamp, lookback: timedelta):
+        self.history = history
+        self.window_start = window_start
+        self.lookback = pd.Timedelta(lookback)
+        self._stored: pd.DataFrame | None = None
+
+    def before(
+        self, start: pd.Timestamp, events: pd.DataFrame, window_rollup: pd.DataFrame
+    ) -> pd.DataFrame:
+        """Return the rollup of the events in ``[start - lookback, start)``.
+
+        ``start`` is the first window event of its UTC day. ``events`` are the window's
+        events, and ``window_rollup`` is the rollup of those before ``start``'s day.
+        """
+        columns = list(_ROLLUP_COLUMNS)
+        since = start - self.lookback
+        if since < self.window_start:
+            parts = [*self._stored_since(since, columns), window_rollup]
+        else:
+
+            def window_hour(first: pd.Timestamp, end: pd.Timestamp) -> pd.DataFrame:
+                times = events["time"]
+                inside = ((times >= first) & (times < end)).to_numpy(dtype=bool)
+                return project_rollup(rollup_events(events[inside]), columns)
+
+            parts = _rollup_since(window_rollup, since, window_hour)
+        parts = [part for part in parts if len(part)]
+        if not parts:
+            return window_rollup.iloc[:0]
+        return pd.concat(parts, ignore_index=True)
+
+    def _stored_since(self, since: pd.Timestamp, columns: list[str]) -> list[pd.DataFrame]:
+        if self._stored is None:
+            self._stored = self.history.rollup(
+                since=self.window_start - self.lookback, until=self.window_start, columns=columns
+            )
+
+        def stored_hour(first: pd.Timestamp, end: pd.Timestamp) -> pd.DataFrame:
+            until = min(end, self.window_start)
+            return self.history.rollup(since=first, until=until, columns=columns)
+
+        return _rollup_since(self._stored, since, stored_hour)
 
 
 def _read_pairs(rollup: pd.DataFrame) -> set[tuple[str, str]]:

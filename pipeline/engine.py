@@ -628,9 +628,14 @@ def _detect(
         )
         clock = time.perf_counter()
         try:
+            restored = None
             if isinstance(detector, StatisticalDetector):
-                _prepare_statistical(detector, view, start, state, fitted)
+                restored = _prepare_statistical(detector, view, start, state)
             found = detector.detect(window, view, now)
+            if isinstance(detector, StatisticalDetector) and fitted is not None:
+                # Saved after detect: a detector that fits again inside a long window (the
+                # isolation forest, one fit per UTC day) leaves its last fit.
+                _keep_state(detector, restored, fitted)
             missing = [name for name in FINDING_COLUMNS if name not in found.columns]
             if missing:
                 raise ValueError(f"findings frame lacks columns {', '.join(missing)}")
@@ -670,32 +675,46 @@ def _prepare_statistical(
     view: HistoryView,
     start: pd.Timestamp,
     state: State,
-    fitted: list[DetectorState] | None,
-) -> None:
-    """Restore the detector's stored state, or fit it on the history before ``start``."""
+) -> pd.Timestamp | None:
+    """Restore the detector's stored state, or fit it on the history before ``start``.
+
+    Returns the ``fitted_through`` of the restored state, or None when nothing was restored.
+    """
     params_hash = detector.params_hash()
     stored = state.detector_state(detector.id)
+    restored = None
     if stored is not None and stored.params_hash == params_hash:
         try:
             detector.set_state(stored.state)
+            restored = detector.fitted_through
         except (KeyError, TypeError, ValueError) as exc:
             logger.warning("%s: stored state is invalid (%s); fitting again", detector.id, exc)
             detector.fitted_through_ = None
     if not detector.needs_refit(start):
         logger.info("%s: using the state fitted through %s", detector.id, detector.fitted_through)
-        return
+        return restored
     clock = time.perf_counter()
     detector.fit(view, start)
     logger.info("%s: fitted through %s in %.2f s", detector.id, start, time.perf_counter() - clock)
-    if fitted is not None and detector.fitted_through is not None:
-        fitted.append(
-            DetectorState(
-                detector=detector.id,
-                params_hash=params_hash,
-                fitted_through=detector.fitted_through.to_pydatetime(),
-                state=detector.get_state(),
-            )
+    return restored
+
+
+def _keep_state(
+    detector: StatisticalDetector,
+    restored: pd.Timestamp | None,
+    fitted: list[DetectorState],
+) -> None:
+    """Append the detector's state for the run's commit unless it is the restored one."""
+    if detector.fitted_through is None or detector.fitted_through == restored:
+        return
+    fitted.append(
+        DetectorState(
+            detector=detector.id,
+            params_hash=detector.params_hash(),
+            fitted_through=detector.fitted_through.to_pydatetime(),
+            state=detector.get_state(),
         )
+    )
 
 
 def _detector_report(detector: Any) -> dict[str, Any]:
@@ -771,16 +790,11 @@ def _write_outputs(
     summary.outputs = {
         "findings_file": str(report.findings_path),
         "findings_written": report.findings_written,
-        "alerts": len(report.alerts),
         "below_min_severity": report.below_min_severity,
         "slack_files": len(report.slack_files),
         "email_files": len(report.email_files),
     }
-    logger.info(
-        "outputs: %s findings written, %s alerts in the outbox",
-        report.findings_written,
-        len(report.slack_files),
-    )
+    logger.info("outputs: %s findings written", report.findings_written)
 
 
 def state_path_of(settings: Settings) -> Path:
@@ -816,10 +830,16 @@ def _plan_alerts(
         "alerts": {receiver: len(alerts) for receiver, alerts in plan.alerts},
     }
     logger.info(
-        "alerting: %s findings allowed, %s silenced, %s alerts routed",
+        "alerting: of %s findings, %s below min_severity, %s removed by the allow-list, "
+        "%s silenced; the other %s make %s alerts for %s %s",
+        len(findings),
+        plan.below_min_severity,
         plan.allowed,
         plan.silenced,
+        len(findings) - plan.below_min_severity - plan.allowed - plan.silenced,
         sum(len(alerts) for _, alerts in plan.alerts),
+        len(plan.alerts),
+        "receiver" if len(plan.alerts) == 1 else "receivers",
     )
     return plan
 

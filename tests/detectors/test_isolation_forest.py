@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from detectors.base import FINDING_COLUMNS, FrameHistory, rollup_events
-from detectors.isolation_forest import IsolationForestDetector, principal_hours
+from detectors.isolation_forest import IsolationForestDetector, _day_starts, principal_hours
 from pipeline.schema import events_from_rows
 from tests.detectors.conftest import ACCOUNT, aws_denied, aws_read
 
@@ -97,7 +97,11 @@ def test_busy_service_at_its_rate_is_quiet(make_events: Build, history: FrameHis
     ]
     detector = IsolationForestDetector()
     assert detector.detect(make_events(window), history, NOW).empty
-    assert detector.report_ == {"skipped_no_history": 0, "principal_hours_scored": 1}
+    assert detector.report_ == {
+        "skipped_no_history": 0,
+        "principal_hours_scored": 1,
+        "walk_forward_fits": 0,
+    }
 
 
 def test_quiet_hour_does_not_fire(make_events: Build, history: FrameHistory) -> None:
@@ -115,7 +119,11 @@ def test_new_principal_is_skipped(make_events: Build, history: FrameHistory) -> 
     detector = IsolationForestDetector()
     findings = detector.detect(make_events(sweep("newcomer")), history, NOW)
     assert findings.empty
-    assert detector.report_ == {"skipped_no_history": 1, "principal_hours_scored": 0}
+    assert detector.report_ == {
+        "skipped_no_history": 1,
+        "principal_hours_scored": 0,
+        "walk_forward_fits": 0,
+    }
 
 
 def test_principal_types_filter(make_events: Build, history: FrameHistory) -> None:
@@ -182,6 +190,160 @@ def test_principal_hours_features(make_events: Build) -> None:
     # Secret "a" was new in the first hour, so the second hour reads nothing new.
     assert hours.iloc[1]["new_secret_share"] == 0.0
     assert hours["hour"].dt.hour.tolist() == [3, 4]
+
+
+MONTH_START = pd.Timestamp("2024-07-01T00:00:00Z")
+MONTH_DAYS = 8
+SWEEP_DAY = 6
+
+
+def month_of_events() -> pd.DataFrame:
+    """Return eight days of the three steady roles, with a secret sweep by the app role.
+
+    Reads fall at random seconds, so each day's first event and each look-back's first hour
+    are cut mid-hour. The sweep is 40 reads of new secrets at 05:00 on day 6.
+    """
+    rng = np.random.default_rng(11)
+    rows = []
+    for principal, rate, secrets in ((APP, 3, 2), (BATCH, 12, 3), (WEB, 6, 1)):
+        for hour in range(MONTH_DAYS * 24):
+            for _ in range(int(rng.poisson(rate))):
+                moment = MONTH_START + pd.Timedelta(hours=hour, seconds=int(rng.integers(3600)))
+                secret = f"prod/{int(rng.integers(secrets))}"
+                rows.append(aws_read(moment, principal, secret=secret, principal_type="role"))
+    swept = MONTH_START + pd.Timedelta(days=SWEEP_DAY, hours=5)
+    for n in range(40):
+        rows.append(
+            aws_read(
+                swept + pd.Timedelta(minutes=n),
+                APP,
+                secret=f"prod/other-{n}",
+                ip=f"198.51.100.{n % 4}",
+                principal_type="role",
+            )
+        )
+    events = events_from_rows([row | {"event_uid": f"m-{n}"} for n, row in enumerate(rows)])
+    return events.sort_values("time", kind="stable").reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def month() -> pd.DataFrame:
+    return month_of_events()
+
+
+def daily_runs(events: pd.DataFrame, window: pd.DataFrame, **params: Any) -> pd.DataFrame:
+    """Judge ``window`` one UTC day at a time, each day by a fresh detector, as a backtest does."""
+    found = []
+    for _, day in window.groupby(window["time"].dt.floor("D")):
+        before = FrameHistory(events[events["time"] < day["time"].min()])
+        found.append(IsolationForestDetector(**params).detect(day, before, day["time"].max()))
+    return pd.concat(found, ignore_index=True)
+
+
+@pytest.mark.parametrize(
+    ("history_days", "baseline_days"),
+    [
+        pytest.param(0, 2, id="first-run-look-back-inside-window"),
+        pytest.param(0, 14, id="first-run-look-back-covers-window"),
+        pytest.param(3, 2, id="stored-history-look-back-cut-in-history"),
+        pytest.param(3, 4, id="stored-history-look-back-spans-both"),
+    ],
+)
+def test_long_window_matches_daily_runs(
+    month: pd.DataFrame, history_days: int, baseline_days: int
+) -> None:
+    split = MONTH_START + pd.Timedelta(days=history_days)
+    stored = FrameHistory(month[month["time"] < split])
+    window = month[month["time"] >= split].reset_index(drop=True)
+
+    detector = IsolationForestDetector(baseline_days=baseline_days, min_history_hours=12)
+    found = detector.detect(window, stored, window["time"].max())
+    daily = daily_runs(month, window, baseline_days=baseline_days, min_history_hours=12)
+
+    assert sorted(found["finding_id"]) == sorted(daily["finding_id"])
+    assert found["principal"].tolist() == [APP]
+    # The sweep's 40 reads and the role's two usual reads of that hour.
+    assert found["title"].tolist() == [
+        f"{APP} accessed secrets unlike its own history at 2024-07-07 05:00 UTC "
+        "(42 reads, 42 secrets)"
+    ]
+    assert detector.report_["walk_forward_fits"] == MONTH_DAYS - history_days - 1
+    last_start = _day_starts(window["time"])[-1]
+    refitted = IsolationForestDetector(baseline_days=baseline_days, min_history_hours=12).fit(
+        FrameHistory(month[month["time"] < last_start]), last_start
+    )
+    for key in ("fitted_through", "principals", "medians", "scales", "known_pairs"):
+        assert detector.get_state()[key] == refitted.get_state()[key], key
+
+
+def test_long_window_first_day_not_judged(month: pd.DataFrame) -> None:
+    # The sweep falls on the window's first day: with no history, no one is judged on it.
+    # The second day is judged (71 principal-hours: the app role was idle for one hour).
+    window = month[month["time"] >= MONTH_START + pd.Timedelta(days=SWEEP_DAY)]
+    detector = IsolationForestDetector(baseline_days=2, min_history_hours=12)
+
+    assert detector.detect(window, FrameHistory(), window["time"].max()).empty
+    assert detector.report_ == {
+        "skipped_no_history": 3,
+        "principal_hours_scored": 71,
+        "walk_forward_fits": 1,
+    }
+
+
+def test_long_window_principal_short_history_skipped(month: pd.DataFrame) -> None:
+    # Four hours of the newcomer before its sweep are fewer than min_history_hours (12).
+    days = pd.Timedelta(days=SWEEP_DAY)
+    early = [
+        aws_read(MONTH_START + days - pd.Timedelta(hours=4 - n), "newcomer", secret="prod/0")
+        for n in range(4)
+    ]
+    swept = [
+        aws_read(MONTH_START + days + pd.Timedelta(hours=5, minutes=n), "newcomer", secret=f"x/{n}")
+        for n in range(40)
+    ]
+    extra = events_from_rows([row | {"event_uid": f"n-{n}"} for n, row in enumerate(early + swept)])
+    window = pd.concat([month, extra], ignore_index=True).sort_values("time", kind="stable")
+    detector = IsolationForestDetector(baseline_days=2, min_history_hours=12)
+
+    found = detector.detect(window.reset_index(drop=True), FrameHistory(), window["time"].max())
+
+    assert found["principal"].tolist() == [APP]
+    assert detector.report_["skipped_no_history"] == 4
+
+
+def test_long_window_leaves_last_day_fit(month: pd.DataFrame) -> None:
+    walked = IsolationForestDetector(baseline_days=2, min_history_hours=12)
+    walked.detect(month, FrameHistory(), month["time"].max())
+    last_start = month.loc[month["time"] >= MONTH_START + pd.Timedelta(days=7), "time"].min()
+    refitted = IsolationForestDetector(baseline_days=2, min_history_hours=12)
+    refitted.fit(FrameHistory(month[month["time"] < last_start]), last_start)
+
+    assert walked.fitted_through == last_start
+    state = walked.get_state()
+    expected = refitted.get_state()
+    for key in ("fitted_through", "principals", "medians", "scales", "known_pairs"):
+        assert state[key] == expected[key], key
+    assert state["history_hours"] == expected["history_hours"] == [48, 48, 48]
+
+
+def test_day_starts_first_event_per_day() -> None:
+    times = pd.Series(
+        pd.to_datetime(
+            [
+                "2024-07-02T00:00:05Z",
+                "2024-07-01T23:59:59Z",
+                "2024-07-01T08:30:00Z",
+                "2024-07-03T12:00:00Z",
+                "2024-07-02T17:00:00Z",
+            ],
+            utc=True,
+        )
+    )
+    assert _day_starts(times) == [
+        pd.Timestamp("2024-07-01T08:30:00Z"),
+        pd.Timestamp("2024-07-02T00:00:05Z"),
+        pd.Timestamp("2024-07-03T12:00:00Z"),
+    ]
 
 
 @pytest.mark.parametrize(
