@@ -1,7 +1,9 @@
 """keytrail reads secret-access audit logs (AWS CloudTrail, GCP Cloud Audit Logs and Azure Key
-Vault AuditEvent), normalizes them into one event schema, runs detectors for off-hours reads,
-new countries, impossible travel and failure bursts, and writes findings and alerts. Start with
-`keytrail run --source LOG_FOLDER`, or `keytrail run` in a folder that contains config.yaml.
+Vault AuditEvent), normalizes them into one event schema, runs rule and statistical detectors
+(off-hours reads, new countries, impossible travel, failure bursts, volume spikes, mass
+retrieval, first-seen secrets, cross-cloud reads, an isolation forest and a risk score per
+identity), and writes findings and alerts. Start with `keytrail run --source LOG_FOLDER`, or
+`keytrail run` in a folder that contains config.yaml.
 
 The logging options --log-level and --log-format are accepted before the command name and
 after it: `keytrail --log-format json run` and `keytrail run --log-format json` do the same.
@@ -16,6 +18,7 @@ Exit codes:
   4  another keytrail run holds the lock on the state directory
   5  alert delivery failed: an outbox row became dead, or a delivery waits for a retry
      (`keytrail outbox list` shows them; `keytrail test-alert` also exits 5 when a channel fails)
+  141  the reader of stdout closed the pipe early (as with `| head`); no message is printed
 
 `keytrail schedule` exits 0 after SIGTERM or SIGINT once the current run has finished; a second
 signal stops it at once with 128 + the signal number (143 for SIGTERM, 130 for SIGINT).
@@ -42,9 +45,15 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.alerting.delivery import channel_senders, log_env_receivers, sample_alert
+from detectors.base import registered_detectors
+from pipeline.alerting.delivery import (
+    channel_senders,
+    log_env_receivers,
+    sample_alert,
+    secret_variable_warnings,
+)
 from pipeline.alerting.escape import clean_line
-from pipeline.alerting.outbox import OUTBOX_STATUSES, Outbox, OutboxStatus
+from pipeline.alerting.outbox import OUTBOX_STATUSES, Outbox, OutboxRow, OutboxStatus
 from pipeline.alerting.render import Renderer
 from pipeline.alerting.silences import (
     SILENCE_LABELS,
@@ -93,6 +102,8 @@ EXIT_CONFIG: Final = 2
 EXIT_PROBLEMS: Final = 3
 EXIT_LOCKED: Final = 4
 EXIT_DELIVERY: Final = 5
+# 128 + SIGPIPE (13): what a shell reports for a Unix tool stopped by a closed pipe.
+EXIT_BROKEN_PIPE: Final = 141
 
 DEFAULT_CONFIG: Final = Path("config.yaml")
 PIPED_WIDTH: Final = 400
@@ -108,7 +119,14 @@ def _handle_errors(func: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+            # Flush here, so that a reader that closed the pipe early surfaces below instead
+            # of at interpreter exit.
+            sys.stdout.flush()
+            return result
+        except BrokenPipeError:
+            _quiet_closed_stdout()
+            raise SystemExit(EXIT_BROKEN_PIPE) from None
         except ConfigError as exc:
             where = f" {exc.source}" if exc.source else ""
             if len(exc.problems) == 1:
@@ -136,6 +154,21 @@ def _handle_errors(func: Callable[P, R]) -> Callable[P, R]:
             raise SystemExit(EXIT_INTERNAL) from None
 
     return wrapper
+
+
+def _quiet_closed_stdout() -> None:
+    """Point stdout at /dev/null after its reader left, so the exit flush cannot fail again.
+
+    A reader such as `head -1` closes the pipe after the lines it needs. Like a Unix tool
+    stopped by SIGPIPE, keytrail then exits without an error message.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        # stdout has no file descriptor (a test runner's buffer): nothing is flushed at exit.
+        pass
 
 
 _LOG_LEVELS: Final = ["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -280,7 +313,7 @@ _config_option = click.option(
     default=None,
     help=(
         "Config file; relative paths in it resolve against its folder. Default: ./config.yaml "
-        "if it exists, else the built-in defaults with no sources (then give --source)."
+        "if it exists, else the built-in defaults."
     ),
 )
 
@@ -703,6 +736,13 @@ def backtest(
     settings, origin = _load_settings(config_path)
     _start_logging(settings)
     _log_settings_origin(origin)
+    known = registered_detectors()
+    unknown = [detector_id for detector_id in detector_ids if detector_id not in known]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown detector {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}",
+            param_hint="--detectors",
+        )
     report = replay(settings, since, until, list(detector_ids) or None)
     if out is not None:
         written = write_findings(out, report.findings)
@@ -728,7 +768,9 @@ def validate_config(config_path: Path | None) -> None:
         config_path = DEFAULT_CONFIG
     settings = load_config(config_path)
     check_files(settings, source=str(config_path))
-    for warning in config_warnings(settings):
+    warnings = config_warnings(settings)
+    warnings += secret_variable_warnings(settings.alerting, os.environ)
+    for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(
         f"{config_path} is valid: {len(settings.sources)} sources, "
@@ -1009,17 +1051,62 @@ def outbox_retry(
     config_path: Path | None,
     state_dir: Path | None,
 ) -> None:
-    """Queue dead rows (by ID, or --all) again; the next `keytrail run` sends them."""
-    if bool(row_ids) == retry_all:
-        raise click.UsageError("expected outbox row IDs or --all, but not both")
+    """Queue dead rows (by ID, or --all) again; the next `keytrail run` sends them.
+
+    Exits 2 when IDs were given and none of them was queued (not found, not dead, or not of
+    --receiver or --channel).
+    """
+    if row_ids and retry_all:
+        raise click.UsageError("give outbox row IDs or --all, not both")
+    if not row_ids and not retry_all:
+        raise click.UsageError("give the IDs of dead outbox rows, or --all for every dead row")
     with _outbox(config_path, state_dir) as box:
+        rows = {} if retry_all else box.rows_by_id(row_ids)
         changed = box.retry_dead(
             None if retry_all else row_ids,
             now=dt.datetime.now(dt.UTC),
             receiver=receiver,
             channel=channel,
         )
-    click.echo(f"queued {changed} dead outbox rows again")
+    click.echo(f"queued {_count_noun(changed, 'dead outbox row')} again")
+    if retry_all:
+        return
+    prefix = "error" if changed == 0 else "warning"
+    for problem in _retry_skips(row_ids, rows, receiver, channel):
+        click.echo(f"{prefix}: {problem}", err=True)
+    if changed == 0:
+        raise SystemExit(EXIT_CONFIG)
+
+
+def _retry_skips(
+    row_ids: tuple[int, ...],
+    rows: dict[int, OutboxRow],
+    receiver: str | None,
+    channel: str | None,
+) -> list[str]:
+    """Describe each requested row that `outbox retry` did not queue, and why."""
+    problems = []
+    for row_id in dict.fromkeys(row_ids):
+        row = rows.get(row_id)
+        if row is None:
+            problems.append(f"outbox row {row_id} not found; `keytrail outbox list` shows the IDs")
+        elif row.status != "dead":
+            problems.append(f"outbox row {row_id} not queued: it is {row.status}, not dead")
+        elif receiver is not None and row.receiver != receiver:
+            problems.append(
+                f"outbox row {row_id} not queued: its receiver is {clean_line(row.receiver)}, "
+                f"not {clean_line(receiver)}"
+            )
+        elif channel is not None and row.channel != channel:
+            problems.append(
+                f"outbox row {row_id} not queued: its channel is {row.channel}, not "
+                f"{clean_line(channel)}"
+            )
+    return problems
+
+
+def _count_noun(count: int, noun: str) -> str:
+    return f"{count} {noun if count == 1 else noun + 's'}"
 
 
 @main.command("test-alert")

@@ -390,10 +390,6 @@ def _add_outputs(grid: Table, summary: RunSummary) -> None:
     grid.add_row(
         "outputs", Text(f"{findings} appended to {clean_line(str(outputs.get('findings_file')))}")
     )
-    alerts = _plural(int(outputs.get("alerts") or 0), "alert")
-    slack = _plural(int(outputs.get("slack_files") or 0), "Slack file")
-    emails = _plural(int(outputs.get("email_files") or 0), "email file")
-    grid.add_row("", f"{alerts}; {slack} and {emails} in the outbox")
     below = int(outputs.get("below_min_severity") or 0)
     if below:
         grid.add_row("", f"{_plural(below, 'finding')} below min_severity, not alerted")
@@ -402,12 +398,36 @@ def _add_outputs(grid: Table, summary: RunSummary) -> None:
         allowed = _plural(int(alerting.get("allowed") or 0), "finding")
         silenced = _plural(int(alerting.get("silenced") or 0), "finding")
         grid.add_row("", f"{allowed} removed by the allow-list, {silenced} silenced")
+    _add_alerts(grid, alerting)
+    slack_files = int(outputs.get("slack_files") or 0)
+    email_files = int(outputs.get("email_files") or 0)
+    if slack_files or email_files:
+        slack = _plural(slack_files, "Slack file")
+        emails = _plural(email_files, "email file")
+        grid.add_row("files", f"{slack} and {emails} written to the outbox folder")
     for name, counts in sorted(summary.delivery.get("receivers", {}).items()):
         grid.add_row(
             "delivery",
             f"{clean_line(name)}: {counts.get('sent', 0)} sent, {counts.get('retry', 0)} retry, "
             f"{counts.get('dead', 0)} dead, {counts.get('pending', 0)} pending",
         )
+
+
+def _add_alerts(grid: Table, alerting: dict[str, Any]) -> None:
+    """Add one line per receiver: alerts routed, queued, and held back by repeat_interval."""
+    routed = alerting.get("alerts") or {}
+    queued = alerting.get("queued") or {}
+    for name in sorted(set(routed) | set(queued)):
+        counts = queued.get(name) or {}
+        line = f"{clean_line(name)}: {_plural(int(routed.get(name) or 0), 'alert')} routed"
+        if name in queued:
+            line += f", {int(counts.get('queued') or 0)} queued"
+            updates = int(counts.get("updates") or 0)
+            if updates:
+                line += f" ({_plural(updates, 'update')})"
+            held_back = int(counts.get("repeats_skipped") or 0)
+            line += f", {held_back} held back by repeat_interval"
+        grid.add_row("alerts", line)
 
 
 def _plural(count: int, noun: str, plural: str | None = None) -> str:

@@ -216,6 +216,92 @@ def test_validate_config_warns_empty_lists(tmp_path: Path) -> None:
     ]
 
 
+MAIL_RECEIVER = (
+    "sources: []\ndetectors: {}\nenrich: {geoip: {enabled: false}}\n"
+    "alerting:\n"
+    "  receivers:\n"
+    "    mail:\n"
+    "      email: {host: smtp.example.com, port: 465, security: starttls,\n"
+    "              sender: keytrail@example.com, recipients: [soc@example.com]}\n"
+    "  routing: {default_receiver: mail}\n"
+)
+
+
+def test_validate_config_smtp_port_mismatch(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(MAIL_RECEIVER, encoding="utf-8")
+
+    code, _, stderr = invoke("validate-config", "--config", str(path))
+
+    assert code == EXIT_CONFIG
+    assert stderr.startswith(
+        f"error: invalid config {path}: alerting.receivers.mail: email.security: port 465 "
+        "expects implicit TLS but security is 'starttls'; set security: tls, or use port 587 "
+        "with starttls"
+    )
+
+
+def test_validate_config_smtp_port_fits(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(MAIL_RECEIVER.replace("security: starttls", "security: tls"))
+
+    code, stdout, _ = invoke("validate-config", "--config", str(path))
+
+    assert code == EXIT_OK
+    assert stdout == f"{path} is valid: 0 sources, 0 detectors enabled\n"
+
+
+def test_validate_config_warns_unset_secret_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KT_TEST_HOOK", raising=False)
+    monkeypatch.setenv("KT_TEST_SMTP_PASSWORD", "set-in-this-shell")
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        MAIL_RECEIVER.replace("port: 465, security: starttls", "username: keytrail")
+        .replace("sender:", "password_env: KT_TEST_SMTP_PASSWORD, sender:")
+        .replace("  routing:", "    chat: {slack: {webhook_url_env: KT_TEST_HOOK}}\n  routing:"),
+        encoding="utf-8",
+    )
+
+    code, stdout, stderr = invoke("validate-config", "--config", str(path))
+
+    assert code == EXIT_OK
+    assert stdout == f"{path} is valid: 0 sources, 0 detectors enabled\n"
+    assert stderr.splitlines()[2:] == [
+        "warning: alerting.receivers.chat.slack.webhook_url_env: environment variable "
+        "KT_TEST_HOOK is not set here; the receiver's deliveries fail until it is set where "
+        "`keytrail run` runs",
+    ]
+
+
+def test_backtest_unknown_detector_names_flag(workdir: Path) -> None:
+    code, _, stderr = invoke(
+        "backtest",
+        "--config",
+        str(workdir / "config.yaml"),
+        "--since",
+        "2026-10-01",
+        "--until",
+        "2026-10-02",
+        "--detectors",
+        "keytrail.nope",
+    )
+
+    assert code == EXIT_CONFIG
+    assert "Error: Invalid value for --detectors: unknown detector 'keytrail.nope'; " in stderr
+    assert "known: keytrail.cross_cloud, keytrail.failure_burst," in stderr
+    assert "detectors.run" not in stderr
+
+
+def test_config_help_without_source_hint() -> None:
+    # Only `run` has --source; the shared --config help must not send readers to it.
+    for command in ("schedule", "evaluate", "backtest", "validate-config", "test-alert"):
+        code, stdout, _ = invoke(command, "--help")
+        assert code == EXIT_OK, command
+        assert "give --source" not in stdout, command
+
+
 def test_run_symlink_loop_and_fifo(workdir: Path) -> None:
     loop = workdir / "logs" / "loop"
     loop.mkdir()
@@ -520,7 +606,7 @@ def test_outbox_list_and_retry(slack_workdir: Path, slack_peer: type[SlackPeer])
 
     code, stdout, _ = invoke("outbox", "retry", "--config", config, str(rows[0]["id"]))
     assert code == 0
-    assert stdout == "queued 1 dead outbox rows again\n"
+    assert stdout == "queued 1 dead outbox row again\n"
 
     code, _, _ = invoke("run", "--config", config)
     assert code == 0
@@ -533,7 +619,15 @@ def test_outbox_retry_needs_ids_or_all(slack_workdir: Path) -> None:
     code, _, stderr = invoke("outbox", "retry", "--config", str(slack_workdir / "config.yaml"))
 
     assert code == 2
-    assert "expected outbox row IDs or --all, but not both" in stderr
+    assert "Error: give the IDs of dead outbox rows, or --all for every dead row" in stderr
+
+
+def test_outbox_retry_ids_and_all_rejected(slack_workdir: Path) -> None:
+    config = str(slack_workdir / "config.yaml")
+    code, _, stderr = invoke("outbox", "retry", "--config", config, "--all", "1")
+
+    assert code == 2
+    assert "Error: give outbox row IDs or --all, not both" in stderr
 
 
 def test_test_alert_sends_each_channel(slack_workdir: Path, slack_peer: type[SlackPeer]) -> None:

@@ -9,8 +9,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pandas as pd
 import pytest
 
+from detectors.base import FINDING_COLUMNS
 from pipeline.alerting.alerts import Alert
 from pipeline.alerting.delivery import (
     AlertingSettings,
@@ -19,6 +21,7 @@ from pipeline.alerting.delivery import (
     enqueue_alerts,
 )
 from pipeline.alerting.outbox import Outbox, alert_payload
+from pipeline.alerting.routing import RoutingSettings, route_alerts
 from pipeline.alerting.silences import Matcher, Silence, SilenceStore
 from pipeline.config import Settings, settings_from_mapping
 from pipeline.engine import run_once
@@ -265,6 +268,35 @@ def test_repeat_within_interval_skipped(state_conn: sqlite3.Connection) -> None:
 
     assert first == {"queued": 1, "updates": 0, "repeats_skipped": 0}
     assert repeat == {"queued": 0, "updates": 0, "repeats_skipped": 1}
+
+
+def test_repeat_held_back_logged_with_keys(
+    state_conn: sqlite3.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    enqueue_one(state_conn, finding("f1"), 0)
+    with caplog.at_level("INFO", logger="pipeline.alerting.delivery"):
+        enqueue_one(state_conn, finding("f2"), 60)
+    assert caplog.messages == [
+        "receiver team: 1 alert held back by repeat_interval (4:00:00), because an earlier "
+        "run sent the same dedup key with nothing new; dedup keys: "
+        "tests.every_read|alice|db/password"
+    ]
+
+
+def test_same_run_same_key_merged_not_held(state_conn: sqlite3.Connection) -> None:
+    # Two findings of one run with one dedup key become one queued alert, never one sent
+    # and one held back as a repeat.
+    rows = [finding("f1"), finding("f2", ips=["203.0.113.9"])]
+    frame = pd.DataFrame(rows).reindex(columns=list(FINDING_COLUMNS))
+    routing = RoutingSettings(default_receiver="team", group_by=["..."])
+    plan = AlertPlan(alerts=route_alerts(frame, routing))
+    counts = enqueue_alerts(state_conn, plan, timedelta(hours=4), NOW)
+
+    assert counts == {"team": {"queued": 1, "updates": 0, "repeats_skipped": 0}}
+    [payload] = [
+        json.loads(row[0]) for row in state_conn.execute("SELECT payload_json FROM outbox")
+    ]
+    assert sorted(item["finding_id"] for item in payload["findings"]) == ["f1", "f2"]
 
 
 def test_repeat_after_interval_sent(state_conn: sqlite3.Connection) -> None:

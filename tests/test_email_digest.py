@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import socket
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -13,7 +14,13 @@ import pytest
 
 from pipeline.alerting.alerts import Alert
 from pipeline.alerting.delivery import AlertingSettings, build_senders
-from pipeline.alerting.outbox import BatchSender, Outbox, OutboxSettings, deliver_due
+from pipeline.alerting.outbox import (
+    BatchSender,
+    Outbox,
+    OutboxSettings,
+    deliver_due,
+    retry_time_text,
+)
 from pipeline.alerting.render import (
     DIGEST_MAX_FULL_ALERTS,
     DIGEST_MAX_HTML_CHARS,
@@ -210,6 +217,45 @@ def test_temporary_smtp_error_retries_all_rows_together(
     assert [row.status for row in done] == ["delivered"] * 3
 
 
+def closed_port() -> int:
+    """Return a 127.0.0.1 port that nothing listens on, so a connection is refused."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_refused_digest_logs_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    senders = build_senders(settings_for(email_only(closed_port())), tmp_path, NOW)
+    with queue(tmp_path, ALERTS) as outbox, caplog.at_level("WARNING", "pipeline.alerting.outbox"):
+        report = deliver_due(outbox, senders, NOW)
+        rows = outbox.list_rows()
+
+    assert report.receivers["team"].retry == 3
+    outbox_lines = [r for r in caplog.records if r.name == "pipeline.alerting.outbox"]
+    assert len(outbox_lines) == 1
+    message = outbox_lines[0].getMessage()
+    wait = round((rows[0].next_attempt_at - NOW).total_seconds())
+    expected_time = f"{rows[0].next_attempt_at:%Y-%m-%d %H:%M:%S} UTC (in {wait} s)"
+    assert message.startswith(
+        f"delivery of a digest of 3 alerts to team/email failed (attempt 1), next attempt at "
+        f"{expected_time}: "
+    )
+    assert wait > 0
+
+
+def test_retry_time_never_before_now() -> None:
+    earlier = NOW - dt.timedelta(minutes=5)
+    assert retry_time_text(earlier, NOW) == "at 2026-10-05 09:00:00 UTC (in 0 s)"
+    later = NOW + dt.timedelta(seconds=90)
+    assert retry_time_text(later, NOW) == "at 2026-10-05 09:01:30 UTC (in 90 s)"
+
+
+def test_retry_time_converts_to_utc() -> None:
+    berlin = dt.timezone(dt.timedelta(hours=2))
+    later = dt.datetime(2026, 10, 5, 11, 0, 30, tzinfo=berlin)
+    assert retry_time_text(later, NOW) == "at 2026-10-05 09:00:30 UTC (in 30 s)"
+
+
 def test_permanent_smtp_error_makes_all_rows_dead(
     tmp_path: Path, inbox: tuple[SmtpPeer, int]
 ) -> None:
@@ -349,6 +395,10 @@ def test_digest_of_500_alerts_is_capped() -> None:
     for alert in alerts:
         assert alert.alert_id in text
         assert alert.alert_id in html
+    last = alerts[-1]
+    assert f"alert {last.alert_id}, findings {last.findings[0]['finding_id']}\n" in text
+    assert "findings.jsonl in its output folder; ask them by finding id" in text
+    assert "Their findings are in findings.jsonl" not in html
     assert f"==== Alert {DIGEST_MAX_FULL_ALERTS} of 500 ====" in text
     assert "500 alerts: 50 high, 450 medium" in html
 

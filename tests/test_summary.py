@@ -53,7 +53,6 @@ def _summary() -> RunSummary:
     summary.outputs = {
         "findings_file": "/srv/keytrail/out/findings.jsonl",
         "findings_written": 2,
-        "alerts": 1,
         "below_min_severity": 1,
         "slack_files": 1,
         "email_files": 1,
@@ -93,13 +92,43 @@ def test_summary_lines_at_80_columns() -> None:
         "            built 2026-09-01, stale; 6 of 7 addresses found",
         "warning     GeoIP database is 130 days old",
         "outputs     2 findings appended to /srv/keytrail/out/findings.jsonl",
-        "            1 alert; 1 Slack file and 1 email file in the outbox",
         "            1 finding below min_severity, not alerted",
+        "files       1 Slack file and 1 email file written to the outbox folder",
         "quarantine  15 records kept in",
         "            /srv/keytrail/state/quarantine/20261010T010000Z-abc123.jsonl",
         "problem     detector keytrail.failure_burst: RuntimeError: table missing",
         "status      completed_with_problems in 1.23 s",
     ]
+
+
+def test_summary_alert_lines_per_receiver() -> None:
+    summary = _summary()
+    summary.outputs = {"findings_file": "/out/findings.jsonl", "findings_written": 34}
+    summary.alerting = {
+        "allowed": 1,
+        "silenced": 0,
+        "alerts": {"security": 29, "pager": 1},
+        "queued": {
+            "security": {"queued": 27, "updates": 1, "repeats_skipped": 2},
+            "pager": {"queued": 1, "updates": 0, "repeats_skipped": 0},
+        },
+    }
+    lines = _printed(summary)
+    start = lines.index("outputs     34 findings appended to /out/findings.jsonl")
+    assert lines[start + 1 : start + 4] == [
+        "            1 finding removed by the allow-list, 0 findings silenced",
+        "alerts      pager: 1 alert routed, 1 queued, 0 held back by repeat_interval",
+        "alerts      security: 29 alerts routed, 27 queued (1 update), 2 held back by",
+    ]
+    assert lines[start + 4] == "            repeat_interval"
+
+
+def test_summary_routed_alerts_before_commit() -> None:
+    # A run that failed before its commit has routed alerts but queued none.
+    summary = _summary()
+    summary.outputs = {"findings_file": "/out/findings.jsonl", "findings_written": 3}
+    summary.alerting = {"alerts": {"security": 3}}
+    assert "alerts      security: 3 alerts routed" in _printed(summary)
 
 
 def test_summary_wide_console_keeps_lines_whole() -> None:

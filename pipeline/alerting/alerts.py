@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import logging
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
@@ -28,6 +29,7 @@ __all__ = [
     "finding_records",
     "format_time",
     "iso_utc",
+    "person_wording",
     "summary_items",
     "to_jsonable",
 ]
@@ -37,8 +39,32 @@ logger = logging.getLogger(__name__)
 _LIST_FIELDS: Final = ("resources", "source_ips", "countries", "event_uids", "mitre")
 _TIME_FIELDS: Final = ("first_seen", "last_seen")
 # Evidence keys left out of the "why" list because the alert shows them elsewhere: locations in
-# the "where" line. findings.jsonl keeps them.
-_SHOWN_ELSEWHERE: Final = frozenset({"locations"})
+# the "where" line, event ids in the top events and the finding's details, principal ARNs in
+# the "who" line. findings.jsonl keeps them.
+_SHOWN_ELSEWHERE: Final = frozenset(
+    {"locations", "principal_arns", "event_uid", "event_uids", "event_uids_listed"}
+)
+# Maximum number of list items shown in the "why" list; the rest are counted.
+_MAX_LISTED: Final = 5
+_ISO_TIME_RE: Final = re.compile(
+    r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})$"
+)
+# Key suffixes that carry a unit: ``distance_km: 10253.7`` reads ``distance: 10253.7 km``.
+_UNIT_SUFFIXES: Final = (
+    ("_kmh", "km/h"),
+    ("_km", "km"),
+    ("_seconds", "s"),
+    ("_minutes", "min"),
+    ("_hours", "h"),
+    ("_days", "days"),
+)
+# Principal types that name a person, so titles use "their" instead of "its".
+_PEOPLE: Final = frozenset({"user", "federated"})
+# Phrases detectors write with "its" for every principal, and their form for a person.
+_PERSON_PHRASES: Final = (
+    ("outside its usual hours", "outside their usual hours"),
+    ("unlike its own history", "unlike their own history"),
+)
 
 
 @dataclass(frozen=True)
@@ -111,6 +137,10 @@ class Alert:
         if not findings:
             raise ValueError("an alert needs at least one finding; got none")
         items = [dict(finding) for finding in findings]
+        for item in items:
+            # NOTE: detectors write "its" for every principal; people get "their" here, in
+            # the alert only (findings.jsonl keeps the detector's title).
+            item["title"] = person_wording(str(item["title"]), item.get("principal_type"))
         items.sort(key=lambda f: (-severity_rank(f["severity"]), str(f["finding_id"])))
         finding_ids = sorted(str(f["finding_id"]) for f in items)
         detectors = sorted({str(f["detector"]) for f in items})
@@ -125,7 +155,9 @@ class Alert:
             actors = ", ".join(principals) or "unnamed principals"
             title = f"{len(items)} findings from {', '.join(detectors)} for {actors}"
             keys = sorted({str(f.get("dedup_key") or f["finding_id"]) for f in items})
-            dedup_key = _digest("group", *keys)
+            # Findings that share one key (the same activity on several days) keep that key,
+            # so the repeat interval treats the merged alert like each of them alone.
+            dedup_key = keys[0] if len(keys) == 1 else _digest("group", *keys)
 
         source_ips = _union(items, "source_ips")
         involved = _involved_principals(items)
@@ -240,26 +272,60 @@ def format_time(value: dt.datetime | None) -> str:
 
 
 def summary_items(values: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Flatten an ``evidence`` or ``baseline`` dict into ``(key, text)`` pairs for display.
+    """Flatten an ``evidence`` or ``baseline`` dict into ``(label, text)`` pairs for display.
 
-    A ``summary`` key comes first, the others keep their order. Nested dicts become
-    ``key=value`` lists, lists become comma-separated text, and times use :func:`format_time`.
+    A ``summary`` key comes first, the others keep their order. Labels are the keys with
+    spaces for underscores (``distinct secrets``). A place (a dict with ``ip``, ``city`` or
+    ``country``) reads ``Berlin, DE (198.51.100.7) at 2026-10-14 08:30:00 UTC``, other nested
+    dicts read ``label value, label value``, lists are comma-separated (dicts in a list are
+    separated by semicolons) and cut after five items with a count of the rest, and times use
+    :func:`format_time`.
 
     Only what helps a reader is kept: values that are missing, empty or ``False`` are left
-    out (also inside nested dicts), and so are ``locations`` (shown as the alert's "where")
-    and a ``pairs`` list with one pair, which repeats ``from`` and ``to``.
+    out (also inside nested dicts), and so are event ids, principal ARNs, ``locations``
+    (shown as the alert's "where") and a ``pairs`` list with one pair, which repeats ``from``
+    and ``to``.
     """
     keys = [key for key in values if _worth_showing(key, values)]
     if "summary" in keys:
         keys.remove("summary")
         keys.insert(0, "summary")
-    items = [(str(key), _display(values[key])) for key in keys]
+    items = [_with_unit(key, values[key]) for key in keys]
     return [(key, text) for key, text in items if text]
+
+
+def _with_unit(key: Any, value: Any) -> tuple[str, str]:
+    """Return the label and text of a top-level value, moving a unit suffix to the number."""
+    text = _display(value)
+    number = isinstance(_plain(value), (int, float)) and not isinstance(_plain(value), bool)
+    for suffix, unit in _UNIT_SUFFIXES:
+        name = str(key)
+        if number and name.endswith(suffix) and len(name) > len(suffix):
+            return _label(name.removesuffix(suffix)), f"{text} {unit}"
+    return _label(key), text
+
+
+def person_wording(text: str, principal_type: Any) -> str:
+    """Replace "its" with "their" in the known detector phrases when a person is meant."""
+    if principal_type not in _PEOPLE:
+        return text
+    for workload, person in _PERSON_PHRASES:
+        text = text.replace(workload, person)
+    return text
+
+
+def _label(key: Any) -> str:
+    return "summary" if key == "summary" else str(key).replace("_", " ")
+
+
+def _hidden_key(key: Any) -> bool:
+    name = str(key)
+    return name in _SHOWN_ELSEWHERE or name.endswith(("_uid", "_uids"))
 
 
 def _worth_showing(key: Any, values: Mapping[str, Any]) -> bool:
     value = _plain(values[key])
-    if key in _SHOWN_ELSEWHERE or _is_empty(value):
+    if _hidden_key(key) or _is_empty(value):
         return False
     if key == "pairs" and isinstance(value, list) and len(value) == 1:
         return not ("from" in values and "to" in values)
@@ -280,13 +346,36 @@ def _display(value: Any) -> str:
     if isinstance(value, dt.datetime):
         return format_time(value)
     if isinstance(value, Mapping):
-        shown = [(key, _display(item)) for key, item in value.items() if not _is_empty(item)]
-        return ", ".join(f"{key}={text}" for key, text in shown if text)
+        if any(key in value for key in ("ip", "city", "country")):
+            return _place(value)
+        pairs = [
+            (_label(key), _display(item))
+            for key, item in value.items()
+            if not _hidden_key(key) and not _is_empty(item)
+        ]
+        return ", ".join(f"{label} {text}" for label, text in pairs if text)
     if isinstance(value, (list, tuple, set, frozenset)):
-        return ", ".join(text for text in (_display(item) for item in value) if text)
+        texts = [text for text in (_display(item) for item in value) if text]
+        separator = "; " if any(isinstance(_plain(item), Mapping) for item in value) else ", "
+        listed = separator.join(texts[:_MAX_LISTED])
+        if len(texts) > _MAX_LISTED:
+            listed += f" and {len(texts) - _MAX_LISTED} more"
+        return listed
     if isinstance(value, float):
         return f"{value:g}" if math.isfinite(value) else ""
+    if isinstance(value, str) and _ISO_TIME_RE.match(value):
+        return format_time(_utc_datetime(value))
     return str(value)
+
+
+def _place(value: Mapping[str, Any]) -> str:
+    """Show a location dict as ``City, CC (ip)``, followed by ``at <time>`` when it has one."""
+    where = ", ".join(str(value[key]) for key in ("city", "country") if value.get(key))
+    ip = value.get("ip")
+    if ip:
+        where = f"{where} ({ip})" if where else str(ip)
+    time = _display(value.get("time"))
+    return f"{where} at {time}" if time else where
 
 
 def _involved_principals(items: Iterable[Mapping[str, Any]]) -> list[str]:

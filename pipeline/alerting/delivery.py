@@ -53,7 +53,7 @@ from pipeline.alerting.channels import (
     WebhookSettings,
     build_payload,
 )
-from pipeline.alerting.channels.email import port_security_mismatch
+from pipeline.alerting.channels.email import port_security_mismatch, port_security_problem
 from pipeline.alerting.outbox import WHOLE_RECEIVER, OutboxRow, OutboxSettings, Sender, enqueue
 from pipeline.alerting.output import OUTBOX_DIR, OutputSettings, write_alert_files
 from pipeline.alerting.render import Renderer
@@ -96,6 +96,7 @@ __all__ = [
     "receivers_from_env",
     "resolve_receiver_paths",
     "sample_alert",
+    "secret_variable_warnings",
     "with_env_receivers",
 ]
 
@@ -134,7 +135,32 @@ class ReceiverSettings(_Strict):
     def _needs_channel(self) -> ReceiverSettings:
         if not self.channels():
             raise ValueError("a receiver needs at least one channel: slack, email, webhook or file")
+        # The channel would reject the pair at the first send, so config validation reports it.
+        problem = None if self.email is None else port_security_problem(self.email)
+        if problem is not None:
+            raise ValueError(problem)
         return self
+
+    def unset_secret_variables(self, environ: Mapping[str, str]) -> list[tuple[str, str]]:
+        """List ``(setting, variable)`` for each secret variable a channel reads that is unset.
+
+        A secret read from a file instead (``*_file``) is not listed, and neither is the SMTP
+        password when the email channel has no ``username``.
+        """
+        needed: list[tuple[str, str]] = []
+        if self.slack is not None and self.slack.mode == "webhook":
+            if self.slack.webhook_url_file is None:
+                needed.append(("slack.webhook_url_env", self.slack.webhook_url_env))
+        elif self.slack is not None and self.slack.token_file is None:
+            needed.append(("slack.token_env", self.slack.token_env))
+        if self.email is not None and self.email.username and self.email.password_file is None:
+            needed.append(("email.password_env", self.email.password_env))
+        if self.webhook is not None:
+            if self.webhook.url_file is None:
+                needed.append(("webhook.url_env", self.webhook.url_env))
+            if self.webhook.header_env is not None and self.webhook.header_file is None:
+                needed.append(("webhook.header_env", self.webhook.header_env))
+        return [(name, variable) for name, variable in needed if not _env(environ, variable)]
 
     def channels(self) -> list[str]:
         """Return the names of the configured channels, in a fixed order."""
@@ -421,6 +447,22 @@ def with_env_receivers(settings: AlertingSettings, environ: Mapping[str, str]) -
     return updated
 
 
+def secret_variable_warnings(settings: AlertingSettings, environ: Mapping[str, str]) -> list[str]:
+    """Return one warning per receiver secret variable that is unset in ``environ``.
+
+    These are warnings, not errors, because the variables may be set only where the job runs.
+    """
+    warnings = []
+    for name, receiver in sorted(settings.receivers.items()):
+        for setting, variable in receiver.unset_secret_variables(environ):
+            warnings.append(
+                f"alerting.receivers.{name}.{setting}: environment variable {variable} is "
+                "not set here; the receiver's deliveries fail until it is set where "
+                "`keytrail run` runs"
+            )
+    return warnings
+
+
 def log_env_receivers(settings: AlertingSettings) -> None:
     """Log at INFO which receivers :func:`with_env_receivers` built, by name only.
 
@@ -558,16 +600,22 @@ def enqueue_alerts(
     Each alert gets one outbox row per channel in ``plan.channels`` (one row for the whole
     receiver when the plan names none).
 
+    The plan has one alert per dedup key and receiver (:func:`route_alerts` merges the
+    others), so only alerts sent by earlier runs hold an alert back. Held-back alerts are
+    counted in ``repeats_skipped`` and logged at INFO with their dedup keys.
+
     Returns:
         Receiver name -> ``{"queued", "updates", "repeats_skipped"}`` counts of alerts.
     """
     counts: dict[str, dict[str, int]] = {}
     for receiver, alerts in plan.alerts:
         entry = counts.setdefault(receiver, {"queued": 0, "updates": 0, "repeats_skipped": 0})
+        held_back: list[str] = []
         for alert in alerts:
             decision = _repeat_decision(conn, receiver, alert, repeat_interval, now)
             if decision == "skip":
                 entry["repeats_skipped"] += 1
+                held_back.append(alert.dedup_key)
                 continue
             queued = alert
             if decision == "update":
@@ -576,7 +624,20 @@ def enqueue_alerts(
             if enqueue(conn, queued, [receiver], now=now, channels=plan.channels):
                 entry["queued"] += 1
             _record_notified(conn, receiver, alert, now)
+        if held_back:
+            logger.info(
+                "receiver %s: %s held back by repeat_interval (%s), because an earlier run "
+                "sent the same dedup key with nothing new; dedup keys: %s",
+                receiver,
+                _count_noun(len(held_back), "alert"),
+                repeat_interval,
+                ", ".join(held_back),
+            )
     return counts
+
+
+def _count_noun(count: int, noun: str) -> str:
+    return f"{count} {noun if count == 1 else noun + 's'}"
 
 
 def _repeat_decision(

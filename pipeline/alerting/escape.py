@@ -13,6 +13,7 @@ from typing import Final
 __all__ = [
     "clean_line",
     "escape_mrkdwn",
+    "escape_mrkdwn_emphasis",
     "header_text",
     "strip_controls",
     "truncate",
@@ -55,6 +56,18 @@ def escape_mrkdwn(text: str) -> str:
     line = clean_line(text)
     line = line.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return line.replace("`", BACKTICK_STANDIN)
+
+
+# Look-alike characters that Slack mrkdwn does not read as emphasis markers: U+2217 ASTERISK
+# OPERATOR, U+02CD MODIFIER LETTER LOW MACRON and U+223C TILDE OPERATOR. Slack has no escape
+# character for *bold*, _italic_ and ~strike~.
+_EMPHASIS_STANDINS: Final = str.maketrans({"*": "\u2217", "_": "\u02cd", "~": "\u223c"})
+
+
+def escape_mrkdwn_emphasis(text: str) -> str:
+    """Replace ``*``, ``_`` and ``~`` with look-alikes so that a value cannot turn bold,
+    italic or struck through where Slack reads mrkdwn (the message's fallback ``text``)."""
+    return text.translate(_EMPHASIS_STANDINS)
 
 
 def truncate(text: str, limit: int) -> str:

@@ -67,6 +67,7 @@ __all__ = [
     "create_tables",
     "deliver_due",
     "enqueue",
+    "retry_time_text",
 ]
 
 logger = logging.getLogger(__name__)
@@ -605,7 +606,7 @@ class Outbox:
                         update + where + " AND id = ?", (stamp, *filters, int(row_id))
                     )
                     changed += cursor.rowcount
-        logger.info("queued %s dead outbox rows again", changed)
+        logger.info("queued %s dead outbox %s again", changed, "row" if changed == 1 else "rows")
         return changed
 
     # Reads
@@ -641,6 +642,17 @@ class Outbox:
             f"SELECT {_COLUMNS} FROM outbox {where} ORDER BY id", filters
         ).fetchall()
         return [_row(values) for values in rows]
+
+    def rows_by_id(self, ids: Iterable[int]) -> dict[int, OutboxRow]:
+        """Return the rows with these ids; ids not in the outbox are left out."""
+        found = {}
+        for row_id in dict.fromkeys(ids):
+            values = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM outbox WHERE id = ?", (int(row_id),)
+            ).fetchone()
+            if values is not None:
+                found[int(row_id)] = _row(values)
+        return found
 
     def counts(self) -> dict[str, int]:
         """Return the number of rows per status, with every status present."""
@@ -760,11 +772,13 @@ def deliver_due(outbox: Outbox, senders: Mapping[str, Sender], now: datetime) ->
             delivery = _attempt_batch(sender, rows)
             stored_rows = outbox.record_many([other.id for other in rows], delivery, now)
             for other, stored in zip(rows, stored_rows, strict=True):
-                _count(report, counts, other, stored, delivery)
+                _count(report, counts, other, stored, delivery, now, log=len(rows) == 1)
+            if len(rows) > 1:
+                _log_batch(rows, stored_rows, delivery, now)
             continue
         delivery = _attempt(sender, row)
         stored = outbox.record(row.id, delivery, now)
-        if _count(report, counts, row, stored, delivery) == "retry":
+        if _count(report, counts, row, stored, delivery, now, log=True) == "retry":
             held_back.add(lane)
 
     for receiver, pending in outbox.pending_by_receiver().items():
@@ -783,8 +797,15 @@ def _count(
     row: OutboxRow,
     stored: OutboxRow,
     delivery: Delivery,
+    now: datetime,
+    *,
+    log: bool,
 ) -> str:
-    """Count and log the stored result of one row; return ``sent``, ``dead`` or ``retry``."""
+    """Count the stored result of one row, and log it when ``log`` is true.
+
+    Returns:
+        ``sent``, ``dead`` or ``retry``.
+    """
     if stored.status == "delivered":
         counts.sent += 1
         logger.debug("delivered alert %s to %s/%s", row.alert_id, row.receiver, row.channel)
@@ -793,27 +814,73 @@ def _count(
         counts.dead += 1
         detail = stored.last_error or delivery.detail
         report.dead.append(DeadLetter(row.id, row.alert_id, row.receiver, row.channel, detail))
-        logger.error(
-            "delivery of alert %s to %s/%s failed after %s attempts and row %s is dead: %s",
+        if log:
+            logger.error(
+                "delivery of alert %s to %s/%s failed after %s attempts and row %s is dead: %s",
+                row.alert_id,
+                row.receiver,
+                row.channel,
+                stored.attempts,
+                row.id,
+                detail,
+            )
+        return "dead"
+    counts.retry += 1
+    if log:
+        logger.warning(
+            "delivery of alert %s to %s/%s failed (attempt %s), next attempt %s: %s",
             row.alert_id,
             row.receiver,
             row.channel,
             stored.attempts,
-            row.id,
-            detail,
+            retry_time_text(stored.next_attempt_at, now),
+            stored.last_error,
         )
-        return "dead"
-    counts.retry += 1
-    logger.warning(
-        "delivery of alert %s to %s/%s failed (attempt %s), retrying at %s: %s",
-        row.alert_id,
-        row.receiver,
-        row.channel,
-        stored.attempts,
-        stored.next_attempt_at.isoformat(),
-        stored.last_error,
-    )
     return "retry"
+
+
+def _log_batch(
+    rows: list[OutboxRow], stored_rows: list[OutboxRow], delivery: Delivery, now: datetime
+) -> None:
+    """Log the failure of one batch (an email digest) in one line with its alert count."""
+    receiver, channel = rows[0].receiver, rows[0].channel
+    dead = [stored for stored in stored_rows if stored.status == "dead"]
+    waiting = [stored for stored in stored_rows if stored.status not in ("dead", "delivered")]
+    detail = delivery.detail
+    if dead:
+        logger.error(
+            "delivery of a digest of %s alerts to %s/%s failed and %s outbox rows are dead "
+            "(ids %s): %s",
+            len(rows),
+            receiver,
+            channel,
+            len(dead),
+            ", ".join(str(stored.id) for stored in dead),
+            stored_rows[0].last_error or detail,
+        )
+    if waiting:
+        attempts = max(stored.attempts for stored in waiting)
+        next_attempt = min(stored.next_attempt_at for stored in waiting)
+        logger.warning(
+            "delivery of a digest of %s alerts to %s/%s failed (attempt %s), next attempt %s: %s",
+            len(rows),
+            receiver,
+            channel,
+            attempts,
+            retry_time_text(next_attempt, now),
+            waiting[0].last_error or detail,
+        )
+
+
+def retry_time_text(next_attempt: datetime, now: datetime) -> str:
+    """Format when a row is tried again as ``at 2026-10-10 08:00:30 UTC (in 30 s)``.
+
+    A time before ``now`` (possible after a clock change) is shown as ``now``, because the
+    next pass sends the row at once.
+    """
+    moment = max(next_attempt.astimezone(UTC), now.astimezone(UTC))
+    seconds = round((moment - now).total_seconds())
+    return f"at {moment:%Y-%m-%d %H:%M:%S} UTC (in {seconds} s)"
 
 
 def _attempt_batch(sender: BatchSender, rows: list[OutboxRow]) -> Delivery:

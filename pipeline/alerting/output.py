@@ -172,14 +172,18 @@ def write_outputs(
     if settings.console:
         render_console(report.alerts, console or Console(), findings_path=report.findings_path)
 
-    logger.info(
-        "wrote %s findings to %s and %s alerts to the outbox (%s below %s)",
-        report.findings_written,
-        report.findings_path,
-        len(report.slack_files),
-        report.below_min_severity,
-        settings.min_severity,
-    )
+    if settings.outbox:
+        logger.info(
+            "wrote %s findings to %s, and a Slack and an email file for each of the %s at or "
+            "above %s to %s",
+            report.findings_written,
+            report.findings_path,
+            len(report.slack_files),
+            settings.min_severity,
+            output_dir / OUTBOX_DIR,
+        )
+    else:
+        logger.info("wrote %s findings to %s", report.findings_written, report.findings_path)
     return report
 
 
@@ -230,7 +234,10 @@ def render_console(
     limit: int = MAX_CONSOLE_ALERTS,
     findings_path: Path | None = None,
 ) -> None:
-    """Print alerts, or the alerts of a findings frame, as one block of lines per alert.
+    """Print new findings, given as a findings frame or one alert per finding, one block each.
+
+    The heading counts findings, because the console shows them before the allow-list,
+    silences and grouping decide which alerts the receivers get.
 
     Each block starts with a bold ``SEVERITY  detector  principal`` line, followed by indented
     ``title``, ``secrets``, ``where``, ``when`` and ``account`` lines whose values wrap under
@@ -245,11 +252,12 @@ def render_console(
     if isinstance(alerts, pd.DataFrame):
         alerts = alerts_from_findings(alerts)
     if not alerts:
-        console.print("No alerts.")
+        console.print("No new findings.")
         return
 
-    noun = "alert" if len(alerts) == 1 else "alerts"
-    heading = f"keytrail: {len(alerts)} {noun}"
+    # Each block is one finding: routing, the allow-list and silences apply later, to alerts.
+    noun = "finding" if len(alerts) == 1 else "findings"
+    heading = f"keytrail: {len(alerts)} new {noun}"
     printed = sorted(alerts, key=lambda alert: -severity_rank(alert.severity))[: max(limit, 0)]
     if len(printed) < len(alerts):
         heading += f", the {len(printed)} most severe shown"
@@ -264,7 +272,7 @@ def render_console(
     if hidden:
         place = f"in {findings_path}" if findings_path is not None else "not shown"
         console.print()
-        console.print(Text(f"{hidden} more {'alert' if hidden == 1 else 'alerts'} {place}"))
+        console.print(Text(f"{hidden} more {'finding' if hidden == 1 else 'findings'} {place}"))
 
 
 def _alert_heading(alert: Alert) -> Table:

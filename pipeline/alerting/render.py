@@ -28,7 +28,13 @@ from typing import Any, Final
 import jinja2
 
 from pipeline.alerting.alerts import Alert, format_time, summary_items
-from pipeline.alerting.escape import clean_line, escape_mrkdwn, header_text, truncate
+from pipeline.alerting.escape import (
+    clean_line,
+    escape_mrkdwn,
+    escape_mrkdwn_emphasis,
+    header_text,
+    truncate,
+)
 from pipeline.errors import ConfigError
 
 __all__ = [
@@ -126,6 +132,7 @@ class Renderer:
             lstrip_blocks=True,
             keep_trailing_newline=True,
         )
+        self.environment.filters["no_emphasis"] = escape_mrkdwn_emphasis
 
     def template_path(self, name: str) -> str:
         """Return the file a template name resolves to (the user's copy or the packaged one)."""
@@ -398,7 +405,7 @@ def alert_view(alert: Alert, clean: Callable[[str], str]) -> dict[str, Any]:
     return cleaned
 
 
-def _brief_view(alert: Alert) -> dict[str, str]:
+def _brief_view(alert: Alert) -> dict[str, Any]:
     """Return the one-line view of an alert listed after the full ones in a digest."""
     return {
         "severity": clean_line(alert.severity),
@@ -406,6 +413,7 @@ def _brief_view(alert: Alert) -> dict[str, str]:
         "who": clean_line(alert.who or alert.principal),
         "first_seen": format_time(alert.first_seen),
         "alert_id": alert.alert_id,
+        "finding_ids": [clean_line(str(finding["finding_id"])) for finding in alert.findings],
     }
 
 

@@ -60,7 +60,9 @@ __all__ = [
     "RoutingSettings",
     "apply_allow_list",
     "expired_entries",
+    "expired_warning",
     "group_alerts",
+    "merge_same_dedup_key",
     "route",
     "route_alerts",
 ]
@@ -184,6 +186,25 @@ def expired_entries(
     return [(index, entry) for index, entry in enumerate(entries) if entry.is_expired(now)]
 
 
+def expired_warning(expired: Sequence[tuple[int, AllowEntry]]) -> str:
+    """Describe expired entries, named by index and reason, and what they still remove."""
+    names = "; ".join(
+        f"entry {index} ({entry.reason}) at {_iso(entry.expires)}" for index, entry in expired
+    )
+    if len(expired) == 1:
+        head = f"1 allow-list entry has expired: {names}. It still removes"
+    else:
+        head = f"{len(expired)} allow-list entries have expired: {names}. They still remove"
+    return (
+        f"{head} findings whose events all lie before the expiry, but none with later "
+        "events; delete expired entries from the config once no older logs are read again"
+    )
+
+
+def _iso(moment: dt.datetime | None) -> str:
+    return "" if moment is None else moment.isoformat().replace("+00:00", "Z")
+
+
 def apply_allow_list(
     findings: pd.DataFrame, entries: Sequence[AllowEntry], *, now: dt.datetime
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -209,11 +230,7 @@ def apply_allow_list(
 
     expired = expired_entries(entries, now)
     if expired:
-        logger.warning(
-            "%s allow-list entries have expired and no longer apply: %s",
-            len(expired),
-            ", ".join(str(index) for index, _ in expired),
-        )
+        logger.warning("%s", expired_warning(expired))
 
     removed_mask = credit.notna()
     kept = frame[~removed_mask].reset_index(drop=True)
@@ -414,7 +431,35 @@ def route_alerts(
         seen.update(str(finding_id) for finding_id in fresh["finding_id"])
         if not fresh.empty:
             alerts.setdefault(receiver, []).extend(group_alerts(fresh, group_by))
-    return [(receiver, _sorted_alerts(items)) for receiver, items in alerts.items()]
+    return [
+        (receiver, _sorted_alerts(merge_same_dedup_key(items)))
+        for receiver, items in alerts.items()
+    ]
+
+
+def merge_same_dedup_key(alerts: Sequence[Alert]) -> list[Alert]:
+    """Merge alerts that share a ``dedup_key`` into one alert built from all their findings.
+
+    Within one run, a receiver gets one alert per dedup key. Otherwise the repeat interval
+    would hold back the second alert as already sent, and its findings would never reach
+    anyone. The merged alert combines counts, times, secrets, addresses and findings; its top
+    events are chosen later from all of them.
+
+    Returns:
+        The alerts in their original order, each merged alert at the place of its first part.
+    """
+    by_key: dict[str, list[Alert]] = {}
+    for alert in alerts:
+        by_key.setdefault(alert.dedup_key, []).append(alert)
+    merged = []
+    for key, parts in by_key.items():
+        if len(parts) == 1:
+            merged.append(parts[0])
+            continue
+        findings = [finding for part in parts for finding in part.findings]
+        merged.append(Alert.from_findings(findings))
+        logger.debug("merged %s alerts with dedup key %s", len(parts), key)
+    return merged
 
 
 def _assign(

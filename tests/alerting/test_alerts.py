@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -14,6 +15,7 @@ from pipeline.alerting.alerts import (
     alerts_from_findings,
     finding_records,
     iso_utc,
+    person_wording,
     summary_items,
 )
 from pipeline.alerting.runbooks import Step
@@ -103,7 +105,7 @@ def test_finding_records_missing_column(make_findings: MakeFindings) -> None:
 
 def test_summary_items_summary_first() -> None:
     items = summary_items({"reads": 3, "summary": "usually 0", "when": {"a": 1.5, "b": None}})
-    assert items == [("summary", "usually 0"), ("reads", "3"), ("when", "a=1.5")]
+    assert items == [("summary", "usually 0"), ("reads", "3"), ("when", "a 1.5")]
 
 
 def test_summary_items_hide_empty_and_false() -> None:
@@ -121,8 +123,78 @@ def test_summary_items_hide_empty_and_false() -> None:
     assert summary_items(evidence) == [
         ("reasons", "holiday"),
         ("failures", "0"),
-        ("operations", "SecretGet=5"),
+        ("operations", "SecretGet 5"),
     ]
+
+
+def test_summary_items_place_reads_as_text() -> None:
+    evidence = {
+        "from": {
+            "ip": "2001:db8::7",
+            "city": "Berlin",
+            "country": "DE",
+            "time": "2026-10-14T08:30:00Z",
+            "event_uid": "5e4b86debb922b7d",
+        },
+        "to": {"ip": "198.51.100.9", "time": "2026-10-14T10:00:00+00:00"},
+        "speed_kmh": 6835.6,
+    }
+    assert summary_items(evidence) == [
+        ("from", "Berlin, DE (2001:db8::7) at 2026-10-14 08:30:00 UTC"),
+        ("to", "198.51.100.9 at 2026-10-14 10:00:00 UTC"),
+        ("speed", "6835.6 km/h"),
+    ]
+
+
+def test_summary_items_units_follow_numbers() -> None:
+    evidence: dict[str, Any] = {
+        "distance_km": 10253.7,
+        "span_seconds": 251.3,
+        "window_minutes": 10.0,
+        "lookback_days": 30,
+        "speed_kmh": "unknown",
+        "flagged_pairs": 1,
+    }
+    assert summary_items(evidence) == [
+        ("distance", "10253.7 km"),
+        ("span", "251.3 s"),
+        ("window", "10 min"),
+        ("lookback", "30 days"),
+        ("speed kmh", "unknown"),
+        ("flagged pairs", "1"),
+    ]
+
+
+def test_summary_items_drop_ids_and_arns() -> None:
+    evidence = {
+        "event_uids": ["a1", "b2"],
+        "principal_arns": ["arn:aws:iam::123456789012:user/alice"],
+        "success_after": {"resource": "prod/db", "event_uid": "c3", "minutes_after_burst": 2.1},
+        "distinct_secrets": 3,
+    }
+    assert summary_items(evidence) == [
+        ("success after", "resource prod/db, minutes after burst 2.1"),
+        ("distinct secrets", "3"),
+    ]
+
+
+def test_summary_items_long_list_counted() -> None:
+    secrets = [f"prod/key-{number}" for number in range(8)]
+    rows = [{"resource": "prod/a", "reads": 1}, {"resource": "prod/b", "reads": 2}]
+    assert summary_items({"secrets": secrets, "new_secrets": rows}) == [
+        ("secrets", "prod/key-0, prod/key-1, prod/key-2, prod/key-3, prod/key-4 and 3 more"),
+        ("new secrets", "resource prod/a, reads 1; resource prod/b, reads 2"),
+    ]
+
+
+def test_person_wording_for_people_only() -> None:
+    title = "ana read 2 secrets outside its usual hours, 2026-10-05 (UTC)"
+    assert person_wording(title, "user") == (
+        "ana read 2 secrets outside their usual hours, 2026-10-05 (UTC)"
+    )
+    assert person_wording(title, "federated").count("their") == 1
+    assert person_wording(title, "service_account") == title
+    assert person_wording(title, None) == title
 
 
 def test_summary_items_one_pair_omitted() -> None:

@@ -8,6 +8,7 @@ from pipeline.alerting.escape import (
     BACKTICK_STANDIN,
     clean_line,
     escape_mrkdwn,
+    escape_mrkdwn_emphasis,
     header_text,
     truncate,
 )
@@ -71,3 +72,13 @@ def test_truncate_tiny_limit_has_no_marker() -> None:
 def test_header_text_one_line_and_capped() -> None:
     assert header_text("Alert\r\nBcc: victim@example.com", 100) == "Alert Bcc: victim@example.com"
     assert header_text("y" * 50, 10) == "y" * 9 + "…"
+
+
+def test_escape_emphasis_replaces_markers() -> None:
+    assert (
+        escape_mrkdwn_emphasis("*boss* _x_ ~y~") == "\u2217boss\u2217 \u02cdx\u02cd \u223cy\u223c"
+    )
+
+
+def test_escape_emphasis_plain_text_kept() -> None:
+    assert escape_mrkdwn_emphasis("alice read prod/db") == "alice read prod/db"

@@ -480,6 +480,7 @@ def test_public_api() -> None:
         "create_tables",
         "deliver_due",
         "enqueue",
+        "retry_time_text",
     }
 
 

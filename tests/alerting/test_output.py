@@ -154,7 +154,7 @@ def test_console_prints_markup_literally(make_findings: MakeFindings) -> None:
     render_console(frame, console)
     lines = _console_lines(console)
     output = "\n".join(lines)
-    assert "keytrail: 1 alert" in output
+    assert "keytrail: 1 new finding" in output
     assert "[bold red]root[/bold red] [2J" in output
     assert "  title    read :secret: [link=http://x]here[/link]" in lines
     assert "  secrets  arn:aws:secretsmanager:r:1:secret:a" in lines
@@ -167,7 +167,7 @@ def test_console_block_at_80_columns(make_findings: MakeFindings) -> None:
     console = Console(record=True, width=80, color_system=None)
     render_console(make_findings(travel_row()), console)
     assert _console_lines(console) == [
-        "keytrail: 1 alert",
+        "keytrail: 1 new finding",
         "",
         "HIGH      keytrail.impossible_travel",
         "          arn:aws:sts::123456789012:assumed-role/Admin/alice",
@@ -233,13 +233,13 @@ def test_console_caps_alerts_most_severe_first(make_findings: MakeFindings) -> N
     alerts = alerts_from_findings(medium) + alerts_from_findings(high)
     render_console(alerts, console, limit=2, findings_path=Path("/out/findings.jsonl"))
     lines = _console_lines(console)
-    assert lines[0] == "keytrail: 3 alerts, the 2 most severe shown"
+    assert lines[0] == "keytrail: 3 new findings, the 2 most severe shown"
     assert [line.split()[0] for line in lines if line[:1] not in ("", " ")][1:3] == [
         "HIGH",
         "HIGH",
     ]
     assert not any("bob@example.com" in line for line in lines)
-    assert lines[-1] == "1 more alert in /out/findings.jsonl"
+    assert lines[-1] == "1 more finding in /out/findings.jsonl"
 
 
 def test_console_cap_without_findings_file(make_findings: MakeFindings) -> None:
@@ -247,23 +247,45 @@ def test_console_cap_without_findings_file(make_findings: MakeFindings) -> None:
     frame = make_findings(travel_row(), travel_row(principal="dave"), travel_row(principal="eve"))
     render_console(frame, console, limit=1)
     lines = _console_lines(console)
-    assert lines[0] == "keytrail: 3 alerts, the 1 most severe shown"
-    assert lines[-1] == "2 more alerts not shown"
+    assert lines[0] == "keytrail: 3 new findings, the 1 most severe shown"
+    assert lines[-1] == "2 more findings not shown"
 
 
 def test_console_no_alerts() -> None:
     console = Console(record=True, width=80, color_system=None)
     render_console([], console)
-    assert console.export_text() == "No alerts.\n"
+    assert console.export_text() == "No new findings.\n"
 
 
 def test_write_outputs_prints_alerts(tmp_path: Path, make_findings: MakeFindings) -> None:
     console = Console(record=True, width=200, color_system=None)
     write_outputs(_frame(make_findings), tmp_path, OutputSettings(outbox=False), console=console)
     lines = _console_lines(console)
-    assert lines[0] == "keytrail: 2 alerts"
+    assert lines[0] == "keytrail: 2 new findings"
     assert lines[2].startswith("HIGH      keytrail.impossible_travel  arn:aws:sts::")
     assert "MEDIUM    keytrail.off_hours  bob@example.com" in lines
+
+
+def test_write_outputs_log_counts_files(
+    tmp_path: Path, make_findings: MakeFindings, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = OutputSettings(console=False, min_severity="high")
+    with caplog.at_level("INFO", logger="pipeline.alerting.output"):
+        write_outputs(_frame(make_findings), tmp_path, settings)
+    assert caplog.messages == [
+        f"wrote 2 findings to {tmp_path / 'findings.jsonl'}, and a Slack and an email file "
+        f"for each of the 1 at or above high to {tmp_path / 'outbox'}"
+    ]
+
+
+def test_write_outputs_log_without_outbox(
+    tmp_path: Path, make_findings: MakeFindings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The engine turns the outbox files off, because its file receiver writes them; the log
+    # must not claim that no alerts were written.
+    with caplog.at_level("INFO", logger="pipeline.alerting.output"):
+        write_outputs(_frame(make_findings), tmp_path, QUIET.model_copy(update={"outbox": False}))
+    assert caplog.messages == [f"wrote 2 findings to {tmp_path / 'findings.jsonl'}"]
 
 
 def test_write_outputs_caps_console(tmp_path: Path, make_findings: MakeFindings) -> None:
@@ -274,9 +296,9 @@ def test_write_outputs_caps_console(tmp_path: Path, make_findings: MakeFindings)
     )
     lines = _console_lines(console)
     assert report.findings_written == 52
-    assert lines[0] == "keytrail: 52 alerts, the 50 most severe shown"
+    assert lines[0] == "keytrail: 52 new findings, the 50 most severe shown"
     assert sum(line.startswith("HIGH ") for line in lines) == 50
-    assert lines[-1] == f"2 more alerts in {tmp_path / 'findings.jsonl'}"
+    assert lines[-1] == f"2 more findings in {tmp_path / 'findings.jsonl'}"
 
 
 def test_settings_defaults() -> None:

@@ -67,8 +67,8 @@ def test_slack_structure_for_one_finding(make_findings: MakeFindings) -> None:
     assert fields[0] == "*Who*\n`arn:aws:sts::123456789012:assumed-role/Admin/alice` (role)"
     assert fields[3] == ("*When*\n2026-10-10 01:12:00 UTC to 2026-10-10 02:42:30 UTC\n2 events")
     why = message["blocks"][2]["text"]["text"]
-    assert why.startswith("*Why this is unusual*\n• from: city=Berlin, country=DE")
-    assert "*Baseline*\n30-day: read only from DE\n• countries_30d: DE" in why
+    assert why.startswith("*Why this is unusual*\n• from: Berlin, DE (198.51.100.7)\n")
+    assert "*Baseline*\n30-day: read only from DE\n• countries 30d: DE" in why
     assert message["blocks"][5]["elements"][0]["text"] == (
         "To silence it for a while: keytrail silence add"
         " --matcher detector=keytrail.impossible_travel"
@@ -115,7 +115,7 @@ def test_slack_escapes_evidence_and_title(make_findings: MakeFindings) -> None:
     message = Renderer().render_slack(alert)
     assert message["blocks"][0]["text"]["text"] == "HIGH: read by &lt;!here&gt;"
     why = message["blocks"][2]["text"]["text"]
-    assert "• user_agent: &lt;http://evil.example|Click to verify&gt;" in why
+    assert "• user agent: &lt;http://evil.example|Click to verify&gt;" in why
 
 
 def test_slack_truncates_long_value(make_findings: MakeFindings) -> None:
@@ -126,8 +126,8 @@ def test_slack_truncates_long_value(make_findings: MakeFindings) -> None:
     assert why.endswith(" more characters")
     removed = int(why.rsplit("… ", 1)[1].split(" ")[0])
     assert len(why) - len(f"… {removed} more characters") + removed == len(
-        "*Why this is unusual*\n• error_message: "
-    ) + 10_000 + len("\n\n*Baseline*\n30-day: read only from DE\n• countries_30d: DE")
+        "*Why this is unusual*\n• error message: "
+    ) + 10_000 + len("\n\n*Baseline*\n30-day: read only from DE\n• countries 30d: DE")
 
 
 def test_slack_header_capped_at_150(make_findings: MakeFindings) -> None:
@@ -146,7 +146,10 @@ def test_slack_80_findings_fit_50_blocks(make_findings: MakeFindings) -> None:
     # Seven blocks are not findings: header, fields, "more" line, divider, steps, two contexts.
     assert shown == SLACK_MAX_BLOCKS - 7
     more = next(b for b in blocks if b["type"] == "context")["elements"][0]["text"]
-    assert more == f"{80 - shown} more findings are not shown; they are listed in findings.jsonl"
+    assert more == (
+        f"{80 - shown} more findings are not shown; whoever runs keytrail has them in "
+        "findings.jsonl, under the finding ids listed below"
+    )
 
 
 def test_enforce_limits_splits_fields_and_caps_blocks() -> None:
@@ -274,7 +277,7 @@ def test_email_parts_and_headers(make_findings: MakeFindings) -> None:
 def test_off_hours_gcp_email_steps(make_findings: MakeFindings) -> None:
     alert = alerts_from_findings(make_findings(off_hours_row(), detector="off_hours"))[0]
     text = Renderer().render_text(alert)
-    assert "  - local_time: 2026-10-10 03:12 Europe/Berlin" in text
+    assert "  - local time: 2026-10-10 03:12 Europe/Berlin" in text
     assert "  - 30-day: read on 22 days, all between 08:00 and 18:00 local" in text
     assert (
         "     $ gcloud secrets versions add db-password --project=shop-prod "
@@ -349,3 +352,26 @@ def test_why_hides_empty_evidence(make_findings: MakeFindings) -> None:
     text = Renderer().render_text(alert)
     why = text.split("Why this is unusual:\n", 1)[1].split("Baseline:", 1)[0]
     assert why == "  - reasons: outside business hours\n  - reads: 3\n"
+
+
+def test_slack_fallback_text_has_no_emphasis(make_findings: MakeFindings) -> None:
+    message = Renderer().render_slack(_one_alert(make_findings, title="*boss* read _prod_db_"))
+    assert message["text"].endswith("HIGH: \u2217boss\u2217 read \u02cdprod\u02cddb\u02cd")
+    assert message["blocks"][0]["text"]["text"] == "HIGH: *boss* read _prod_db_"
+
+
+def test_person_title_says_their(make_findings: MakeFindings) -> None:
+    title = "bob read 3 secrets outside its usual hours, 2026-10-10 (Europe/Berlin)"
+    frame = make_findings(off_hours_row(title=title), detector="off_hours")
+    text = Renderer().render_text(alerts_from_findings(frame)[0])
+    assert text.startswith(
+        "MEDIUM: bob read 3 secrets outside their usual hours, 2026-10-10 (Europe/Berlin)\n"
+    )
+
+
+def test_workload_title_keeps_its(make_findings: MakeFindings) -> None:
+    title = "etl read 3 secrets outside its usual hours, 2026-10-10 (UTC)"
+    row = off_hours_row(title=title, principal="etl@p.iam.gserviceaccount.com")
+    row["principal_type"] = "service_account"
+    text = Renderer().render_text(alerts_from_findings(make_findings(row, detector="off_hours"))[0])
+    assert text.startswith(f"MEDIUM: {title}\n")

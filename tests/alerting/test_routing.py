@@ -20,6 +20,7 @@ from pipeline.alerting.routing import (
     RoutingSettings,
     apply_allow_list,
     expired_entries,
+    expired_warning,
     group_alerts,
     route,
     route_alerts,
@@ -251,7 +252,25 @@ def test_expired_entries_logged(mixed: pd.DataFrame, caplog: pytest.LogCaptureFi
     old = entry(accounts=["x"], expires="2026-01-01T00:00:00Z")
     with caplog.at_level("WARNING", logger="pipeline.alerting.routing"):
         apply_allow_list(mixed, [entry(accounts=["y"]), old], now=NOW)
-    assert caplog.messages == ["1 allow-list entries have expired and no longer apply: 1"]
+    assert caplog.messages == [
+        "1 allow-list entry has expired: entry 1 (expected in tests) at 2026-01-01T00:00:00Z. "
+        "It still removes findings whose events all lie before the expiry, but none with "
+        "later events; delete expired entries from the config once no older logs are read "
+        "again"
+    ]
+
+
+def test_expired_entries_plural_names_each() -> None:
+    entries = [
+        entry(accounts=["x"], reason="old deploy", expires="2026-01-01T00:00:00Z"),
+        entry(accounts=["y"], reason="still valid"),
+        entry(accounts=["z"], reason="migration", expires="2026-02-01T12:00:00+02:00"),
+    ]
+    text = expired_warning(expired_entries(entries, NOW.to_pydatetime()))
+    assert text.startswith(
+        "2 allow-list entries have expired: entry 0 (old deploy) at 2026-01-01T00:00:00Z; "
+        "entry 2 (migration) at 2026-02-01T10:00:00Z. They still remove findings"
+    )
 
 
 # --- allow-list: validation --------------------------------------------------------------------
@@ -560,7 +579,10 @@ def test_group_bad_label_raises(mixed: pd.DataFrame) -> None:
 def test_route_alerts_uses_route_group_by(make_findings: MakeFindings) -> None:
     frame = pd.concat(
         [
-            make_findings(travel_row(event_uids=["ev-1"]), travel_row(event_uids=["ev-2"])),
+            make_findings(
+                travel_row(event_uids=["ev-1"]),
+                travel_row(event_uids=["ev-2"], resources=["prod/api-key"]),
+            ),
             make_findings(off_hours_row(), detector="off_hours"),
         ],
         ignore_index=True,
@@ -575,3 +597,67 @@ def test_route_alerts_uses_route_group_by(make_findings: MakeFindings) -> None:
         ("security", 1),
     ]
     assert routed[1][1][0].principal == BOB
+
+
+# --- one alert per dedup key -------------------------------------------------------------------
+
+
+def test_route_alerts_merges_same_dedup_key(make_findings: MakeFindings) -> None:
+    # The same reads on three nights share a dedup key: one alert carries all three, so the
+    # repeat interval cannot hold back the later nights as already sent.
+    nights = [
+        off_hours_row(
+            event_uids=[f"ev-{day}"],
+            first_seen=pd.Timestamp(f"2026-10-{day}T01:12:00Z"),
+            last_seen=pd.Timestamp(f"2026-10-{day}T01:40:00Z"),
+            source_ips=[f"192.0.2.{day}"],
+            event_count=2,
+        )
+        for day in (5, 14, 15)
+    ]
+    frame = make_findings(*nights, detector="off_hours")
+    assert frame["dedup_key"].nunique() == 1
+
+    [(receiver, alerts)] = route_alerts(frame, settings(group_by=["..."]))
+    assert receiver == "security"
+    assert len(alerts) == 1
+    merged = alerts[0]
+    assert merged.dedup_key == frame["dedup_key"].iloc[0]
+    assert len(merged.findings) == 3
+    assert merged.event_count == 6
+    assert merged.source_ips == ["192.0.2.14", "192.0.2.15", "192.0.2.5"]
+    assert merged.first_seen == pd.Timestamp("2026-10-05T01:12:00Z")
+    assert merged.last_seen == pd.Timestamp("2026-10-15T01:40:00Z")
+    assert merged.title == "3 findings from keytrail.off_hours for bob@example.com"
+
+
+def test_route_alerts_keeps_other_keys_apart(make_findings: MakeFindings) -> None:
+    frame = make_findings(
+        off_hours_row(event_uids=["ev-1"]),
+        off_hours_row(event_uids=["ev-2"], resources=["projects/shop-prod/secrets/api-key"]),
+        detector="off_hours",
+    )
+    [(_, alerts)] = route_alerts(frame, settings(group_by=["..."]))
+    assert len(alerts) == 2
+    assert sorted(alert.dedup_key for alert in alerts) == sorted(frame["dedup_key"])
+
+
+def test_merge_same_dedup_key_per_receiver(make_findings: MakeFindings) -> None:
+    frame = make_findings(
+        off_hours_row(event_uids=["ev-1"]),
+        off_hours_row(event_uids=["ev-2"], first_seen=pd.Timestamp("2026-10-11T01:12:00Z")),
+        detector="off_hours",
+    )
+    routed = route_alerts(
+        frame,
+        settings(
+            {"match": {"cloud": "gcp"}, "receiver": "pager", "continue": True},
+            {"match": {"cloud": "gcp"}, "receiver": "cloud-team"},
+            group_by=["..."],
+        ),
+    )
+    assert [(receiver, len(alerts)) for receiver, alerts in routed] == [
+        ("pager", 1),
+        ("cloud-team", 1),
+    ]
+    assert [len(alerts[0].findings) for _, alerts in routed] == [2, 2]

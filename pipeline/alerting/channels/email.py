@@ -32,7 +32,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.alerting.channels.base import Delivery
 from pipeline.errors import ConfigError
 
-__all__ = ["DEFAULT_PASSWORD_ENV", "EmailChannel", "EmailSettings", "port_security_mismatch"]
+__all__ = [
+    "DEFAULT_PASSWORD_ENV",
+    "EmailChannel",
+    "EmailSettings",
+    "port_security_mismatch",
+    "port_security_problem",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -337,17 +343,21 @@ def port_security_mismatch(port: int, security: str) -> str | None:
     return None
 
 
+def port_security_problem(settings: EmailSettings) -> str | None:
+    """Return the ``email.security`` problem line with its fix, or None when they fit."""
+    mismatch = port_security_mismatch(settings.port, settings.security)
+    if mismatch is None:
+        return None
+    if settings.port == IMPLICIT_TLS_PORT:
+        return f"email.security: {mismatch}; set security: tls, or use port 587 with starttls"
+    return f"email.security: {mismatch}; set security: starttls, or use port 465 with tls"
+
+
 def _settings_problems(settings: EmailSettings) -> list[str]:
     problems = []
-    mismatch = port_security_mismatch(settings.port, settings.security)
-    if mismatch is not None and settings.port == IMPLICIT_TLS_PORT:
-        problems.append(
-            f"email.security: {mismatch}; set security: tls, or use port 587 with starttls"
-        )
-    elif mismatch is not None:
-        problems.append(
-            f"email.security: {mismatch}; set security: starttls, or use port 465 with tls"
-        )
+    mismatch = port_security_problem(settings)
+    if mismatch is not None:
+        problems.append(mismatch)
     if settings.username and settings.security == "none" and not _is_loopback(settings.host):
         problems.append(
             f"email.security: a password would be sent in clear text to {settings.host}; "
