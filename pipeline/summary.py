@@ -290,13 +290,18 @@ def _detector_counts(detectors: list[DetectorSummary]) -> Table:
     grid.add_column(no_wrap=True)
     grid.add_column(justify="right", no_wrap=True)
     grid.add_column(justify="right", no_wrap=True)
-    grid.add_row(Text("detectors", style="bold"), "findings", "new")
+    grid.add_column(justify="right", no_wrap=True)
+    # A detector that lacks the history it needs for a principal does not judge it; the last
+    # column counts those principals so a quiet detector is not mistaken for a clean result.
+    grid.add_row(Text("detectors", style="bold"), "findings", "new", "too little history")
     for detector in detectors:
         name = Text(f"  {clean_line(detector.id)}")
+        skipped = detector.report.get("skipped_no_history")
+        learning = str(skipped) if isinstance(skipped, int) else "-"
         if detector.error:
-            grid.add_row(name, Text("failed", style="red"), "-")
+            grid.add_row(name, Text("failed", style="red"), "-", "-")
         else:
-            grid.add_row(name, str(detector.findings), str(detector.new_findings))
+            grid.add_row(name, str(detector.findings), str(detector.new_findings), learning)
     return grid
 
 

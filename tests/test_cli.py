@@ -56,7 +56,7 @@ def test_run_writes_findings_and_summary(workdir: Path) -> None:
     assert "  records          5" in printed
     assert "  quarantined      1" in printed
     assert "    invalid_json   1" in printed
-    assert "  tests.every_read         4    4" in printed
+    assert "  tests.every_read         4    4                   -" in printed
     assert "events      4 read, 4 new, 0 already seen" in printed
     lines = (workdir / "out" / "findings.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 4

@@ -35,7 +35,12 @@ def _summary() -> RunSummary:
         )
     ]
     summary.detectors = [
-        DetectorSummary(id="keytrail.off_hours", findings=2, new_findings=1),
+        DetectorSummary(
+            id="keytrail.off_hours",
+            findings=2,
+            new_findings=1,
+            report={"skipped_no_history": 4},
+        ),
         DetectorSummary(
             id="keytrail.failure_burst",
             error="detector keytrail.failure_burst: RuntimeError: table missing",
@@ -82,9 +87,9 @@ def test_summary_lines_at_80_columns() -> None:
         "  skipped                  5",
         "    not_secret_activity    5",
         "",
-        "detectors                 findings  new",
-        "  keytrail.off_hours             2    1",
-        "  keytrail.failure_burst    failed    -",
+        "detectors                 findings  new  too little history",
+        "  keytrail.off_hours             2    1                   4",
+        "  keytrail.failure_burst    failed    -                   -",
         "",
         "events      100 read, 90 new, 10 already seen",
         "findings    1 new, 1 already written",
