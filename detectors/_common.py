@@ -48,7 +48,7 @@ def load_context(
     History is read from ``lookback`` before the earliest window event up to the latest window
     event. Rows of history that are also in the window (same ``event_uid`` and ``resource``)
     are dropped, so a history store that already contains this run's events does not count them
-    twice. The result keeps only ``columns`` plus :data:`IN_WINDOW`, sorted by time.
+    twice. Such a repeat must carry the window row's time. The result keeps only ``columns`` plus :data:`IN_WINDOW`, sorted by time.
     """
     selected = list(dict.fromkeys([*columns, "event_uid", "resource", "time"]))
     current = window[selected].copy()
@@ -59,13 +59,20 @@ def load_context(
     until = current["time"].max() + pd.Timedelta(microseconds=1)
     earlier = history.events(since=since, until=until, columns=selected)
     if not earlier.empty:
-        window_keys = pd.MultiIndex.from_frame(
-            current[["event_uid", "resource"]].astype(object).fillna("")
-        )
-        earlier_keys = pd.MultiIndex.from_frame(
-            earlier[["event_uid", "resource"]].astype(object).fillna("")
-        )
-        earlier = earlier[~earlier_keys.isin(window_keys)].copy()
+        # An event has one time, so only history rows from the window's first time on can
+        # repeat a window row. A history capped at the window start skips the comparison.
+        overlap = (earlier["time"] >= current["time"].min()).to_numpy(dtype=bool)
+        if overlap.any():
+            window_keys = pd.MultiIndex.from_frame(
+                current[["event_uid", "resource"]].astype(object).fillna("")
+            )
+            earlier_keys = pd.MultiIndex.from_frame(
+                earlier.loc[overlap, ["event_uid", "resource"]].astype(object).fillna("")
+            )
+            repeated = np.zeros(len(earlier), dtype=bool)
+            repeated[overlap] = earlier_keys.isin(window_keys)
+            earlier = earlier[~repeated]
+        earlier = earlier.copy()
         earlier[IN_WINDOW] = False
         current = pd.concat([earlier, current], ignore_index=True)
     logger.debug("baseline context: %s window rows, %s history rows", len(window), len(earlier))
@@ -79,9 +86,10 @@ def read_mask(frame: pd.DataFrame) -> pd.Series:
     service such as Secrets Manager made on the principal's behalf is part of that service's
     read, not a second read.
     """
-    action = frame["action"].astype(object)
-    direct_decrypt = (action == "decrypt") & frame["invoked_by"].isna()
-    return ((action == "read") | direct_decrypt).fillna(False).astype(bool)
+    # Comparing the Arrow-backed strings directly avoids a Python object per row.
+    action = frame["action"]
+    direct_decrypt = (action == "decrypt").fillna(False) & frame["invoked_by"].isna()
+    return ((action == "read").fillna(False) | direct_decrypt).astype(bool)
 
 
 def count_in_range(
@@ -90,13 +98,16 @@ def count_in_range(
     query_codes: np.ndarray,
     low: np.ndarray,
     high: np.ndarray,
+    *,
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """Count, for each query, the rows of the same group with ``low <= time < high``.
 
     ``codes`` are non-negative integer group codes and ``times`` int64 values (for example
     microseconds); both describe the rows to count. The query arrays are aligned with each
     other. Groups are separated on one sorted int64 axis, so every count is two
-    ``searchsorted`` calls.
+    ``searchsorted`` calls. With ``weights`` (int64, one per row) the result sums the weights
+    of those rows instead, for example the ``count`` of rollup rows.
     """
     if len(query_codes) == 0:
         return np.zeros(0, dtype=np.int64)
@@ -107,11 +118,17 @@ def count_in_range(
     groups = int(max(codes.max(), query_codes.max())) + 1
     if span * groups >= 2**62:
         raise ValueError(f"count_in_range: {groups} groups over {span} time units overflow int64")
-    keys = np.sort(codes.astype(np.int64) * span + (times.astype(np.int64) - origin))
+    keys = codes.astype(np.int64) * span + (times.astype(np.int64) - origin)
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
     base = query_codes.astype(np.int64) * span - origin
     start = np.searchsorted(keys, base + low.astype(np.int64), side="left")
     end = np.searchsorted(keys, base + high.astype(np.int64), side="left")
-    return (end - start).astype(np.int64)
+    if weights is None:
+        return (end - start).astype(np.int64)
+    # Prefix sums of the weights in key order turn each range into one subtraction.
+    cumulative = np.concatenate([[0], np.cumsum(weights.astype(np.int64)[order])])
+    return (cumulative[end] - cumulative[start]).astype(np.int64)
 
 
 def haversine_km(

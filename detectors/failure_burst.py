@@ -118,34 +118,52 @@ class FailureBurstDetector(Detector):
     def detect(self, window: pd.DataFrame, history: HistoryView, now: pd.Timestamp) -> pd.DataFrame:
         """Return one finding per burst of failures that reaches into ``window``."""
         params = self.params
-        context = load_context(window, history, self.lookback, _COLUMNS)
-        is_failure = (context["outcome"].astype(object) == "failure") & context[
-            "failure_reason"
-        ].isin(params.reasons)
-        failures = context[is_failure.fillna(False).to_numpy(dtype=bool)]
-        if not failures[IN_WINDOW].any():
+        is_failure = self._failures(window).to_numpy(dtype=bool)
+        if not is_failure.any():
             return build_findings([], detector=self)
-        successes = context[
-            (read_mask(context) & (context["outcome"].astype(object) == "success"))
+        window_failures = window[is_failure]
+        # Raw history is read only as far back as the bursts reach: a burst's failures are at
+        # most window_minutes apart, so the span grows until no burst can chain further back.
+        width = pd.Timedelta(minutes=params.window_minutes)
+        span = 2 * width
+        while True:
+            context = load_context(window_failures, history, span, _COLUMNS)
+            failures = context[self._failures(context).to_numpy(dtype=bool)]
+            found = {key: self._bursts(_keyed(failures, key), key) for key in params.keys}
+            read_from = window["time"].min() - span
+            earliest = min(
+                (bursts["time"].min() for bursts in found.values() if not bursts.empty),
+                default=None,
+            )
+            if earliest is None or earliest - read_from >= 2 * width or span >= self.lookback:
+                break
+            span = min(span * 4, pd.Timedelta(self.lookback))
+        # A burst ends at or after a window event, so a read that follows it is in the window.
+        successes = window[
+            (read_mask(window) & (window["outcome"].astype(object) == "success"))
             .fillna(False)
             .to_numpy(dtype=bool)
         ]
 
+        reached: dict[str, pd.DataFrame] = {
+            key: bursts for key, bursts in found.items() if not bursts.empty
+        }
+        rolled = _failure_rollup(history, window, reached)
         rows: list[dict[str, Any]] = []
-        for key in params.keys:
-            if key == "principal":
-                keyed = failures[failures["principal"].notna()]
-            else:
-                public = (failures["source_kind"].astype(object) == "public").fillna(False)
-                keyed = failures[public.to_numpy(dtype=bool) & failures["source_ip"].notna()]
-            bursts = self._bursts(keyed, key)
-            if bursts.empty:
-                continue
-            bursts = _add_baseline(bursts, keyed, key)
+        for key, bursts in reached.items():
+            daily = _daily_failures(rolled, window_failures, bursts, key)
+            bursts = _add_baseline(bursts, daily)
             bursts = self._add_success(bursts, successes, key)
             rows.extend(self._finding_rows(bursts, key))
         logger.debug("%s: %s bursts", self.id, len(rows))
         return build_findings(rows, detector=self)
+
+    def _failures(self, frame: pd.DataFrame) -> pd.Series:
+        """Return True for the failures whose reason is one of ``reasons``."""
+        is_failure = (frame["outcome"].astype(object) == "failure") & frame["failure_reason"].isin(
+            self.params.reasons
+        )
+        return is_failure.fillna(False).astype(bool)
 
     def _bursts(self, failures: pd.DataFrame, key: str) -> pd.DataFrame:
         """Return the failures that belong to a burst, with ``burst`` numbering each burst."""
@@ -310,18 +328,68 @@ class FailureBurstDetector(Detector):
         return rows
 
 
-def _add_baseline(bursts: pd.DataFrame, failures: pd.DataFrame, key: str) -> pd.DataFrame:
-    """Add the key's failure events per UTC day for the 7 days before each burst's day."""
+def _keyed(failures: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Return the failures that carry ``key``: a principal, or a public source address."""
+    if key == "principal":
+        return failures[failures["principal"].notna().to_numpy(dtype=bool)]
+    public = (failures["source_kind"].astype(object) == "public").fillna(False)
+    return failures[public.to_numpy(dtype=bool) & failures["source_ip"].notna().to_numpy()]
+
+
+def _failure_rollup(
+    history: HistoryView, window: pd.DataFrame, bursts: dict[str, pd.DataFrame]
+) -> pd.DataFrame:
+    """Read the failure rows of the hourly rollup for the baseline days of ``bursts``.
+
+    One read serves every key. Columns ``hour``, the keys, and ``count``.
+    """
+    keys = list(bursts)
+    if not keys:
+        return pd.DataFrame(columns=["hour", "count"])
+    first = min(frame["time"].min() for frame in bursts.values())
+    since = first.floor("D") - pd.Timedelta(days=_BASELINE_DAYS)
+    until = window["time"].min()
+    rolled = history.rollup(since=since, until=until, columns=["hour", *keys, "outcome", "count"])
+    # NOTE: the rollup has no failure_reason and counts one row per secret of a batch call.
+    # So days before the window count every failure row, and window days count events.
+    failed = (rolled["outcome"].astype(object) == "failure").fillna(False).to_numpy(dtype=bool)
+    return rolled.loc[failed, ["hour", *keys, "count"]].reset_index(drop=True)
+
+
+def _daily_failures(
+    rolled: pd.DataFrame, window_failures: pd.DataFrame, bursts: pd.DataFrame, key: str
+) -> pd.DataFrame:
+    """Count the failures per key and UTC day, from the rollup before the window and its events.
+
+    Weeks of raw history are never read. Returns columns ``key``, ``day``, ``count``.
+    """
+    keys = set(bursts["key"])
+    earlier = pd.DataFrame(
+        {
+            "key": rolled[key].astype(object).to_numpy(),
+            "day": rolled["hour"].dt.floor("D").to_numpy(),
+            "count": rolled["count"].to_numpy(np.int64),
+        }
+    )
+    current = _keyed(window_failures, key)
+    current = current.assign(key=current[key].astype(str)).drop_duplicates(["key", "event_uid"])
+    recent = pd.DataFrame(
+        {
+            "key": current["key"].to_numpy(dtype=object),
+            "day": current["time"].dt.floor("D").to_numpy(),
+            "count": np.ones(len(current), dtype=np.int64),
+        }
+    )
+    both = pd.concat([earlier, recent], ignore_index=True)
+    both = both[both["key"].isin(keys).to_numpy(dtype=bool)]
+    both["day"] = pd.to_datetime(both["day"], utc=True)
+    return both.groupby(["key", "day"])["count"].sum().reset_index()
+
+
+def _add_baseline(bursts: pd.DataFrame, daily: pd.DataFrame) -> pd.DataFrame:
+    """Add the key's failures per UTC day for the 7 days before each burst's day."""
     starts = bursts.groupby("burst").agg(key=("key", "first"), start=("time", "min"))
     starts["day"] = starts["start"].dt.floor("D")
-    daily = (
-        failures.assign(key=failures[key].astype(str), day=failures["time"].dt.floor("D"))
-        .drop_duplicates(["key", "event_uid"])
-        .groupby(["key", "day"])
-        .size()
-        .rename("count")
-        .reset_index()
-    )
     offsets = pd.DataFrame({"offset": np.arange(_BASELINE_DAYS, 0, -1)})
     grid = starts.reset_index().merge(offsets, how="cross")
     grid["day"] = grid["day"] - pd.to_timedelta(grid["offset"], unit="D")

@@ -54,26 +54,33 @@ _COLUMNS: Final = (
 
 
 def load_prior(
-    history: HistoryView, start: pd.Timestamp, lookback: timedelta, columns: Sequence[str]
+    history: HistoryView,
+    start: pd.Timestamp,
+    lookback: timedelta,
+    columns: Sequence[str],
+    *,
+    hourly: bool = True,
 ) -> pd.DataFrame:
     """Return the activity in the ``lookback`` before ``start`` as rollup rows.
 
     Whole hours come from ``history.rollup``. The part of the hour that contains ``start`` is
     read as raw events, so no event at or after ``start`` is included even when the history
-    already contains the window. Each returned row has ``columns`` plus ``hour``, ``first_time``
-    and ``last_time``; rows of one key may repeat.
+    already contains the window. Each returned row has ``columns``, ``hour``, ``first_time``
+    and ``last_time``, and rows of one key may repeat. With ``hourly`` False the rows have no
+    ``hour``, because the hours of a key are merged, which returns far fewer rows.
     """
     hour = start.floor("h")
-    since = (start - pd.Timedelta(lookback)).floor("h")
+    # Starting at a whole hour reads no raw events at the far end, at the cost of up to an
+    # hour of the look-back's oldest activity.
+    since = (start - pd.Timedelta(lookback)).ceil("h")
     requested = list(dict.fromkeys(columns))
-    rolled = history.rollup(
-        since=since, until=hour, columns=[*requested, "hour", "first_time", "last_time"]
-    )
+    extra = ["hour", "first_time", "last_time"] if hourly else ["first_time", "last_time"]
+    rolled = history.rollup(since=since, until=hour, columns=[*requested, *extra])
     raw = history.events(since=hour, until=start, columns=[*requested, "time"])
     if raw.empty:
         return rolled.reset_index(drop=True)
     raw = raw.assign(hour=raw["time"].dt.floor("h"), first_time=raw["time"], last_time=raw["time"])
-    raw = raw.drop(columns="time")
+    raw = raw.drop(columns="time" if hourly else ["time", "hour"])
     frames = [frame for frame in (rolled, raw) if not frame.empty]
     return pd.concat(frames, ignore_index=True)
 
@@ -86,7 +93,7 @@ def successful_reads(frame: pd.DataFrame) -> pd.Series:
     """
     mask = (
         read_mask(frame)
-        & (frame["outcome"].astype(object) == "success")
+        & (frame["outcome"] == "success").fillna(False)
         & frame["principal"].notna()
         & frame["resource"].notna()
     )
@@ -98,14 +105,16 @@ def prior_reads(prior: pd.DataFrame) -> pd.DataFrame:
 
     The rollup has no ``invoked_by``, so a KMS Decrypt tied to a secret counts here as a read
     of that secret. Such a Decrypt normally comes with the secret store's own read of the same
-    secret by the same principal, so the set of secrets read does not change.
+    secret by the same principal, so the set of secrets read does not change. Rows without a
+    ``resource`` column (a read that merged the secrets away) are not checked for one.
     """
     mask = (
         prior["action"].isin(_READ_ACTIONS)
-        & (prior["outcome"].astype(object) == "success")
+        & (prior["outcome"] == "success").fillna(False)
         & prior["principal"].notna()
-        & prior["resource"].notna()
     )
+    if "resource" in prior.columns:
+        mask &= prior["resource"].notna()
     return prior[mask.fillna(False).to_numpy(dtype=bool)]
 
 
@@ -123,8 +132,8 @@ def novel_mask(
     """Mark the rows of ``current`` whose ``keys`` did not occur in the ``lookback`` before.
 
     Args:
-        prior: earlier activity with ``keys`` and ``last_time``; every row is before
-            ``current``.
+        prior: other activity with ``keys`` and ``last_time``, usually all before
+            ``current``; a prior row later than a current row is not compared with it.
         current: rows with ``keys`` and ``time``; a row is also compared with the earlier rows
             of ``current`` itself.
         keys: the key columns, for example ``principal`` and ``resource``; no nulls.
@@ -144,14 +153,19 @@ def novel_mask(
         both = pd.concat([prior[name], current[name]], ignore_index=True)
         codes, uniques = pd.factorize(both, use_na_sentinel=False)
         code = code * max(len(uniques), 1) + codes.astype(np.int64)
-    times = np.concatenate(
-        [
-            prior["last_time"].to_numpy(dtype="datetime64[us]").astype(np.int64),
-            current["time"].to_numpy(dtype="datetime64[us]").astype(np.int64),
-        ]
-    )
+    times = np.concatenate([_micros(prior["last_time"]), _micros(current["time"])])
+    # Of the prior rows before every current row, only the latest of a key can be the one a
+    # current row is compared with, so those shrink to one per key before the sort.
+    prior_count = len(prior)
+    early = np.zeros(len(code), dtype=bool)
+    early[:prior_count] = times[:prior_count] < times[prior_count:].min()
+    if early.any():
+        latest = pd.Series(times[early]).groupby(code[early], sort=False).max()
+        code = np.concatenate([latest.index.to_numpy(np.int64), code[~early]])
+        times = np.concatenate([latest.to_numpy(np.int64), times[~early]])
+        prior_count = len(latest) + prior_count - int(early.sum())
     position = np.concatenate(
-        [np.full(len(prior), -1, dtype=np.int64), np.arange(len(current), dtype=np.int64)]
+        [np.full(prior_count, -1, dtype=np.int64), np.arange(len(current), dtype=np.int64)]
     )
     # Doubling the times puts a prior row before a current row of the same time. The sort is
     # stable, so current rows of the same time keep their order.
@@ -170,6 +184,12 @@ def novel_mask(
     is_current = position >= 0
     result[position[is_current]] = new[is_current]
     return result
+
+
+def _micros(times: pd.Series) -> np.ndarray:
+    """Return UTC times as int64 microseconds, without a Python object per value."""
+    converted = pd.to_datetime(times, utc=True)
+    return converted.dt.as_unit("us").astype("int64").to_numpy()
 
 
 def secret_name(resource: str) -> str:
@@ -261,7 +281,11 @@ class FirstSeenDetector(Detector):
 
         start = pd.Timestamp(window["time"].min())
         prior = load_prior(
-            history, start, self.lookback, ("principal", "resource", "action", "outcome")
+            history,
+            start,
+            self.lookback,
+            ("principal", "resource", "action", "outcome"),
+            hourly=False,
         )
         known = prior_reads(prior)
         new = novel_mask(known, reads, ("principal", "resource"), self.lookback)

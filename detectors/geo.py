@@ -155,37 +155,70 @@ class NewCountryDetector(Detector):
     def detect(self, window: pd.DataFrame, history: HistoryView, now: pd.Timestamp) -> pd.DataFrame:
         """Return one finding per principal and new or denied country in ``window``."""
         params = self.params
-        context = load_context(window, history, self.lookback, _GEO_COLUMNS)
-        keep = _public_geolocated(context) & context["outcome"].isin(["success", "failure"])
-        events = context[keep.to_numpy(dtype=bool)].reset_index(drop=True)
-        if not events[IN_WINDOW].any():
+        columns = list(dict.fromkeys([*_GEO_COLUMNS, "event_uid", "resource"]))
+        keep = _public_geolocated(window) & window["outcome"].isin(["success", "failure"])
+        events = window.loc[keep.to_numpy(dtype=bool), columns]
+        events = events.sort_values("time", kind="stable").reset_index(drop=True)
+        if events.empty:
             return build_findings([], detector=self)
         events["country"] = events["geo_country"].astype(str).str.upper()
-        events["code"] = pd.factorize(events["principal"])[0]
+        known = self._known(history, events["time"].min())
+        principals = pd.concat(
+            [events["principal"].astype(object), known["principal"]], ignore_index=True
+        )
+        codes_all, _ = pd.factorize(principals)
+        events["code"] = codes_all[: len(events)]
+        known["code"] = codes_all[len(events) :]
         times = events["time"].astype("int64").to_numpy()
         lookback_us = int(self.lookback / timedelta(microseconds=1))
 
-        # A country is new when the same principal's previous event there is missing or too old.
+        # A country is new when the same principal's previous event there is missing or too
+        # old. Before the window's first event there, the previous one is the rollup's latest.
         previous = events.groupby(["code", "country"])["time"].shift()
+        latest = known.groupby(["code", "country"])["last_time"].max().rename("latest")
+        before = events[["code", "country"]].join(latest, on=["code", "country"])["latest"]
+        previous = previous.fillna(before.astype(previous.dtype))
         new = previous.isna() | (events["time"] - previous > pd.Timedelta(self.lookback))
 
         codes = events["code"].to_numpy()
-        prior_events = count_in_range(codes, times, codes, times - lookback_us, times)
-        day = times // _DAY_US
-        days = events.assign(day=day).drop_duplicates(["code", "day"])
-        prior_days = count_in_range(
-            days["code"].to_numpy(),
-            days["day"].to_numpy(np.int64),
-            codes,
-            (times - lookback_us) // _DAY_US,
-            day,
+        is_new = new.to_numpy(dtype=bool)
+        # The learning period only matters for new countries, so only those events are counted.
+        candidates = np.flatnonzero(is_new)
+        new_codes, new_times = codes[candidates], times[candidates]
+        known_codes = known["code"].to_numpy(np.int64)
+        known_times = known["last_time"].astype("int64").to_numpy()
+        prior_events = count_in_range(
+            codes, times, new_codes, new_times - lookback_us, new_times
+        ) + count_in_range(
+            known_codes,
+            known_times,
+            new_codes,
+            new_times - lookback_us,
+            new_times,
+            weights=known["count"].to_numpy(np.int64),
         )
-        learned = (prior_days >= params.min_history_days) & (
+        day = times // _DAY_US
+        days = pd.concat(
+            [
+                pd.DataFrame({"code": codes, "day": day}),
+                pd.DataFrame({"code": known_codes, "day": known_times // _DAY_US}),
+            ],
+            ignore_index=True,
+        ).drop_duplicates()
+        prior_days = count_in_range(
+            days["code"].to_numpy(np.int64),
+            days["day"].to_numpy(np.int64),
+            new_codes,
+            (new_times - lookback_us) // _DAY_US,
+            day[candidates],
+        )
+        learned = np.zeros(len(events), dtype=bool)
+        learned[candidates] = (prior_days >= params.min_history_days) & (
             prior_events >= params.min_history_events
         )
         denied = events["country"].isin(params.deny_countries).to_numpy()
-        fires = events[IN_WINDOW].to_numpy(dtype=bool) & ((new.to_numpy() & learned) | denied)
-        suppressed = int((events[IN_WINDOW] & new & ~learned & ~denied).sum())
+        fires = (is_new & learned) | denied
+        suppressed = int((is_new & ~learned & ~denied).sum())
         if suppressed:
             logger.debug("%s: %s new-country events in the learning period", self.id, suppressed)
         if not fires.any():
@@ -198,10 +231,40 @@ class NewCountryDetector(Detector):
             .transform("min")
         )
         follows = (events["time"] >= first_flagged).fillna(False).to_numpy(dtype=bool)
-        flagged = events[events[IN_WINDOW].to_numpy(dtype=bool) & follows]
-        return build_findings(self._findings(flagged, events), detector=self)
+        flagged = events[follows]
+        return build_findings(self._findings(flagged, events, known), detector=self)
 
-    def _findings(self, flagged: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
+    def _known(self, history: HistoryView, start: pd.Timestamp) -> pd.DataFrame:
+        """Return the principals' geolocated activity per hour and country before ``start``.
+
+        Reads the hourly rollup, not raw events, so a month of history stays cheap. Columns
+        ``principal``, ``country``, ``count`` and ``last_time`` (the latest event of the hour).
+        """
+        rolled = history.rollup(
+            since=start - pd.Timedelta(self.lookback),
+            until=start,
+            columns=["hour", "principal", "geo_country", "outcome", "count", "last_time"],
+        )
+        # NOTE: the rollup has no source_kind, so history counts every address with a GeoIP
+        # country; enrichment gives a country only to public addresses.
+        keep = (
+            rolled["principal"].notna()
+            & rolled["geo_country"].notna()
+            & rolled["outcome"].isin(["success", "failure"])
+        )
+        rolled = rolled[keep.fillna(False).to_numpy(dtype=bool)]
+        return pd.DataFrame(
+            {
+                "principal": rolled["principal"].astype(object).to_numpy(),
+                "country": rolled["geo_country"].astype(str).str.upper().to_numpy(dtype=object),
+                "count": rolled["count"].to_numpy(np.int64),
+                "last_time": rolled["last_time"].astype("datetime64[us, UTC]").array,
+            }
+        )
+
+    def _findings(
+        self, flagged: pd.DataFrame, events: pd.DataFrame, known_rows: pd.DataFrame
+    ) -> pd.DataFrame:
         params = self.params
         grouped = flagged.groupby(["code", "country"], sort=True)
         found = grouped.agg(
@@ -227,16 +290,34 @@ class NewCountryDetector(Detector):
             found.index,
         )
 
-        # Known countries: the principal's events in the look-back before the first new event.
-        pairs = found[["code", "country", "first_seen"]].merge(
-            events[["code", "country", "time"]].rename(columns={"country": "known"}), on="code"
-        )
+        # Known countries: the principal's events in the look-back before the first new event,
+        # from the window and from the rollup (an hour counts when its latest event is inside).
+        earlier = pd.concat(
+            [
+                events[["code", "country", "time"]].assign(count=1),
+                known_rows[["code", "country", "count"]].assign(time=known_rows["last_time"]),
+            ],
+            ignore_index=True,
+        ).rename(columns={"country": "known"})
+        pairs = found[["code", "country", "first_seen"]].merge(earlier, on="code")
         since = pairs["first_seen"] - pd.Timedelta(self.lookback)
         pairs = pairs[(pairs["time"] >= since) & (pairs["time"] < pairs["first_seen"])]
-        known_groups = pairs.groupby(["code", "country"], sort=True)
-        known = known_groups.size().reset_index()[["code", "country"]]
-        known["known_countries"] = _objects(_counts_per_group(known_groups["known"]), known.index)
-        found = found.merge(known, on=["code", "country"], how="left")
+        totals = pairs.groupby(["code", "country", "known"])["count"].sum().reset_index()
+        totals = totals.sort_values(
+            ["code", "country", "count", "known"], ascending=[True, True, False, True]
+        )
+        countries: dict[tuple[int, str], dict[str, int]] = {}
+        for code, country, other, count in zip(
+            totals["code"], totals["country"], totals["known"], totals["count"], strict=True
+        ):
+            countries.setdefault((int(code), str(country)), {})[str(other)] = int(count)
+        found["known_countries"] = _objects(
+            [
+                countries.get((int(code), str(country)), {})
+                for code, country in zip(found["code"], found["country"], strict=True)
+            ],
+            found.index,
+        )
         denied = found["country"].isin(params.deny_countries)
         found["severity"] = np.where(denied, "high", params.severity)
 
@@ -337,6 +418,11 @@ class ImpossibleTravelDetector(Detector):
     def detect(self, window: pd.DataFrame, history: HistoryView, now: pd.Timestamp) -> pd.DataFrame:
         """Return one finding per principal and day with impossible travel in ``window``."""
         params = self.params
+        # Only a window event with a location can be the later event of a flagged pair, so
+        # without one the raw history of the look-back is not read at all.
+        located = window["geo_lat"].notna() & window["geo_lon"].notna()
+        if not (_public_geolocated(window) & located).any():
+            return build_findings([], detector=self)
         context = load_context(window, history, self.lookback, [*_GEO_COLUMNS, "resource"])
         keep = _public_geolocated(context) & context["geo_lat"].notna() & context["geo_lon"].notna()
         events = context[keep.to_numpy(dtype=bool)]

@@ -277,31 +277,38 @@ class RiskDetector(Detector):
         params = self.params
         weights = params.weights
         start = pd.Timestamp(events["time"].min())
+        # Hours are merged away here, so a month of rollup becomes one row per distinct key.
         prior = load_prior(
             history,
             start,
             self.lookback,
             ("principal", "resource", "action", "outcome", "geo_country", "asn"),
+            hourly=False,
         )
-        prior = prior[prior["principal"].notna().to_numpy(dtype=bool)]
+        named = prior["principal"].notna().to_numpy(dtype=bool)
+        if not named.all():
+            prior = prior[named]
         since = events["principal"].map(first_activity(prior, events))
         learned = (events["time"] - since.astype("datetime64[us, UTC]")) >= pd.Timedelta(
             days=params.learning_days
         )
         events = events.assign(learned=learned.to_numpy(dtype=bool))
         reads = events[successful_reads(events).to_numpy(dtype=bool)]
-        known_reads = prior_reads(prior)
+        # Filtering copies every column, so the reads keep only the columns used below.
+        known_reads = prior_reads(
+            prior[["principal", "resource", "action", "outcome", "last_time"]]
+        )
         days = params.lookback_days
         parts: list[pd.DataFrame] = []
         skipped: set[str] = set()
 
         if weights.new_asn:
             rows = events[events["asn"].notna().to_numpy(dtype=bool)]
-            known = _known(prior[prior["asn"].notna().to_numpy(dtype=bool)], "asn")
+            known = _known(prior, "asn")
             parts.append(self._novel("new_asn", rows, rows["asn"], known, _network_text, skipped))
         if weights.new_country:
             rows = events[events["geo_country"].notna().to_numpy(dtype=bool)]
-            known = _known(prior[prior["geo_country"].notna().to_numpy(dtype=bool)], "geo_country")
+            known = _known(prior, "geo_country")
             parts.append(
                 self._novel(
                     "new_country",
@@ -330,13 +337,18 @@ class RiskDetector(Detector):
             )
         if weights.new_hour_of_week:
             slots = _hour_slots(reads["time"])
-            used = _known(known_reads.assign(slot=_hour_slots(known_reads["hour"])), "slot")
+            # NOTE: this hourly read leaves out the resource, so that it stays one row per
+            # principal-hour; a successful read without a resource counts here, unlike above.
+            hourly = prior_reads(
+                load_prior(history, start, self.lookback, ("principal", "action", "outcome"))
+            )
+            used = _known(hourly.assign(slot=_hour_slots(hourly["hour"])), "slot")
             latest = used.groupby(["principal", "value"], observed=True)["last_time"].max()
             window_known = pd.DataFrame(
                 {
                     "principal": reads["principal"].to_numpy(),
                     "value": slots.to_numpy(),
-                    "last_time": reads["time"].to_numpy(),
+                    "last_time": reads["time"].array,
                 }
             )
             parts.append(
@@ -774,7 +786,12 @@ class RiskDetector(Detector):
 
 
 def _known(prior: pd.DataFrame, column: str) -> pd.DataFrame:
-    return prior[["principal", column, "last_time"]].rename(columns={column: "value"})
+    """Return ``principal``, ``value`` and ``last_time`` of the prior rows where ``column`` is set."""
+    present = prior[column].notna().to_numpy(dtype=bool)
+    known = prior[["principal", column, "last_time"]]
+    if not present.all():
+        known = known[present]
+    return known.rename(columns={column: "value"})
 
 
 def _families(user_agents: pd.Series) -> pd.Series:
@@ -873,7 +890,7 @@ def _signal_frame(
     frame = pd.DataFrame(
         {
             "principal": rows["principal"].astype(str).to_numpy(dtype=object),
-            "time": rows["time"].to_numpy(),
+            "time": rows["time"].array,
             "kind": kind,
             "weight": float(weight),
             "event_uid": rows["event_uid"].astype(str).to_numpy(dtype=object),

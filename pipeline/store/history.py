@@ -52,10 +52,14 @@ _TIME_TYPE: Final = pa.timestamp("us", tz="UTC")
 _PANDAS_DTYPES: Final = empty_events().dtypes.to_dict()
 _ARROW_TO_PANDAS: Final[dict[pa.DataType, Any]] = {
     pa.string(): pd.StringDtype("pyarrow"),
+    pa.large_string(): pd.StringDtype("pyarrow"),
     pa.int64(): pd.Int64Dtype(),
 }
 _ROLLUP_DIR: Final = "rollup"
 _HOUR_US: Final = 3_600_000_000
+# A run's cached history reads stay under this, so a month of rollup rows that one detector
+# read does not stay in memory through the others (default of CappedHistoryView.cache_bytes).
+_CACHE_BYTES: Final = 512 * 1024 * 1024
 
 ROLLUP_SCHEMA: Final = pa.schema(
     [
@@ -313,9 +317,11 @@ class History:
         keys = [name for name in selected if name in ROLLUP_KEYS]
         if len(selected) < len(ROLLUP_COLUMNS) and keys:
             table = _merge_rows(table, keys)
+        # pandas 3.1 keeps Arrow-backed strings as large_string, so casting straight to it
+        # spares pandas a second copy of every string column.
         table = pa.table(
             [
-                column.cast(pa.string()) if pa.types.is_dictionary(column.type) else column
+                column.cast(pa.large_string()) if pa.types.is_dictionary(column.type) else column
                 for column in table.columns
             ],
             names=table.column_names,
@@ -485,25 +491,31 @@ def _merge_rows(table: pa.Table, keys: list[str]) -> pa.Table:
             span = int(combined.max()) + 1
         combined = combined * size + codes
         span *= size
-    group, uniques = pd.factorize(combined)
-    groups = len(uniques)
-    if groups == rows:
+    if rows == 0:
+        return table
+    # One stable sort by the combined key turns every aggregation into a reduction over runs
+    # of rows, and it also counts the groups, so no hash table is built.
+    order = np.argsort(combined, kind="stable")
+    ordered = combined[order]
+    starts = np.concatenate([[0], np.flatnonzero(ordered[1:] != ordered[:-1]) + 1])
+    if len(starts) == rows:
         # Every row is its own group (the keys left out depend on the keys kept), so the
         # table is already merged.
         return table
-    # One stable sort by group turns every aggregation into a reduction over runs of rows.
-    order = np.argsort(group, kind="stable")
-    starts = np.flatnonzero(np.diff(group[order], prepend=-1))
-    columns = {name: table.column(name).take(pa.array(order[starts])) for name in keys}
+    # The stable sort puts each group's first row first in its run. Listing the groups in the
+    # order of those rows keeps the order of first appearance.
+    first_rows = order[starts]
+    appearance = np.argsort(first_rows, kind="stable")
+    columns = {name: table.column(name).take(pa.array(first_rows[appearance])) for name in keys}
     names = table.column_names
     if "count" in names:
         counts = table.column("count").to_numpy()[order]
-        columns["count"] = pa.array(np.add.reduceat(counts, starts), pa.int64())
+        columns["count"] = pa.array(np.add.reduceat(counts, starts)[appearance], pa.int64())
     for name, reduce in (("first_time", np.minimum), ("last_time", np.maximum)):
         if name in names:
             micros = table.column(name).cast(pa.int64()).to_numpy()[order]
-            columns[name] = pa.array(reduce.reduceat(micros, starts)).cast(_TIME_TYPE)
-    assert len(starts) == groups
+            reduced = reduce.reduceat(micros, starts)[appearance]
+            columns[name] = pa.array(reduced).cast(_TIME_TYPE)
     return pa.table([columns[name] for name in names], names=names)
 
 
@@ -654,14 +666,16 @@ class CappedHistoryView:
 
     Reads are cached by (kind, since, until, columns), so detectors that ask for the same span
     and columns read the files once; :meth:`for_lookback` returns a view that shares the cache.
-    The cache keeps the ``cache_size`` most recent results. Results are shallow copies, which
-    pandas' copy-on-write keeps independent of the cached frame.
+    The cache keeps the ``cache_size`` most recent results, and drops the oldest while they
+    take more than ``cache_bytes`` together. A larger result is not kept. Results are shallow
+    copies, which pandas' copy-on-write keeps independent of the cached frame.
 
     Args:
         history: the store to read.
         until: exclusive upper bound of every read (the start of the window).
         earliest: inclusive lower bound of every read, or None.
         cache_size: how many results the shared cache keeps.
+        cache_bytes: how many bytes of results (``DataFrame.memory_usage``) it keeps at most.
     """
 
     def __init__(
@@ -671,12 +685,13 @@ class CappedHistoryView:
         *,
         earliest: pd.Timestamp | None = None,
         cache_size: int = 4,
+        cache_bytes: int = _CACHE_BYTES,
         _cache: _ReadCache | None = None,
     ) -> None:
         self.history = history
         self.until = _required_utc(until)
         self.earliest = _utc(earliest)
-        self._cache = _ReadCache(cache_size) if _cache is None else _cache
+        self._cache = _ReadCache(cache_size, cache_bytes) if _cache is None else _cache
 
     @property
     def reads(self) -> int:
@@ -739,10 +754,12 @@ class CappedHistoryView:
 class _ReadCache:
     """The most recent results of a run's history reads, least recently used first out."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_bytes: int = _CACHE_BYTES) -> None:
         self.size = size
+        self.max_bytes = max_bytes
         self.reads = 0
         self._frames: OrderedDict[tuple[Any, ...], pd.DataFrame] = OrderedDict()
+        self._sizes: dict[tuple[Any, ...], int] = {}
 
     def get(self, key: tuple[Any, ...]) -> pd.DataFrame | None:
         frame = self._frames.get(key)
@@ -752,9 +769,15 @@ class _ReadCache:
 
     def put(self, key: tuple[Any, ...], frame: pd.DataFrame) -> None:
         self.reads += 1
+        # Arrow-backed columns report their buffer sizes, so deep=True costs no string scan.
+        size = int(frame.memory_usage(index=False, deep=True).sum())
+        if size > self.max_bytes:
+            return
         self._frames[key] = frame
-        while len(self._frames) > self.size:
-            self._frames.popitem(last=False)
+        self._sizes[key] = size
+        while len(self._frames) > self.size or sum(self._sizes.values()) > self.max_bytes:
+            oldest, _ = self._frames.popitem(last=False)
+            del self._sizes[oldest]
 
 
 def _required_utc(moment: pd.Timestamp | datetime) -> pd.Timestamp:

@@ -233,6 +233,15 @@ def test_burst_straddling_history_includes_both(make_events: Build) -> None:
     assert findings["first_seen"].tolist() == [START]
 
 
+def test_burst_chained_far_into_history(make_events: Build) -> None:
+    # 80 failures a minute apart: the burst starts 70 minutes before the window, beyond the
+    # first 20 minutes of raw history that the detector reads.
+    rows = denials(80, pd.Timedelta(minutes=1), start=START - pd.Timedelta(minutes=70))
+    findings = run(make_events, rows[70:], rows[:70], keys=["principal"])
+    assert findings["event_count"].tolist() == [80]
+    assert findings["first_seen"].tolist() == [START - pd.Timedelta(minutes=70)]
+
+
 def test_burst_only_in_history_not_emitted(make_events: Build) -> None:
     history = denials(12, pd.Timedelta(seconds=25))
     window = [aws_read(START + pd.Timedelta(hours=3))]

@@ -363,6 +363,30 @@ def test_novel_mask_compares_earlier_rows() -> None:
     )
 
 
+def test_novel_mask_uses_latest_earlier_row() -> None:
+    prior = pd.DataFrame(
+        {
+            "principal": ["p", "p", "p"],
+            "value": ["a", "a", "a"],
+            "last_time": pd.to_datetime(
+                ["2024-05-01T00:00Z", "2024-06-01T00:00Z", "2024-06-12T00:00Z"]
+            ),
+        }
+    )
+    current = pd.DataFrame(
+        {
+            "principal": ["p", "p"],
+            "value": ["a", "a"],
+            "time": pd.to_datetime(["2024-06-10T00:00Z", "2024-06-13T00:00Z"]),
+        }
+    )
+    month = novel_mask(prior, current, ("principal", "value"), pd.Timedelta(days=15))
+    days = novel_mask(prior, current, ("principal", "value"), pd.Timedelta(days=5))
+    assert month.tolist() == [False, False]
+    # The prior row of June 12 is later than the first current row, so it is not compared.
+    assert days.tolist() == [True, False]
+
+
 @pytest.mark.parametrize(
     ("resource", "name"),
     [

@@ -497,6 +497,20 @@ def test_capped_view_lookback_and_cache(tmp_path: Path) -> None:
     assert view.rollup(columns=["principal", "count"])["count"].sum() == 15
 
 
+def test_capped_view_cache_byte_limit(tmp_path: Path) -> None:
+    store = History(tmp_path / "history")
+    store.append(hourly_reads(), "run-1")
+    tiny = CappedHistoryView(store, pd.Timestamp("2024-05-02T03:00:00Z"), cache_bytes=1)
+    roomy = CappedHistoryView(store, pd.Timestamp("2024-05-02T03:00:00Z"))
+
+    for view in (tiny, roomy):
+        view.rollup(columns=["principal", "count"])
+        view.rollup(columns=["principal", "count"])
+
+    assert tiny.reads == 2
+    assert roomy.reads == 1
+
+
 def test_read_only_history_writes_no_rollup(tmp_path: Path) -> None:
     store = History(tmp_path / "history")
     store.append(hourly_reads(), "run-1")

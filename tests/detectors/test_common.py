@@ -1,0 +1,70 @@
+"""Tests for the detector helpers in detectors._common."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from detectors._common import IN_WINDOW, count_in_range, load_context, read_mask
+from detectors.base import FrameHistory
+from tests.detectors.conftest import aws_read
+
+Build = Callable[[list[dict[str, Any]]], pd.DataFrame]
+
+
+def test_count_in_range_counts_rows() -> None:
+    codes = np.array([0, 0, 0, 1], dtype=np.int64)
+    times = np.array([10, 20, 30, 20], dtype=np.int64)
+    counts = count_in_range(
+        codes,
+        times,
+        np.array([0, 0, 1, 2], dtype=np.int64),
+        np.array([10, 15, 0, 0], dtype=np.int64),
+        np.array([30, 31, 100, 100], dtype=np.int64),
+    )
+    assert counts.tolist() == [2, 2, 1, 0]
+
+
+def test_count_in_range_sums_weights() -> None:
+    codes = np.array([1, 0, 0, 0], dtype=np.int64)
+    times = np.array([20, 30, 10, 20], dtype=np.int64)
+    weights = np.array([7, 5, 2, 3], dtype=np.int64)
+    sums = count_in_range(
+        codes,
+        times,
+        np.array([0, 0, 1], dtype=np.int64),
+        np.array([10, 15, 0], dtype=np.int64),
+        np.array([30, 31, 100], dtype=np.int64),
+        weights=weights,
+    )
+    assert sums.tolist() == [5, 8, 7]
+
+
+def test_load_context_drops_repeated_window_rows(make_events: Build) -> None:
+    rows = [
+        aws_read("2024-06-20T09:00:00Z", event_uid="old"),
+        aws_read("2024-06-20T10:00:00Z", event_uid="same"),
+    ]
+    history = FrameHistory(make_events(rows))
+    window = make_events([aws_read("2024-06-20T10:00:00Z", event_uid="same")])
+
+    context = load_context(window, history, pd.Timedelta(hours=2), ["principal"])
+
+    assert context["event_uid"].tolist() == ["old", "same"]
+    assert context[IN_WINDOW].tolist() == [False, True]
+
+
+def test_read_mask_on_arrow_strings(make_events: Build) -> None:
+    frame = make_events(
+        [
+            aws_read("2024-06-20T09:00:00Z"),
+            aws_read("2024-06-20T09:01:00Z", action="decrypt"),
+            aws_read("2024-06-20T09:02:00Z", action="decrypt", invoked_by="secretsmanager"),
+            aws_read("2024-06-20T09:03:00Z", action="list"),
+            aws_read("2024-06-20T09:04:00Z", action=None),
+        ]
+    )
+    assert read_mask(frame).tolist() == [True, True, False, False, False]
