@@ -684,10 +684,12 @@ def _finding_rows(days: pd.DataFrame, params: OffHoursParams) -> list[dict[str, 
         summary = f"{baseline_days}-day: {day.prior_off_days} off-hours days; {usual}"
         learned = day.mode == "learned"
         if learned:
+            # A holiday read fires even at a usual hour, so "below" is said only when it is.
+            compared = "below" if day.support < params.min_support else "not below"
             summary = (
                 f"{params.learning_days}-day pattern: reads on {day.active_days} days, {usual}; "
                 f"{', '.join(day.hours_of_week)} had support {day.support:.2f} "
-                f"(below {params.min_support:g})"
+                f"({compared} {params.min_support:g})"
             )
         local_date: date = day.local_date
         rows.append(

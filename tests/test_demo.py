@@ -112,6 +112,22 @@ def test_demo_no_decoy_fires(demo_run: tuple[RunSummary, Path]) -> None:
     ]
 
 
+def test_demo_holiday_read_baseline_text(demo_run: tuple[RunSummary, Path]) -> None:
+    _, work = demo_run
+    findings = load_findings(work / "out" / "findings.jsonl")
+    holiday = [
+        finding
+        for finding in findings
+        if finding["detector"] == "keytrail.off_hours"
+        and finding["principal"] == "ananya.das@example.com"
+        and "public holiday" in finding["title"]
+    ]
+    assert len(holiday) == 1
+    summary = holiday[0]["baseline"]["summary"]
+    # The read was at a usual hour; it fired because of the holiday, not low support.
+    assert "(not below 1)" in summary
+
+
 def test_demo_forest_judges_each_day(demo_run: tuple[RunSummary, Path]) -> None:
     summary, _ = demo_run
     forest = next(
