@@ -1,10 +1,10 @@
 """The contract every log source follows.
 
 A source reads what is new since its checkpoints and returns one :class:`SourceBatch`. It never
-writes state itself: the engine stores ``batch.checkpoints`` (upserted) and deletes
-``batch.checkpoints_removed`` in the same SQLite transaction that stores the run's events and
-alerts, so a run that fails before its commit reads the same input again next time and the
-duplicate events it finds are dropped by ``event_uid``.
+writes state itself. The engine upserts ``batch.checkpoints`` and deletes
+``batch.checkpoints_removed`` in the SQLite transaction that stores the run's events and
+alerts. A run that fails before its commit therefore reads the same input again next time, and
+the engine drops the events it already has by ``event_uid``.
 
 A source that cannot be read at all (throttled, server errors, credentials refused) raises
 :class:`SourceError`; the engine reports it, keeps that source's checkpoints where they were and
@@ -61,7 +61,7 @@ class SourceError(KeytrailError):
 
 @dataclass
 class SourceBatch:
-    """What one source produced in one run.
+    """The output of one source in one run.
 
     Attributes:
         name: the source's configured name.
