@@ -528,7 +528,8 @@ class IsolationForestDetector(StatisticalDetector):
 
 def _day_starts(times: pd.Series) -> list[pd.Timestamp]:
     """Return the earliest of ``times`` in each UTC day, in time order."""
-    first = times.groupby(times.dt.floor("D").to_numpy()).min().sort_index()
+    # Group by the Series itself: ``to_numpy()`` of zone-aware times is one Python object per row.
+    first = times.groupby(times.dt.floor("D")).min().sort_index()
     return [pd.Timestamp(value) for value in first]
 
 

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from detectors.base import ROLLUP_COLUMNS, FrameHistory, HistoryView
 from pipeline.schema import ARROW_SCHEMA, COLUMNS, empty_events, events_from_rows
-from pipeline.store.history import ROLLUP_SCHEMA, CappedHistoryView, History
+from pipeline.store.history import ROLLUP_SCHEMA, CappedHistoryView, History, _narrow_indices
 
 
 def row(uid: str, time: str, cloud: str, **values: Any) -> dict[str, Any]:
@@ -520,3 +521,63 @@ def test_read_only_history_writes_no_rollup(tmp_path: Path) -> None:
 
     assert reader.rollup(columns=["count"])["count"].tolist() == [15]
     assert not (store.root / "rollup").exists()
+
+
+def test_capped_view_rollup_matches_history(tmp_path: Path) -> None:
+    store = History(tmp_path / "history")
+    store.append(hourly_reads(), "run-1")
+    until = pd.Timestamp("2024-05-02T02:30:00Z")
+    view = CappedHistoryView(store, until)
+    requests = [
+        ("2024-05-02T00:00:00Z", ["hour", "principal", "count"]),
+        ("2024-05-02T00:00:00Z", ["principal", "first_time", "last_time"]),
+        ("2024-05-01T22:15:00Z", ["hour", "principal", "outcome", "count", "last_time"]),
+        ("2024-05-01T23:00:00Z", ["count"]),
+        ("2024-05-01T20:00:00Z", None),
+    ]
+
+    for since, columns in requests:
+        start = pd.Timestamp(since)
+        shared = view.rollup(since=start, columns=columns)
+        direct = store.rollup(since=start, until=until, columns=columns)
+        pd.testing.assert_frame_equal(shared, direct, check_exact=True)
+
+
+def test_capped_view_reads_rollup_files_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = History(tmp_path / "history")
+    store.append(hourly_reads(), "run-1")
+    spans: list[tuple[str, str]] = []
+    read_table = History._stored_table
+
+    def counted(self: History, start: Any, end: Any, selected: list[str]) -> Any:
+        spans.append((str(start), str(end)))
+        return read_table(self, start, end, selected)
+
+    monkeypatch.setattr(History, "_stored_table", counted)
+    view = CappedHistoryView(store, pd.Timestamp("2024-05-02T03:00:00Z"))
+    day = view.for_lookback(pd.Timedelta(hours=2))
+
+    assert day.rollup(columns=["principal", "count"])["count"].tolist() == [4, 2]
+    assert day.rollup(columns=["hour", "count"])["count"].tolist() == [3, 3]
+    assert view.rollup(columns=["principal", "count"])["count"].tolist() == [10, 5]
+    assert day.rollup(columns=["outcome", "count"])["count"].tolist() == [6]
+    assert spans == [
+        ("2024-05-02 01:00:00+00:00", "2024-05-02 03:00:00+00:00"),
+        ("None", "2024-05-02 01:00:00+00:00"),
+    ]
+
+
+def test_narrow_indices_keeps_values() -> None:
+    small = pa.array(["aws", "gcp", None, "aws"]).dictionary_encode()
+    large = pa.array([f"principal-{number}" for number in range(300)]).dictionary_encode()
+    table = pa.table({"cloud": small, "principal": large[:4], "count": [1, 2, 3, 4]})
+
+    narrowed = _narrow_indices(table)
+
+    assert narrowed.column("cloud").type.index_type == pa.int8()
+    assert narrowed.column("principal").type.index_type == pa.int16()
+    assert narrowed.column("count").type == pa.int64()
+    assert narrowed.column("cloud").to_pylist() == ["aws", "gcp", None, "aws"]
+    assert narrowed.column("principal").to_pylist() == [f"principal-{n}" for n in range(4)]
