@@ -14,7 +14,14 @@ import pytest
 
 from detectors.base import ROLLUP_COLUMNS, FrameHistory, HistoryView
 from pipeline.schema import ARROW_SCHEMA, COLUMNS, empty_events, events_from_rows
-from pipeline.store.history import ROLLUP_SCHEMA, CappedHistoryView, History, _narrow_indices
+from pipeline.store.history import (
+    ROLLUP_SCHEMA,
+    CappedHistoryView,
+    History,
+    _merge_rows,
+    _narrow_indices,
+    _order_by_first_row,
+)
 
 
 def row(uid: str, time: str, cloud: str, **values: Any) -> dict[str, Any]:
@@ -581,3 +588,68 @@ def test_narrow_indices_keeps_values() -> None:
     assert narrowed.column("count").type == pa.int64()
     assert narrowed.column("cloud").to_pylist() == ["aws", "gcp", None, "aws"]
     assert narrowed.column("principal").to_pylist() == [f"principal-{n}" for n in range(4)]
+
+
+def rollup_like_table(**columns: Any) -> pa.Table:
+    """Build a rollup-like table from hours since the epoch and dictionary-encoded text keys."""
+    hour_us = 3_600_000_000
+    arrays = {}
+    for name, values in columns.items():
+        if name in ("hour", "first_time", "last_time"):
+            arrays[name] = pa.array([value * hour_us for value in values], pa.int64()).cast(
+                pa.timestamp("us", tz="UTC")
+            )
+        elif name == "count":
+            arrays[name] = pa.array(values, pa.int64())
+        else:
+            arrays[name] = pa.array(values).dictionary_encode()
+    return pa.table(arrays)
+
+
+def test_merge_rows_keeps_first_appearance() -> None:
+    table = rollup_like_table(
+        hour=[5, 4, 5, 4, 5, 4],
+        principal=["bob", "alice", None, "alice", "bob", None],
+        count=[1, 2, 3, 4, 5, 6],
+        first_time=[5, 4, 5, 4, 5, 4],
+        last_time=[6, 5, 7, 8, 9, 5],
+    )
+
+    merged = _merge_rows(table, ["hour", "principal"])
+
+    assert merged.column_names == table.column_names
+    assert merged.column("principal").to_pylist() == ["bob", "alice", None, None]
+    assert [value.hour for value in merged.column("hour").to_pylist()] == [5, 4, 5, 4]
+    assert merged.column("count").to_pylist() == [6, 6, 3, 6]
+    assert [value.hour for value in merged.column("last_time").to_pylist()] == [9, 8, 7, 5]
+    assert merged.schema == table.schema
+
+
+def test_merge_rows_merges_across_hours() -> None:
+    table = rollup_like_table(
+        principal=["carol", "alice", "alice", "carol", "alice"],
+        count=[2, 1, 1, 3, 4],
+        first_time=[1, 1, 2, 3, 3],
+        last_time=[2, 2, 3, 4, 4],
+    )
+
+    merged = _merge_rows(table, ["principal"])
+
+    assert merged.column("principal").to_pylist() == ["carol", "alice"]
+    assert merged.column("count").to_pylist() == [5, 6]
+    assert [value.hour for value in merged.column("first_time").to_pylist()] == [1, 1]
+    assert [value.hour for value in merged.column("last_time").to_pylist()] == [4, 4]
+
+
+def test_merge_rows_unique_rows_returns_table() -> None:
+    table = rollup_like_table(hour=[1, 1, 2], principal=["alice", "bob", "alice"], count=[1, 1, 1])
+
+    assert _merge_rows(table, ["hour", "principal"]) is table
+
+
+def test_order_by_first_row_sorts_groups() -> None:
+    shuffled = pa.table({"row_min": [7, 0, 3], "count_sum": [70, 0, 30]})
+    ordered = pa.table({"row_min": [0, 3, 7], "count_sum": [0, 30, 70]})
+
+    assert _order_by_first_row(shuffled).equals(ordered)
+    assert _order_by_first_row(ordered) is ordered
