@@ -24,12 +24,13 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
 import pandas as pd
 
@@ -159,8 +160,7 @@ def state_lock(state_dir: Path) -> Iterator[Path]:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
+            holder = _lock_holder(handle)
             raise StateLockedError(
                 f"another keytrail run holds the lock on {state_dir} (pid {holder}); wait for it "
                 "to finish or use a different --state-dir"
@@ -633,6 +633,21 @@ CREATE TABLE IF NOT EXISTS alert_threads (
     PRIMARY KEY (receiver, dedup_key)
 )
 """
+
+
+def _lock_holder(handle: IO[str]) -> str:
+    """Return the pid in a lock file held by another process, or "unknown".
+
+    The holder writes its pid just after it takes the lock, so a process that lost the race by
+    a moment can find the file still empty; it reads again for up to 0.2 s.
+    """
+    for _ in range(20):
+        handle.seek(0)
+        holder = handle.read().strip()
+        if holder:
+            return holder
+        time.sleep(0.01)
+    return "unknown"
 
 
 def record_alert_thread(
