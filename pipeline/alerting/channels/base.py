@@ -11,6 +11,7 @@ import datetime as dt
 import email.utils
 import math
 import os
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,14 @@ from typing import Any, Literal
 
 from pipeline.errors import ConfigError
 
-__all__ = ["Delivery", "DeliveryStatus", "parse_retry_after", "read_secret", "retry_after_header"]
+__all__ = [
+    "Delivery",
+    "DeliveryStatus",
+    "NoRedirect",
+    "parse_retry_after",
+    "read_secret",
+    "retry_after_header",
+]
 
 DeliveryStatus = Literal["delivered", "retry", "failed"]
 
@@ -122,3 +130,24 @@ def retry_after_header(
             value = value[0] if value else None
         return parse_retry_after(None if value is None else str(value), now=now)
     return None
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A urllib handler that turns every redirect into an ``HTTPError`` with its status.
+
+    urllib would repeat a POST redirected with 301/302/303 as a GET without a body, to
+    wherever the redirect points and with the request's ``Authorization`` header (a Slack bot
+    token), and the caller would report that other host's response as the receiver's.
+    """
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        """Return None, so urllib raises the redirect as an error instead of following it."""
+        return None

@@ -41,7 +41,7 @@ from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
 from slack_sdk.webhook import WebhookClient, WebhookResponse
 
-from pipeline.alerting.channels.base import Delivery, read_secret, retry_after_header
+from pipeline.alerting.channels.base import Delivery, NoRedirect, read_secret, retry_after_header
 from pipeline.errors import ConfigError
 
 __all__ = ["SlackChannel", "SlackSettings"]
@@ -205,31 +205,11 @@ class _RateLimitRetryHandler(RateLimitErrorRetryHandler):
         state.increment_current_attempt()
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Turn a redirect into an ``HTTPError`` with the redirect's status.
-
-    urllib would repeat a POST redirected with 301/302/303 as a GET to wherever the redirect
-    points, with the ``Authorization`` header of bot mode, and slack_sdk would report the
-    response of that other host as Slack's.
-    """
-
-    def redirect_request(
-        self,
-        req: urllib.request.Request,
-        fp: Any,
-        code: int,
-        msg: str,
-        headers: Any,
-        newurl: str,
-    ) -> urllib.request.Request | None:
-        return None
-
-
 def _open(req: urllib.request.Request, ssl_context: Any, proxy: str | None, timeout: Any) -> Any:
     """Open ``req`` as slack_sdk would, but without following redirects."""
     handlers: list[urllib.request.BaseHandler] = [
         urllib.request.HTTPSHandler(context=ssl_context),
-        _NoRedirect(),
+        NoRedirect(),
     ]
     if proxy is not None:
         handlers.insert(0, urllib.request.ProxyHandler({"http": proxy, "https": proxy}))

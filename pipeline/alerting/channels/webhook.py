@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline import __version__
 from pipeline.alerting.alerts import Alert, to_jsonable
-from pipeline.alerting.channels.base import Delivery, read_secret, retry_after_header
+from pipeline.alerting.channels.base import Delivery, NoRedirect, read_secret, retry_after_header
 from pipeline.errors import ConfigError
 
 __all__ = ["SCHEMA_VERSION", "WebhookChannel", "WebhookSettings", "build_payload"]
@@ -158,25 +158,6 @@ def build_payload(alert: Alert) -> dict[str, Any]:
     }
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Turn a redirect into an ``HTTPError``.
-
-    urllib would repeat a POST redirected with 301/302/303 as a GET without a body, and
-    would send the auth header to wherever the redirect points.
-    """
-
-    def redirect_request(
-        self,
-        req: urllib.request.Request,
-        fp: Any,
-        code: int,
-        msg: str,
-        headers: Any,
-        newurl: str,
-    ) -> urllib.request.Request | None:
-        return None
-
-
 class WebhookChannel:
     """POST alert documents to a webhook and classify each result as a :class:`Delivery`.
 
@@ -223,7 +204,7 @@ class WebhookChannel:
             self._secrets.add(value)
 
         self._opener = urllib.request.build_opener(
-            urllib.request.HTTPSHandler(context=self._ssl_context()), _NoRedirect()
+            urllib.request.HTTPSHandler(context=self._ssl_context()), NoRedirect()
         )
 
     def _ssl_context(self) -> ssl.SSLContext:
