@@ -4,7 +4,8 @@ sessions that reuse one copy of botocore's service models."""
 from __future__ import annotations
 
 import functools
-from datetime import UTC, datetime
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import boto3
@@ -12,7 +13,15 @@ import botocore.session
 import pandas as pd
 from botocore.loaders import Loader
 
-__all__ = ["as_utc", "new_aws_session", "parse_rfc3339", "rfc3339", "utc_now"]
+__all__ = [
+    "as_utc",
+    "checkpoint_time",
+    "new_aws_session",
+    "parse_rfc3339",
+    "query_window",
+    "rfc3339",
+    "utc_now",
+]
 
 
 def utc_now() -> datetime:
@@ -44,6 +53,35 @@ def parse_rfc3339(value: Any) -> pd.Timestamp | None:
     except ValueError:
         return None
     return None if stamp.tzinfo is None else stamp.tz_convert(UTC)
+
+
+def checkpoint_time(value: Any) -> datetime | None:
+    """Return the time of a ``{"timestamp": RFC 3339}`` checkpoint, or None if it is invalid."""
+    stamp = parse_rfc3339(value.get("timestamp")) if isinstance(value, Mapping) else None
+    return None if stamp is None else stamp.to_pydatetime(warn=False)
+
+
+def query_window(
+    last: datetime | None,
+    now: datetime,
+    since: datetime | None,
+    until: datetime | None,
+    *,
+    initial: timedelta,
+    lookback: timedelta,
+) -> tuple[datetime, datetime]:
+    """Return the [start, end) window of a time-cursor query.
+
+    A backfill (``since``, ``until``) reads its window. Otherwise the query starts ``lookback``
+    before the last checkpoint ``last`` (entries arrive late), or ``initial`` before the end
+    when there is no checkpoint yet.
+    """
+    end = as_utc(until) if until is not None else now
+    if since is not None:
+        return as_utc(since), end
+    if last is None:
+        return end - initial, end
+    return last - lookback, end
 
 
 @functools.cache

@@ -28,8 +28,9 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from pipeline.formats.reader import BatchReader
-from pipeline.sources._shared import as_utc as _as_utc
+from pipeline.sources._shared import checkpoint_time as _checkpoint_time
 from pipeline.sources._shared import parse_rfc3339 as _parse_time
+from pipeline.sources._shared import query_window
 from pipeline.sources._shared import rfc3339 as _kql_time
 from pipeline.sources._shared import utc_now as _utc_now
 from pipeline.sources.base import SourceBatch, SourceError, SourceSettings
@@ -227,13 +228,14 @@ class AzureLogAnalyticsSource:
         until: datetime | None,
     ) -> tuple[datetime, datetime]:
         """Return the [start, end) window of one table's query."""
-        end = _as_utc(until) if until is not None else now
-        if since is not None:
-            return _as_utc(since), end
-        last = _checkpoint_time(checkpoint)
-        if last is None:
-            return end - timedelta(hours=self.settings.initial_hours), end
-        return last - timedelta(minutes=self.settings.lookback_minutes), end
+        return query_window(
+            _checkpoint_time(checkpoint),
+            now,
+            since,
+            until,
+            initial=timedelta(hours=self.settings.initial_hours),
+            lookback=timedelta(minutes=self.settings.lookback_minutes),
+        )
 
     def _query(self, client: Any, table: Table, start: datetime, end: datetime) -> _TableRead:
         """Run one table's query and return its rows as dictionaries of raw column values.
@@ -338,8 +340,3 @@ def _first_line(value: Any) -> str:
     message = getattr(value, "message", None) or str(value)
     lines = str(message).splitlines()
     return lines[0] if lines else ""
-
-
-def _checkpoint_time(value: Any) -> datetime | None:
-    stamp = _parse_time(value.get("timestamp")) if isinstance(value, Mapping) else None
-    return None if stamp is None else stamp.to_pydatetime(warn=False)

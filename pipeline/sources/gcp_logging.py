@@ -33,8 +33,9 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from pipeline.formats.reader import BatchReader
-from pipeline.sources._shared import as_utc as _as_utc
+from pipeline.sources._shared import checkpoint_time as _checkpoint_time
 from pipeline.sources._shared import parse_rfc3339 as _entry_time
+from pipeline.sources._shared import query_window
 from pipeline.sources._shared import rfc3339 as _rfc3339
 from pipeline.sources._shared import utc_now as _utc_now
 from pipeline.sources.base import SourceBatch, SourceError, SourceSettings
@@ -244,20 +245,22 @@ class GcpLoggingSource:
         until: datetime | None,
     ) -> tuple[datetime, datetime]:
         """Return the [start, end) window of one project's request."""
-        end = _as_utc(until) if until is not None else now
-        if since is not None:
-            return _as_utc(since), end
         last = _checkpoint_time(checkpoint)
-        if last is None:
-            if checkpoint is not None:
-                logger.warning(
-                    "source %s: ignored an invalid checkpoint %r; reading the last %s hours",
-                    self.name,
-                    checkpoint,
-                    self.settings.initial_hours,
-                )
-            return end - timedelta(hours=self.settings.initial_hours), end
-        return last - timedelta(minutes=self.settings.lookback_minutes), end
+        if since is None and last is None and checkpoint is not None:
+            logger.warning(
+                "source %s: ignored an invalid checkpoint %r; reading the last %s hours",
+                self.name,
+                checkpoint,
+                self.settings.initial_hours,
+            )
+        return query_window(
+            last,
+            now,
+            since,
+            until,
+            initial=timedelta(hours=self.settings.initial_hours),
+            lookback=timedelta(minutes=self.settings.lookback_minutes),
+        )
 
     def _read_project(
         self, client: Any, project: str, start: datetime, end: datetime
@@ -405,10 +408,3 @@ def _is_newer(read: _ProjectRead, checkpoint: Any) -> bool:
 def _is_local(endpoint: str) -> bool:
     parts = urlsplit(endpoint)
     return parts.scheme == "http" and parts.hostname in _LOCAL_HOSTS
-
-
-def _checkpoint_time(value: Any) -> datetime | None:
-    if not isinstance(value, Mapping):
-        return None
-    stamp = _entry_time(value.get("timestamp"))
-    return None if stamp is None else stamp.to_pydatetime(warn=False)
