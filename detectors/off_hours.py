@@ -684,7 +684,7 @@ def _finding_rows(days: pd.DataFrame, params: OffHoursParams) -> list[dict[str, 
         summary = f"{baseline_days}-day: {day.prior_off_days} off-hours days; {usual}"
         learned = day.mode == "learned"
         if learned:
-            # A holiday read fires even at a usual hour, so "below" is said only when it is.
+            # A holiday read fires even at a usual hour, so the text names the comparison.
             compared = "below" if day.support < params.min_support else "not below"
             summary = (
                 f"{params.learning_days}-day pattern: reads on {day.active_days} days, {usual}; "

@@ -291,8 +291,8 @@ def _detector_counts(detectors: list[DetectorSummary]) -> Table:
     grid.add_column(justify="right", no_wrap=True)
     grid.add_column(justify="right", no_wrap=True)
     grid.add_column(justify="right", no_wrap=True)
-    # A detector that lacks the history it needs for a principal does not judge it; the last
-    # column counts those principals so a quiet detector is not mistaken for a clean result.
+    # A detector does not judge a principal whose history is too short. The last column counts
+    # those principals, so that a quiet detector is not mistaken for a clean result.
     grid.add_row(Text("detectors", style="bold"), "findings", "new", "too little history")
     for detector in detectors:
         name = Text(f"  {clean_line(detector.id)}")

@@ -1,7 +1,7 @@
 """Log sources: the places raw records are read from.
 
 Each source type has a settings model (validated as one entry of ``sources`` in config.yaml,
-told apart by its ``type`` key) and a class that follows :class:`pipeline.sources.base.Source`.
+distinguished by its ``type`` key) and a class that follows :class:`pipeline.sources.base.Source`.
 """
 
 from __future__ import annotations

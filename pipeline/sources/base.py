@@ -13,7 +13,7 @@ completely, with checkpoints only for that part, and names what it could not rea
 ``batch.problems``.
 
 ``since`` and ``until`` ask for a backfill of a time window (``keytrail run --since --until``):
-the source reads what lies in the window whatever its checkpoints say. The engine drops events
+the source reads what lies in the window regardless of its checkpoints. The engine drops events
 outside the window, so a source may read a coarser range (whole day partitions, whole files).
 """
 

@@ -74,9 +74,9 @@ class FilesSource:
         Args:
             checkpoints: this source's stored checkpoints (absolute path -> ``{"size",
                 "mtime_ns"}``); an empty mapping reads everything.
-            since: the start of a backfill window: every file is read whatever its checkpoint
-                says, because a file's name and times do not tell which events it holds. The
-                engine keeps only the events inside the window.
+            since: the start of a backfill window. Every file is read regardless of its
+                checkpoint, because a file's name and times do not show which events it
+                contains. The engine keeps only the events inside the window.
             until: the end of the backfill window.
 
         Raises:

@@ -57,7 +57,7 @@ _ARROW_TO_PANDAS: Final[dict[pa.DataType, Any]] = {
 }
 _ROLLUP_DIR: Final = "rollup"
 _HOUR_US: Final = 3_600_000_000
-# How :func:`_merge_rows` combines each value column of the rollup over merged rows.
+# The aggregation :func:`_merge_rows` applies to each value column of the rollup when rows merge.
 _MERGE_AGGREGATIONS: Final = (("count", "sum"), ("first_time", "min"), ("last_time", "max"))
 # A run's cached history reads stay under this, so a month of rollup rows that one detector
 # read does not stay in memory through the others (default of CappedHistoryView.cache_bytes).

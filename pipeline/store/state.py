@@ -638,8 +638,8 @@ CREATE TABLE IF NOT EXISTS alert_threads (
 def _lock_holder(handle: IO[str]) -> str:
     """Return the pid in a lock file held by another process, or "unknown".
 
-    The holder writes its pid just after it takes the lock, so a process that lost the race by
-    a moment can find the file still empty; it reads again for up to 0.2 s.
+    The holder writes its pid just after it takes the lock. A process that lost the race by a
+    moment can find the file still empty, so it reads again for up to 0.2 s.
     """
     for _ in range(20):
         handle.seek(0)
