@@ -186,7 +186,9 @@ class HistoryView(Protocol):
         With ``columns``, only those columns are returned and rows that share the requested
         key columns are merged as :func:`project_rollup` does. Without it, rows of one key may
         repeat (one per run that stored events of that hour): group and sum ``count`` (and
-        take the min/max of ``first_time``/``last_time``) before use.
+        take the min/max of ``first_time``/``last_time``) before use. Text keys are Arrow-backed
+        strings or pandas Categorical (the engine's Parquet history gives Categorical, whose
+        codes make grouping and factorizing cheap); detectors must accept both.
         """
         ...
 

@@ -21,6 +21,7 @@ unless the folder is read-only. A rollup file without its events twin is ignored
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -37,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+from pandas.api.types import union_categoricals
 
 from detectors.base import ROLLUP_COLUMNS, ROLLUP_KEYS, project_rollup, rollup_events
 from pipeline.schema import ARROW_SCHEMA, CLOUDS, COLUMNS, empty_events
@@ -57,6 +59,11 @@ _ARROW_TO_PANDAS: Final[dict[pa.DataType, Any]] = {
 }
 _ROLLUP_DIR: Final = "rollup"
 _HOUR_US: Final = 3_600_000_000
+# Rows per Parquet row group of an events file. Rows are in time order, so a read of a few
+# hours skips the row groups whose time statistics fall outside it. In benchmarks/detect.py
+# (a million events a day), four reads of the hours before the window took 0.27 s instead of
+# 1.0 s, when each file was one row group and every read opened the whole day.
+_EVENTS_ROW_GROUP: Final = 65_536
 # The aggregation :func:`_merge_rows` applies to each value column of the rollup when rows merge.
 _MERGE_AGGREGATIONS: Final = (("count", "sum"), ("first_time", "min"), ("last_time", "max"))
 # A run's cached history reads stay under this, so a month of rollup rows that one detector
@@ -86,8 +93,9 @@ _DICTIONARY_FORMAT: Final = ds.ParquetFileFormat(
         dictionary_columns=[field.name for field in ROLLUP_SCHEMA if field.type == pa.string()]
     )
 )
+_TEXT_KEYS: Final = frozenset(field.name for field in ROLLUP_SCHEMA if field.type == pa.string())
 _ROLLUP_DTYPES: Final = {
-    **{name: _PANDAS_DTYPES[name] for name in ROLLUP_KEYS if name != "hour"},
+    **{name: _PANDAS_DTYPES[name] for name in ROLLUP_KEYS if name not in _TEXT_KEYS | {"hour"}},
     "hour": "datetime64[us, UTC]",
     "count": "int64",
     "first_time": "datetime64[us, UTC]",
@@ -158,7 +166,9 @@ class History:
             day, cloud = cast(tuple[pd.Timestamp, str], key)
             relative = Path(f"date={day:%Y-%m-%d}") / f"cloud={cloud}"
             part = _select_rows(table, np.asarray(positions))
-            path = _write_atomically(part, self.root / relative, run_id)
+            path = _write_atomically(
+                part, self.root / relative, run_id, row_group_size=_EVENTS_ROW_GROUP
+            )
             # The rollup file takes the events file's name, so the two stay twins even when
             # the run wrote this partition before and the name got a sequence number.
             rollup_part = _select_rows(rollup, np.asarray(rollup_groups[key]))
@@ -247,6 +257,10 @@ class History:
                 key columns are merged (:func:`detectors.base.project_rollup`). None returns
                 every column, one row per key and stored file.
 
+        Returns:
+            A frame whose text keys are pandas Categorical, with the stored dictionary indices
+            as codes. ``hour`` and the two times are UTC timestamps, ``count`` is int64.
+
         Raises:
             ValueError: ``columns`` names a column outside the rollup.
         """
@@ -283,7 +297,7 @@ class History:
         parts = [part for part in parts if len(part)]
         if not parts:
             return _empty_rollup()[selected]
-        frame = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
+        frame = parts[0] if len(parts) == 1 else _concat_rollups(parts)
         # The parts cover different hours, so with ``hour`` among the keys no row repeats.
         if columns is not None and len(parts) > 1 and "hour" not in selected:
             frame = project_rollup(frame, selected)
@@ -294,7 +308,7 @@ class History:
     ) -> pd.DataFrame:
         needed = [name for name in ROLLUP_KEYS if name != "hour"] + ["time"]
         rolled = rollup_events(self.events(since=start, until=end, columns=needed))
-        return project_rollup(rolled, selected)
+        return _categorical_keys(project_rollup(rolled, selected))
 
     def _stored_rollup(
         self, start: pd.Timestamp | None, end: pd.Timestamp | None, selected: list[str]
@@ -513,7 +527,8 @@ def _merge_rows(table: pa.Table, keys: list[str]) -> pa.Table:
         if name in names:
             inputs[name] = table.column(name)
             aggregations.append((name, function))
-    grouped = pa.table(inputs).group_by("group", use_threads=False).aggregate(aggregations)
+    hours = table.column("hour").cast(pa.int64()).to_numpy() if "hour" in keys else None
+    grouped = _aggregate(pa.table(inputs), aggregations, hours)
     if grouped.num_rows == rows:
         # Every row is its own group (the keys left out depend on the keys kept), so the
         # table is already merged.
@@ -525,6 +540,31 @@ def _merge_rows(table: pa.Table, keys: list[str]) -> pa.Table:
         if name in names:
             columns[name] = grouped.column(f"{name}_{function}")
     return pa.table([columns[name] for name in names], names=names)
+
+
+def _aggregate(
+    inputs: pa.Table, aggregations: list[tuple[str, str]], hours: np.ndarray | None
+) -> pa.Table:
+    """Group ``inputs`` by its ``group`` column and apply ``aggregations``.
+
+    When ``hours`` (the rows' hours, microseconds) is given because the hour is part of the
+    key, no group spans two UTC days. Rows in day order are then aggregated one day at a time:
+    a day's hash table stays small enough for the CPU caches. For the 30 days of
+    benchmarks/detect.py (4.5 million rows, 3.5 million groups) that took 0.26 s instead of
+    0.73 s. Groups still come in the order of their first rows.
+    """
+    if hours is not None and len(hours):
+        days = hours // (24 * _HOUR_US)
+        steps = np.diff(days)
+        if (steps >= 0).all():
+            cuts = [0, *(np.flatnonzero(steps) + 1).tolist(), len(days)]
+            return pa.concat_tables(
+                inputs.slice(begin, end - begin)
+                .group_by("group", use_threads=False)
+                .aggregate(aggregations)
+                for begin, end in itertools.pairwise(cuts)
+            )
+    return inputs.group_by("group", use_threads=False).aggregate(aggregations)
 
 
 def _order_by_first_row(grouped: pa.Table) -> pa.Table:
@@ -568,17 +608,12 @@ def _rollup_frame(table: pa.Table, selected: list[str]) -> pd.DataFrame:
     keys = [name for name in selected if name in ROLLUP_KEYS]
     if len(selected) < len(ROLLUP_COLUMNS) and keys:
         table = _merge_rows(table, keys)
-    # pandas 3.1 keeps Arrow-backed strings as large_string, so casting straight to it
-    # spares pandas a second copy of every string column.
-    table = pa.table(
-        [
-            column.cast(pa.large_string()) if pa.types.is_dictionary(column.type) else column
-            for column in table.columns
-        ],
-        names=table.column_names,
-    )
+    # Dictionary columns become pandas Categorical without copying a string: the codes are
+    # the dictionary indices.
     frame = table.to_pandas(types_mapper=_ARROW_TO_PANDAS.get)
-    frame = frame.astype({name: _ROLLUP_DTYPES[name] for name in selected})
+    frame = frame.astype(
+        {name: _ROLLUP_DTYPES[name] for name in selected if name in _ROLLUP_DTYPES}
+    )
     if not keys and len(frame) > 1:
         frame = project_rollup(frame, selected)
     return frame
@@ -605,8 +640,41 @@ def _rollup_table(events: pd.DataFrame) -> pa.Table:
 
 
 def _empty_rollup() -> pd.DataFrame:
-    table = ROLLUP_SCHEMA.empty_table()
+    table = _ROLLUP_DICTIONARY_SCHEMA.empty_table()
     return table.to_pandas(types_mapper=_ARROW_TO_PANDAS.get).astype(_ROLLUP_DTYPES)
+
+
+def _categorical_keys(frame: pd.DataFrame) -> pd.DataFrame:
+    """Return ``frame`` with its text key columns as pandas Categorical, as stored reads give.
+
+    The categories are built through Arrow, so their dtype matches that of stored reads and
+    :func:`_concat_rollups` can unite them.
+    """
+    converted = {
+        name: pa.array(frame[name], type=pa.string()).dictionary_encode().to_pandas()
+        for name in frame.columns
+        if name in _TEXT_KEYS and not isinstance(frame[name].dtype, pd.CategoricalDtype)
+    }
+    if not converted:
+        return frame
+    return frame.assign(
+        **{name: pd.Series(values, index=frame.index) for name, values in converted.items()}
+    )
+
+
+def _concat_rollups(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate rollup frames, uniting the categories of their text keys.
+
+    ``pd.concat`` would turn categorical columns with different categories into objects.
+    """
+    columns = {}
+    for name in parts[0].columns:
+        if name in _TEXT_KEYS:
+            united = union_categoricals([part[name] for part in parts], ignore_order=True)
+            columns[name] = pd.Series(united)
+        else:
+            columns[name] = pd.concat([part[name] for part in parts], ignore_index=True)
+    return pd.DataFrame(columns)
 
 
 def _check_run_id(run_id: str) -> None:
@@ -656,12 +724,18 @@ def _belongs_to_run(name: str, run_id: str) -> bool:
 
 
 def _write_atomically(
-    table: pa.Table, folder: Path, run_id: str, *, name: str | None = None
+    table: pa.Table,
+    folder: Path,
+    run_id: str,
+    *,
+    name: str | None = None,
+    row_group_size: int | None = None,
 ) -> Path:
     """Write ``table`` under a temporary name, fsync it and rename it to its final name.
 
     The final name is ``name`` when given (replacing a file of that name), else the first free
-    one of ``<run_id>.parquet``, ``<run_id>.1.parquet``, ...
+    one of ``<run_id>.parquet``, ``<run_id>.1.parquet``, ... ``row_group_size`` caps the rows
+    of a Parquet row group (None: pyarrow's default of about a million).
     """
     folder.mkdir(parents=True, exist_ok=True)
     if name is not None:
@@ -675,7 +749,7 @@ def _write_atomically(
     temporary = folder / f".{final.name}.tmp"
     try:
         with open(temporary, "wb") as handle:
-            pq.write_table(table, handle, compression="zstd")
+            pq.write_table(table, handle, compression="zstd", row_group_size=row_group_size)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, final)

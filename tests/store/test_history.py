@@ -348,7 +348,8 @@ def hourly_reads() -> pd.DataFrame:
 
 def sorted_rollup(frame: pd.DataFrame) -> pd.DataFrame:
     keys = [name for name in frame.columns if name not in ("count", "first_time", "last_time")]
-    ordered = frame.astype({name: object for name in keys if name != "hour"})
+    # Stored reads give categorical text keys, FrameHistory gives strings: compare as strings.
+    ordered = frame.astype({name: pd.StringDtype("pyarrow") for name in keys if name != "hour"})
     return ordered.sort_values(keys, kind="stable", na_position="first").reset_index(drop=True)
 
 
@@ -401,8 +402,42 @@ def test_rollup_columns_merge_runs(tmp_path: Path) -> None:
     assert alice["count"].tolist() == [2, 2, 2, 2, 2]
     assert alice["first_time"].dt.minute.tolist() == [10, 10, 10, 10, 10]
     assert str(per_hour["hour"].dtype) == "datetime64[us, UTC]"
-    assert str(per_hour["principal"].dtype) == "string"
+    assert str(per_hour["principal"].dtype) == "category"
     assert store.rollup(columns=["count"])["count"].tolist() == [15]
+
+
+@pytest.mark.parametrize(
+    ("since", "until"),
+    [
+        (None, None),
+        ("2024-05-01T22:15:00Z", "2024-05-02T01:15:00Z"),
+        ("2024-05-01T23:12:00Z", "2024-05-01T23:55:00Z"),
+    ],
+)
+def test_rollup_text_keys_are_categorical(
+    tmp_path: Path, since: str | None, until: str | None
+) -> None:
+    # Stored hours, hours cut by the bounds (rolled up from raw events) and both together
+    # give the same dtypes, so their categories unite instead of falling back to objects.
+    store = History(tmp_path / "history")
+    store.append(hourly_reads(), "run-1")
+    start = None if since is None else pd.Timestamp(since)
+    end = None if until is None else pd.Timestamp(until)
+
+    rolled = store.rollup(
+        since=start, until=end, columns=["hour", "principal", "resource", "count"]
+    )
+    empty = store.rollup(since=pd.Timestamp("2030-01-01T00:00:00Z"), columns=["principal", "count"])
+
+    assert [str(rolled[name].dtype) for name in rolled.columns] == [
+        "datetime64[us, UTC]",
+        "category",
+        "category",
+        "int64",
+    ]
+    assert sorted(rolled["principal"].unique().tolist()) == ["alice", "bob"]
+    assert str(empty["principal"].dtype) == "category"
+    assert len(empty) == 0
 
 
 def test_rollup_reads_only_partitions_in_range(tmp_path: Path) -> None:
@@ -653,3 +688,41 @@ def test_order_by_first_row_sorts_groups() -> None:
 
     assert _order_by_first_row(shuffled).equals(ordered)
     assert _order_by_first_row(ordered) is ordered
+
+
+@pytest.mark.parametrize("day_order", [True, False], ids=["days-in-order", "days-mixed"])
+def test_merge_rows_by_hour_keeps_first_row_order(day_order: bool) -> None:
+    # Rows in day order are merged one day at a time; mixed days take one hash aggregation.
+    # Either way the groups, their sums and their order of first rows are the same.
+    hours = ["2024-05-01T10", "2024-05-01T10", "2024-05-02T03", "2024-05-01T11", "2024-05-02T03"]
+    principals = ["alice", "alice", "bob", "alice", "bob"]
+    counts = [1, 2, 3, 4, 5]
+    if not day_order:
+        # The first bob row moves to the front.
+        hours, principals, counts = (
+            [column[2], *column[:2], *column[3:]] for column in (hours, principals, counts)
+        )
+    stamps = pa.array(pd.to_datetime(hours, utc=True).as_unit("us"), pa.timestamp("us", tz="UTC"))
+    table = pa.table(
+        {
+            "hour": stamps,
+            "principal": pa.array(principals).dictionary_encode(),
+            "count": pa.array(counts, pa.int64()),
+            "first_time": stamps,
+        }
+    )
+
+    merged = _merge_rows(table, ["hour", "principal"])
+
+    rows = list(
+        zip(
+            merged.column("hour").cast(pa.string()).to_pylist(),
+            merged.column("principal").cast(pa.string()).to_pylist(),
+            merged.column("count").to_pylist(),
+            strict=True,
+        )
+    )
+    alice_10 = ("2024-05-01 10:00:00.000000Z", "alice", 3)
+    alice_11 = ("2024-05-01 11:00:00.000000Z", "alice", 4)
+    bob = ("2024-05-02 03:00:00.000000Z", "bob", 8)
+    assert rows == ([alice_10, bob, alice_11] if day_order else [bob, alice_10, alice_11])
