@@ -43,6 +43,25 @@ _CLOUDS: Final = {
     ),
 }
 _COUNTRIES: Final = ("US", "DE", "IE", "JP", "IN", "BR", "GB", "FR")
+# User agents by cloud: workloads use SDKs, people a command line tool or the console.
+_AGENTS: Final = {
+    "aws": (
+        "Boto3/1.35.{n} md/Botocore#1.35.{n} ua/2.0 os/linux#5.10 md/arch#x86_64 lang/python#3.12.4",
+        "aws-sdk-go-v2/1.30.{n} os/linux lang/go#1.22.5 md/GOOS#linux md/GOARCH#amd64",
+        "aws-sdk-java/2.26.{n} Linux/5.10 OpenJDK_64-Bit_Server_VM/21.0.3 Java/21.0.3",
+        "aws-cli/2.17.{n} md/awscrt#0.20.11 ua/2.0 os/macos#23.5.0 md/arch#arm64 lang/python#3.11.9",
+    ),
+    "gcp": (
+        "grpc-python/1.64.{n} grpc-c/41.0.0 (linux; chttp2) gl-python/3.12.4 gapic/2.20.0",
+        "google-api-go-client/0.5 Terraform/1.8.{n} terraform-provider-google/5.36.0",
+        "google-cloud-sdk gcloud/482.0.{n} command/gcloud.secrets.versions.access",
+    ),
+    "azure": (
+        "azsdk-python-keyvault-secrets/4.8.{n} Python/3.12.4 (Linux-5.15-x86_64-with-glibc2.35)",
+        "azsdk-net-Security.KeyVault.Secrets/4.6.{n} (.NET 8.0.6; Ubuntu 22.04.4 LTS)",
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/126.0.0.{n}",
+    ),
+}
 _TYPES_BY_CLOUD: Final = {
     "aws": ("role", "federated"),
     "gcp": ("service_account", "user"),
@@ -101,6 +120,26 @@ class Population:
         self.secrets = {cloud: np.array(_secret_names(cloud), dtype=object) for cloud in clouds}
         # People work around 09:00-18:00 UTC, each with their own start hour.
         self.start_hour = rng.integers(6, 11, count)
+        # User agents come from a generator of their own, so adding them left every other
+        # column as it was. Each principal uses one or two agents of its cloud's list, each
+        # in one of four patch versions.
+        agents = np.random.default_rng(seed + 1)
+        self.agents = np.array(
+            [
+                template.format(n=version)
+                for cloud in clouds
+                for template in _AGENTS[cloud]
+                for version in range(4)
+            ],
+            dtype=object,
+        )
+        offsets = np.cumsum([0, *(len(_AGENTS[cloud]) * 4 for cloud in clouds)])
+        choices = np.array([len(_AGENTS[cloud]) * 4 for cloud in clouds])[self.cloud]
+        self.agent_first = offsets[self.cloud] + agents.integers(0, 1 << 20, count) % choices
+        self.agent_span = np.where(self.is_person, 2, 1)
+        self.agent_choices = choices
+        self.agent_offset = offsets[self.cloud]
+        self._agent_seed = seed + 2
 
     def events(self, start: pd.Timestamp, day: int, count: int) -> pd.DataFrame:
         """Return ``count`` events of day ``day`` after ``start``, as a typed events frame."""
@@ -127,6 +166,11 @@ class Population:
             + rng.integers(0, 1 << 20, count) % self.address_count[principal]
         )
         failed = rng.random(count) < _FAILURE_SHARE
+        pick = np.random.default_rng(self._agent_seed + day).integers(0, 2, count)
+        pick = pick % self.agent_span[principal]
+        agent = self.agent_offset[principal] + (
+            self.agent_first[principal] - self.agent_offset[principal] + pick
+        ) % self.agent_choices[principal]
         clouds = list(_CLOUDS)
 
         columns: dict[str, pa.Array] = {
@@ -147,6 +191,7 @@ class Population:
             "failure_reason": _strings(
                 failed.astype(np.int64), np.array([None, "denied"], dtype=object)
             ),
+            "user_agent": _strings(agent, self.agents),
             "source_kind": pa.array(np.full(count, "public", dtype=object), pa.string()),
             "action": pa.array(np.full(count, "read", dtype=object), pa.string()),
         }

@@ -99,9 +99,12 @@ ROLLUP_KEYS: Final = (
     "source_ip",
     "geo_country",
     "asn",
+    "user_agent",
 )
 """Key columns of the hourly rollup; ``hour`` is the event time floored to the hour (UTC).
-``invoked_by`` is a key so that :func:`detectors._common.read_mask` works on rollup rows."""
+``invoked_by`` is a key so that :func:`detectors._common.read_mask` works on rollup rows, and
+``user_agent`` so that a baseline of the agents a principal uses needs no raw events. A
+principal rarely changes agents within an hour, so the key adds few rows."""
 
 ROLLUP_VALUES: Final = ("count", "first_time", "last_time")
 """Value columns of the hourly rollup: rows, and the earliest and latest event time."""

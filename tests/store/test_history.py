@@ -15,6 +15,7 @@ import pytest
 from detectors.base import ROLLUP_COLUMNS, FrameHistory, HistoryView
 from pipeline.schema import ARROW_SCHEMA, COLUMNS, empty_events, events_from_rows
 from pipeline.store.history import (
+    ROLLUP_FORMAT,
     ROLLUP_SCHEMA,
     CappedHistoryView,
     History,
@@ -74,7 +75,7 @@ def history(tmp_path: Path, first_run: pd.DataFrame, second_run: pd.DataFrame) -
 
 
 def relative_files(root: Path) -> list[str]:
-    return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*.parquet"))
 
 
 def test_append_writes_one_file_per_partition(tmp_path: Path, first_run: pd.DataFrame) -> None:
@@ -726,3 +727,83 @@ def test_merge_rows_by_hour_keeps_first_row_order(day_order: bool) -> None:
     alice_11 = ("2024-05-01 11:00:00.000000Z", "alice", 4)
     bob = ("2024-05-02 03:00:00.000000Z", "bob", 8)
     assert rows == ([alice_10, bob, alice_11] if day_order else [bob, alice_10, alice_11])
+
+
+def agent_reads() -> pd.DataFrame:
+    """Return two reads by alice with different user agents, on two days."""
+    return events_from_rows(
+        [
+            row("u1", "2024-05-01T10:00:00Z", "aws", user_agent="aws-cli/2.17.1"),
+            row("u2", "2024-05-02T10:00:00Z", "aws", user_agent="Boto3/1.35.0"),
+        ]
+    )
+
+
+def downgrade_rollups(root: Path) -> None:
+    """Rewrite the rollup files as format 1 wrote them: no user_agent column, no marker."""
+    for path in (root / "rollup").rglob("*.parquet"):
+        table = pq.read_table(path)
+        pq.write_table(table.drop_columns(["user_agent"]), path)
+    (root / "rollup" / "FORMAT").unlink()
+
+
+def test_first_append_writes_rollup_format(tmp_path: Path) -> None:
+    store = History(tmp_path / "history")
+    store.append(agent_reads(), "run-1")
+
+    assert (store.root / "rollup" / "FORMAT").read_text(encoding="ascii") == f"{ROLLUP_FORMAT}\n"
+    assert ROLLUP_FORMAT == "2"
+
+
+def test_outdated_rollup_files_are_rebuilt_once(tmp_path: Path) -> None:
+    History(tmp_path / "history").append(agent_reads(), "run-1")
+    downgrade_rollups(tmp_path / "history")
+    store = History(tmp_path / "history")
+
+    agents = store.rollup(columns=["principal", "user_agent", "count"])
+
+    assert agents["user_agent"].astype(str).tolist() == ["aws-cli/2.17.1", "Boto3/1.35.0"]
+    assert agents["count"].tolist() == [1, 1]
+    rollup_files = sorted((store.root / "rollup").rglob("*.parquet"))
+    assert len(rollup_files) == 2
+    assert all("user_agent" in pq.read_schema(path).names for path in rollup_files)
+    assert (store.root / "rollup" / "FORMAT").read_text(encoding="ascii") == "2\n"
+
+
+def test_read_only_history_builds_outdated_rollups_in_memory(tmp_path: Path) -> None:
+    History(tmp_path / "history").append(agent_reads(), "run-1")
+    downgrade_rollups(tmp_path / "history")
+    store = History(tmp_path / "history", read_only=True)
+
+    agents = store.rollup(columns=["user_agent", "count"])
+
+    assert agents["user_agent"].astype(str).tolist() == ["aws-cli/2.17.1", "Boto3/1.35.0"]
+    rollup_files = sorted((store.root / "rollup").rglob("*.parquet"))
+    assert not any("user_agent" in pq.read_schema(path).names for path in rollup_files)
+    assert not (store.root / "rollup" / "FORMAT").exists()
+
+
+def test_rollup_unites_all_null_and_filled_text_keys(tmp_path: Path) -> None:
+    # The stored day has no user agent at all; the raw hour cut by ``until`` has one.
+    store = History(tmp_path / "history")
+    store.append(
+        events_from_rows(
+            [
+                row("n1", "2024-05-01T10:05:00Z", "aws"),
+                row("n2", "2024-05-02T11:05:00Z", "aws", user_agent="aws-cli/2.17.1"),
+            ]
+        ),
+        "run-1",
+    )
+
+    agents = store.rollup(
+        until=pd.Timestamp("2024-05-02T11:30:00Z"), columns=["hour", "user_agent", "count"]
+    )
+
+    assert str(agents["user_agent"].dtype) == "category"
+    assert agents["user_agent"].astype(object).where(
+        agents["user_agent"].notna(), None
+    ).tolist() == [
+        None,
+        "aws-cli/2.17.1",
+    ]
