@@ -178,6 +178,7 @@ class OffHoursParams(DetectorParams):
     neighbour_weight: float = Field(default=0.5, ge=0, le=1)
     same_hour_weight: float = Field(default=0.5, ge=0, le=1)
     min_support: float = Field(default=1.0, gt=0)
+    slack_hours: int = Field(default=1, ge=0, le=12)
 
     _timezone = field_validator("timezone")(_check_timezone)
     _country = field_validator("holidays_country")(_check_country)
@@ -254,8 +255,14 @@ class OffHoursDetector(Detector):
       ``same_hour_weight`` times the sum of the counts of the same hour on the other days of
       the same kind (business days or not), because people keep similar hours on every
       working day. A read whose support is below ``min_support`` is flagged, inside business
-      hours too, and so is a read on a public holiday of ``holidays_country``. Principals with fewer than ``min_learning_days`` days of reads are not judged and
-      are counted in ``report_["skipped_no_history"]``.
+      hours too, and so is a read on a public holiday of ``holidays_country``. Inside
+      business hours (on a business day that is not a holiday) a read takes the highest
+      support of the hours within ``slack_hours`` of its own, so it is flagged only when no
+      hour that close reaches ``min_support``. The pattern counts whole clock hours, and
+      without the slack a read at 17:39 by someone who sometimes reads until 16:57 is judged
+      by the 17:00 hour alone. Outside business hours only the read's own hour counts.
+      Principals with fewer than ``min_learning_days`` days of reads are not judged and are
+      counted in ``report_["skipped_no_history"]``.
     * ``both`` (default): learned where the principal has ``min_learning_days``, the schedule
       otherwise. A night-shift engineer who reads at 02:00 every day is then quiet.
 
@@ -264,7 +271,7 @@ class OffHoursDetector(Detector):
     ``overrides``, ``account_overrides``, ``min_reads``, ``baseline_days`` (30),
     ``habit_days`` (4), ``high_distinct_secrets`` (5), ``baseline`` (both), ``learning_days``
     (28), ``min_learning_days`` (10), ``neighbour_weight`` (0.5), ``same_hour_weight`` (0.5),
-    ``min_support`` (1.0).
+    ``min_support`` (1.0), ``slack_hours`` (1; 0 judges every read at its own hour).
 
     Severity against the schedule is medium. It is high when the principal had no off-hours
     day in the baseline and read at least ``high_distinct_secrets`` distinct secrets, and low
@@ -620,10 +627,12 @@ def usual_hours_span(histograms: np.ndarray, share: float = _USUAL_SHARE) -> lis
 def _learned_support(
     reads: pd.DataFrame, profiles: list[_Profile], params: OffHoursParams
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return the learned support of each read's hour of the week, and the active days.
+    """Return the learned support of each read, and the active days.
 
     Both count the ``learning_days`` local days before the read's own day (see
-    :class:`OffHoursDetector`). History rows get 0 and 0: they are never judged.
+    :class:`OffHoursDetector`). A read inside business hours whose own hour is below
+    ``min_support`` gets the highest support of the hours within ``slack_hours``. History
+    rows get 0 and 0: they are never judged.
     """
     size = len(reads)
     support = np.zeros(size)
@@ -653,42 +662,83 @@ def _learned_support(
     learned = prefix[last] - prefix[first]
     active[window_rows] = (last - first)[query_row]
 
-    hour = reads["local_hour"].to_numpy(np.int64)[window_rows]
-    weekday = reads["weekday"].to_numpy(np.int64)[window_rows]
-    slot = hour_of_week[window_rows]
-    seen = learned[query_row, slot]
-    neighbours = learned[query_row, (slot - 1) % 168] + learned[query_row, (slot + 1) % 168]
     business = np.array(
         [[day in profile.weekday_numbers for day in range(7)] for profile in profiles]
     )
     kinds = business[reads["profile"].to_numpy(np.int64)[window_rows]]
-    same_kind = kinds == kinds[np.arange(len(kinds)), weekday][:, None]
-    same_kind[np.arange(len(kinds)), weekday] = False
+    slot = hour_of_week[window_rows]
+    window_support = _slot_support(learned, query_row, slot, kinds, params)
+
+    # The slack can only change the verdict of reads below min_support inside business hours,
+    # so only those are scored again, once per hour of offset.
+    inside_hours = ~reads["off"].to_numpy(dtype=bool)[window_rows]
+    candidates = np.flatnonzero(inside_hours & (window_support < params.min_support))
+    if params.slack_hours and candidates.size:
+        nearby = window_support[candidates]
+        for offset in range(1, params.slack_hours + 1):
+            for shifted in (slot[candidates] - offset, slot[candidates] + offset):
+                shifted_support = _slot_support(
+                    learned, query_row[candidates], shifted % 168, kinds[candidates], params
+                )
+                nearby = np.maximum(nearby, shifted_support)
+        window_support[candidates] = nearby
+    support[window_rows] = window_support
+    return support, active
+
+
+def _slot_support(
+    learned: np.ndarray,
+    query_row: np.ndarray,
+    slot: np.ndarray,
+    kinds: np.ndarray,
+    params: OffHoursParams,
+) -> np.ndarray:
+    """Return the support of each hour of the week in ``slot`` (0 is Monday 00:00).
+
+    ``learned`` contains one row of 168 day counts per query and ``query_row`` picks each slot's
+    row. ``kinds`` marks, per slot, which weekdays are business days in its schedule.
+    """
+    hour = slot % 24
+    weekday = slot // 24
+    positions = np.arange(len(slot))
+    seen = learned[query_row, slot]
+    neighbours = learned[query_row, (slot - 1) % 168] + learned[query_row, (slot + 1) % 168]
+    same_kind = kinds == kinds[positions, weekday][:, None]
+    same_kind[positions, weekday] = False
     slots = np.arange(7)[None, :] * 24 + hour[:, None]
     rows = query_row[:, None]
     same_hour = learned[rows, slots] + params.neighbour_weight * (
         learned[rows, (slots - 1) % 168] + learned[rows, (slots + 1) % 168]
     )
     other_days = (same_hour * same_kind).sum(axis=1)
-    support[window_rows] = (
-        seen + params.neighbour_weight * neighbours + params.same_hour_weight * other_days
+    return np.asarray(
+        seen + params.neighbour_weight * neighbours + params.same_hour_weight * other_days,
+        dtype=np.float64,
     )
-    return support, active
 
 
 def _finding_rows(days: pd.DataFrame, params: OffHoursParams) -> list[dict[str, Any]]:
     baseline_days = params.baseline_days
     rows = []
     for day in iter_rows(days):
-        usual = f"usual {day.usual_hours}" if day.usual_hours else "no reads"
+        # A day without earlier reads has a missing span, which pandas may hold as NaN.
+        usual_hours = day.usual_hours if isinstance(day.usual_hours, str) else None
+        usual = f"usual {usual_hours}" if usual_hours else "no reads"
         summary = f"{baseline_days}-day: {day.prior_off_days} off-hours days; {usual}"
         learned = day.mode == "learned"
         if learned:
             # A holiday read fires even at a usual hour, so the text names the comparison.
             compared = "below" if day.support < params.min_support else "not below"
+            # Every flagged read of a day without an office-hours verdict was inside business
+            # hours, so its support is the best of the hours within slack_hours.
+            nearby = (
+                f" at best within {params.slack_hours} h"
+                if params.slack_hours and not day.office_off
+                else ""
+            )
             summary = (
                 f"{params.learning_days}-day pattern: reads on {day.active_days} days, {usual}; "
-                f"{', '.join(day.hours_of_week)} had support {day.support:.2f} "
+                f"{', '.join(day.hours_of_week)} had support {day.support:.2f}{nearby} "
                 f"({compared} {params.min_support:g})"
             )
         local_date: date = day.local_date
@@ -729,7 +779,7 @@ def _finding_rows(days: pd.DataFrame, params: OffHoursParams) -> list[dict[str, 
                     "days": baseline_days,
                     "off_hours_days": int(day.prior_off_days),
                     "reads": int(day.prior_reads),
-                    "usual_hours": day.usual_hours,
+                    "usual_hours": usual_hours,
                     "learning_days": params.learning_days,
                     "active_days": int(day.active_days),
                     "support": round(float(day.support), 2) if learned else None,

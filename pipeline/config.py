@@ -106,6 +106,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
             "neighbour_weight": 0.5,
             "same_hour_weight": 0.5,
             "min_support": 1.0,
+            "slack_hours": 1,
             "overrides": [
                 {
                     "match": "maria.lopez@example.com",

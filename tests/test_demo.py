@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LABELS = ROOT / "sample_logs" / "labels.json"
 ISOLATION_FOREST = "keytrail.isolation_forest"
 # detector -> (true positives, false positives, false negatives, expected, allowed), measured.
-# The off_hours false positives are two routine reads at the edge of people's learned hours.
 # The isolation forest flags the takeover and the failure burst, whose labels allow it.
 SCORES = {
     "keytrail.cross_cloud": (1, 0, 0, 0, 0),
@@ -33,7 +32,7 @@ SCORES = {
     "keytrail.isolation_forest": (2, 0, 0, 0, 0),
     "keytrail.mass_retrieval": (2, 0, 0, 0, 0),
     "keytrail.new_country": (2, 0, 0, 0, 0),
-    "keytrail.off_hours": (4, 2, 0, 10, 0),
+    "keytrail.off_hours": (4, 0, 0, 10, 0),
     "keytrail.risk": (1, 0, 0, 0, 0),
     "keytrail.volume_spike": (1, 0, 0, 0, 1),
 }

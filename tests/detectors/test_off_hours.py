@@ -173,6 +173,11 @@ def test_backfill_baseline_sees_earlier_window_days(make_events: Build) -> None:
     window = [aws_read("2024-06-11T00:00:00Z"), aws_read("2024-06-12T00:00:00Z")]
     findings = detect(make_events, window, **BERLIN).sort_values("first_seen")
     assert [b["off_hours_days"] for b in findings["baseline"]] == [0, 1]
+    assert [b["summary"] for b in findings["baseline"]] == [
+        "30-day: 0 off-hours days; no reads",
+        "30-day: 1 off-hours days; usual 02:00-03:00",
+    ]
+    assert [b["usual_hours"] for b in findings["baseline"]] == [None, "02:00-03:00"]
 
 
 def test_history_older_than_baseline_is_ignored(make_events: Build) -> None:
@@ -257,6 +262,8 @@ def test_parse_business_hours(text: str, expected: tuple[int, int] | None) -> No
         ({"holidays_country": "XX"}, ("holidays_country",), "no calendar for country 'XX'"),
         ({"principal_types": ["robot"]}, ("principal_types",), "unknown principal types"),
         ({"min_reads": 0}, ("min_reads",), "greater than or equal to 1"),
+        ({"slack_hours": -1}, ("slack_hours",), "greater than or equal to 0"),
+        ({"slack_hours": 13}, ("slack_hours",), "less than or equal to 12"),
         (
             {"overrides": [{"match": "a*", "timezone": "Nowhere/City"}]},
             ("overrides", 0, "timezone"),
@@ -344,7 +351,8 @@ def test_read_outside_learned_hours_fires_low(make_events: Build) -> None:
     assert baseline["support"] == 0.0
     assert baseline["usual_hours"] == "09:00-10:00"
     assert baseline["summary"] == (
-        "28-day pattern: reads on 17 days, usual 09:00-10:00; Wed 16:00 had support 0.00 (below 1)"
+        "28-day pattern: reads on 17 days, usual 09:00-10:00; "
+        "Wed 16:00 had support 0.00 at best within 1 h (below 1)"
     )
 
 
@@ -380,6 +388,74 @@ def test_same_hour_other_weekday_is_usual(make_events: Build) -> None:
     strict = detect(make_events, window, history, min_learning_days=8, min_support=4.5, **BERLIN)
     assert strict["baseline"].iloc[0]["support"] == 4.0
     assert strict["baseline"].iloc[0]["active_days"] == 8
+
+
+def working_day_history(late_hour_utc: int) -> list[dict[str, Any]]:
+    """Return reads at 09:00 Berlin on 17 weekdays, plus one on 2024-06-17 and 2024-06-18.
+
+    The two extra reads are at ``late_hour_utc``:20 UTC (Berlin is UTC+2 in June), the late
+    end of a working day that the learned hours see on those two days only.
+    """
+    mornings = [
+        aws_read(day + pd.Timedelta(hours=7))
+        for day in weekdays_between("2024-06-03", "2024-06-25")
+    ]
+    late = [
+        aws_read(pd.Timestamp(f"{day}T{late_hour_utc:02d}:20:00Z"))
+        for day in ("2024-06-17", "2024-06-18")
+    ]
+    return mornings + late
+
+
+def test_read_an_hour_past_learned_hours_is_quiet(make_events: Build) -> None:
+    # Late reads at 16:20 Berlin on a Monday and a Tuesday, then Wednesday 17:40 in the next
+    # hour. Its own hour has support 0.5 * 0.5 * (1 + 1) = 0.5 and the 16:00 hour 0.5 * 2 = 1.0.
+    history = working_day_history(late_hour_utc=14)
+    window = [aws_read("2024-06-26T15:40:00Z")]
+    assert detect(make_events, window, history, **BERLIN).empty
+
+    strict = detect(make_events, window, history, slack_hours=0, **BERLIN)
+    assert strict["evidence"].iloc[0]["hours_of_week"] == ["Wed 17:00"]
+    assert strict["baseline"].iloc[0]["support"] == 0.5
+    assert strict["baseline"].iloc[0]["summary"] == (
+        "28-day pattern: reads on 17 days, usual 09:00-17:00; Wed 17:00 had support 0.50 (below 1)"
+    )
+
+
+def test_read_two_hours_past_learned_hours_fires(make_events: Build) -> None:
+    # The same late reads at 16:20 Berlin. Wednesday 18:40 is still inside business hours, but
+    # the best hour within one hour of it is 17:00 with support 0.5.
+    history = working_day_history(late_hour_utc=14)
+    findings = detect(make_events, [aws_read("2024-06-26T16:40:00Z")], history, **BERLIN)
+    assert len(findings) == 1
+    finding = findings.iloc[0]
+    assert finding["severity"] == "low"
+    assert finding["evidence"]["reasons"] == ["outside usual hours"]
+    assert finding["evidence"]["local_times"] == ["18:40"]
+    assert finding["baseline"]["support"] == 0.5
+    assert finding["baseline"]["summary"] == (
+        "28-day pattern: reads on 17 days, usual 09:00-17:00; "
+        "Wed 18:00 had support 0.50 at best within 1 h (below 1)"
+    )
+
+
+def test_slack_skips_reads_outside_business_hours(make_events: Build) -> None:
+    # Late reads at 18:20 Berlin on a Monday and a Tuesday support 18:00 with 1.0, but Wednesday
+    # 19:40 is after business hours (08:00-19:00), so only its own hour counts: 0.5. With
+    # business hours until 20:00 the read is inside them and the 18:00 hour keeps it quiet.
+    history = working_day_history(late_hour_utc=16)
+    window = [aws_read("2024-06-26T17:40:00Z")]
+    assert detect(make_events, window, history, business_hours="08:00-20:00", **BERLIN).empty
+
+    findings = detect(make_events, window, history, **BERLIN)
+    assert len(findings) == 1
+    finding = findings.iloc[0]
+    assert finding["severity"] == "medium"
+    assert finding["evidence"]["hours_of_week"] == ["Wed 19:00"]
+    assert finding["baseline"]["support"] == 0.5
+    assert finding["baseline"]["summary"] == (
+        "28-day pattern: reads on 17 days, usual 09:00-19:00; Wed 19:00 had support 0.50 (below 1)"
+    )
 
 
 def test_weekend_hour_not_learned_from_weekdays(make_events: Build) -> None:
