@@ -15,7 +15,7 @@ import logging
 import pickle
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any, ClassVar, Final, Literal, Self
+from typing import Any, ClassVar, Final, Literal, NamedTuple, Self
 
 import numpy as np
 import pandas as pd
@@ -147,57 +147,149 @@ def principal_hours(
         One row per principal and hour with ``principal``, ``hour``, ``events`` (rows of any
         action) and every feature of :data:`FEATURES`, sorted by principal and hour.
     """
+    table = _hour_table(rollup, known_pairs)
+    features = table.features
+    features.insert(0, "principal", table.names[table.principal])
+    return features
+
+
+class _HourTable(NamedTuple):
+    """The principal-hours of a rollup, with each row's principal as an integer code."""
+
+    features: pd.DataFrame
+    """``hour``, ``events`` and every feature of :data:`FEATURES`, one row per principal-hour."""
+    principal: np.ndarray
+    """Each row's principal, as a position in ``names``."""
+    names: np.ndarray
+    """The principals (object array), in the order in which the rows are sorted."""
+
+
+def _hour_table(rollup: pd.DataFrame, known_pairs: set[tuple[str, str]] | None) -> _HourTable:
+    """Compute :func:`principal_hours` without spelling out each row's principal name.
+
+    Rows are sorted by principal in the order of ``pd.factorize(..., sort=True)``: by name for
+    string columns, by category order for a Categorical (the order of the store's dictionary).
+    """
     rows = rollup[rollup["principal"].notna().to_numpy(dtype=bool)]
-    columns = ["principal", "hour", "events", *FEATURES]
+    columns = ["hour", "events", *FEATURES]
     if rows.empty:
-        return pd.DataFrame({name: pd.Series([], dtype=float) for name in columns}).astype(
-            {"principal": object, "hour": "datetime64[us, UTC]", "events": "int64"}
+        empty = pd.DataFrame({name: pd.Series([], dtype=float) for name in columns}).astype(
+            {"hour": "datetime64[us, UTC]", "events": "int64"}
         )
-    principal_code, principals = pd.factorize(rows["principal"], sort=True)
+        return _HourTable(empty, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object))
+    principal_code, principals = _codes(rows["principal"])
     hour = _hour_numbers(rows["hour"])
     hour_code, hours = pd.factorize(hour, sort=True)
-    # Integer keys sort like (principal, hour), and factorizing them is fast.
-    group, keys = pd.factorize(principal_code.astype(np.int64) * len(hours) + hour_code, sort=True)
+    # Integer keys sort like (principal, hour).
+    group, keys = _sorted_codes(
+        principal_code.astype(np.int64) * len(hours) + hour_code, len(principals) * len(hours)
+    )
     size = len(keys)
     count = rows["count"].to_numpy(np.int64)
     is_read = read_mask(rows).to_numpy(dtype=bool)
-    is_failure = (rows["outcome"].astype(object) == "failure").fillna(False).to_numpy(dtype=bool)
+    is_failure = (rows["outcome"] == "failure").fillna(False).to_numpy(dtype=bool)
+    resource_code, resources = _codes(rows["resource"])
 
     features = pd.DataFrame(
-        {
-            "principal": np.asarray(principals, dtype=object)[keys // len(hours)],
-            "hour": pd.to_datetime(hours[keys % len(hours)], unit="us", utc=True).as_unit("us"),
-        }
+        {"hour": pd.to_datetime(hours[keys % len(hours)], unit="us", utc=True).as_unit("us")}
     )
     features["events"] = np.bincount(group, weights=count, minlength=size).astype(np.int64)
-    features["reads"] = np.bincount(group, weights=count * is_read, minlength=size)
-    features["failures"] = np.bincount(group, weights=count * is_failure, minlength=size)
-    resource_code = pd.factorize(rows["resource"])[0]
+    reads = np.bincount(group, weights=count * is_read, minlength=size)
+    features["reads"] = reads
     features["distinct_secrets"] = _distinct_counts(
         group, np.where(is_read, resource_code, -1), size
     )
-    features["distinct_ips"] = _distinct_counts(group, pd.factorize(rows["source_ip"])[0], size)
-    features["countries"] = _distinct_counts(group, pd.factorize(rows["geo_country"])[0], size)
+    # Failures and new secrets are rare, so summing only their rows is faster and as exact.
+    features["failures"] = np.bincount(group[is_failure], weights=count[is_failure], minlength=size)
+    for name, column in (("distinct_ips", "source_ip"), ("countries", "geo_country")):
+        features[name] = _distinct_counts(group, _codes(rows[column])[0], size)
     features["asns"] = _distinct_counts(group, pd.factorize(rows["asn"])[0], size)
 
-    new = _new_secret_reads(rows, principal_code, hour, is_read, known_pairs)
-    new_reads = np.bincount(group, weights=count * new, minlength=size)
-    reads = features["reads"].to_numpy()
+    # ``keys`` is sorted, so the first key of each principal contains its first hour.
+    key_principal = keys // len(hours)
+    first = np.flatnonzero(np.diff(key_principal, prepend=-1))
+    first_hour = np.zeros(len(principals), dtype=np.int64)
+    first_hour[key_principal[first]] = hours[keys[first] % len(hours)]
+    new = _new_secret_reads(
+        (principal_code, principals),
+        (resource_code, resources),
+        hour,
+        first_hour[principal_code],
+        is_read,
+        known_pairs,
+    )
+    new_reads = np.bincount(group[new], weights=count[new], minlength=size)
     features["new_secret_share"] = np.divide(new_reads, reads, out=np.zeros(size), where=reads > 0)
-    hour_index = features["hour"]
-    hour_of_week = (hour_index.dt.day_of_week * 24 + hour_index.dt.hour).to_numpy(np.float64)
+    # The hour of the week is computed for the few hundred distinct hours and then spread to
+    # the rows. The ``.dt`` fields of ~0.6M zone-aware times take ~12 ms.
+    when = pd.DatetimeIndex(pd.to_datetime(hours, unit="us", utc=True))
+    hour_of_week = (when.day_of_week * 24 + when.hour).to_numpy(np.float64)[keys % len(hours)]
     angle = 2 * np.pi * hour_of_week / 168
     features["hour_sin"] = np.sin(angle)
     features["hour_cos"] = np.cos(angle)
-    return features[columns]
+    return _HourTable(features, key_principal, np.asarray(principals, dtype=object))
+
+
+def _codes(values: pd.Series) -> tuple[np.ndarray, pd.Index]:
+    """Return integer codes of ``values`` (-1 for null) and the value of each code.
+
+    The codes count up in the order of the sorted values, as ``pd.factorize(values,
+    sort=True)`` numbers strings. A Categorical's own codes are renumbered through its (few)
+    categories instead of factorizing its rows again, which saves ~9 ms per 2M rows. They may
+    also number categories that no row has. Numbering by value, not by category order, makes a
+    rollup of the Parquet history (categorical) fit the same forest as one of strings.
+    """
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        categories = pd.Index(values.cat.categories)
+        codes = values.cat.codes.to_numpy()
+        if categories.is_monotonic_increasing:
+            return codes, categories
+        order = categories.argsort()
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        return np.where(codes >= 0, rank[codes], -1), categories[order]
+    codes, uniques = pd.factorize(values, sort=True)
+    return codes, pd.Index(uniques)
+
+
+def _sorted_codes(keys: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return the codes and sorted uniques of int64 ``keys`` in ``[0, bound)``, as factorize does.
+
+    The result equals ``pd.factorize(keys, sort=True)``. When ``bound`` is at most a few times
+    the number of keys (principals times hours, for example), a table of ``bound`` flags ranks
+    the keys. That took ~6 ms for 2M keys, where factorize took ~30 ms.
+    """
+    if bound > 4 * len(keys) + 1024:
+        codes, uniques = pd.factorize(keys, sort=True)
+        return codes, np.asarray(uniques, dtype=np.int64)
+    seen = np.zeros(bound, dtype=bool)
+    seen[keys] = True
+    rank = np.cumsum(seen) - 1
+    return rank[keys], np.flatnonzero(seen)
 
 
 def _distinct_counts(group: np.ndarray, codes: np.ndarray, size: int) -> np.ndarray:
-    """Count the distinct non-negative ``codes`` (factorized values, -1 for null) per group."""
-    present = codes >= 0
-    width = int(codes.max()) + 1 if present.any() else 1
-    pairs = pd.unique(group[present].astype(np.int64) * width + codes[present])
-    return np.bincount(pairs // width, minlength=size).astype(np.float64)
+    """Count the distinct non-negative ``codes`` (-1 for null) of each group in ``range(size)``."""
+    if len(codes) == 0:
+        return np.zeros(size)
+    # One key per row: the group number in the high bits and code + 1 in the low ones. In
+    # sorted order, a key that differs from the one before it is a new (group, code) pair.
+    # Sorting 2M keys takes ~20 ms as int64 and ~14 ms as 32-bit integers, while hashing
+    # them with pd.unique takes ~30 ms.
+    bits = (int(codes.max()) + 1).bit_length()
+    keys = group.astype(np.int64) << bits
+    keys += codes
+    keys += 1
+    if size << bits <= 2**32:
+        keys = keys.astype(np.uint32)
+    keys.sort()
+    new = np.empty(len(keys), dtype=bool)
+    new[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=new[1:])
+    counts = np.bincount(keys[new] >> bits, minlength=size)
+    # The null code was counted as one value in each group that has it.
+    counts -= np.bincount(group[codes < 0], minlength=size) > 0
+    return counts.astype(np.float64)
 
 
 def _hour_numbers(hours: pd.Series) -> np.ndarray:
@@ -206,39 +298,47 @@ def _hour_numbers(hours: pd.Series) -> np.ndarray:
 
 
 def _new_secret_reads(
-    rows: pd.DataFrame,
-    principal_code: np.ndarray,
+    principal: tuple[np.ndarray, pd.Index],
+    resource: tuple[np.ndarray, pd.Index],
     hour: np.ndarray,
+    principal_start: np.ndarray,
     is_read: np.ndarray,
     known_pairs: set[tuple[str, str]] | None,
 ) -> np.ndarray:
-    """Return 1.0 for read rows of a (principal, secret) pair in its first hour, else 0.0."""
-    resource_code, resources = pd.factorize(rows["resource"])
-    pair_code, pair_keys = pd.factorize(
-        principal_code.astype(np.int64) * (len(resources) + 1) + resource_code
-    )
-    read_hours = pd.Series(np.where(is_read, hour, np.iinfo(np.int64).max))
-    first_hour = read_hours.groupby(pair_code).transform("min").to_numpy()
-    new = is_read & (hour == first_hour) & (resource_code >= 0)
+    """Return True for read rows of a (principal, secret) pair in its first hour.
+
+    ``principal`` and ``resource`` are the codes and values from :func:`_codes`. ``hour`` is
+    each row's hour and ``principal_start`` the first hour of the row's principal.
+    """
+    principal_code, principals = principal
+    resource_code, resources = resource
+    width = len(resources) + 1
+    pair_code, pair_keys = pd.factorize(principal_code.astype(np.int64) * width + resource_code + 1)
+    # Pairs are few (~7K in the 2M rows of the benchmark's rollup), so a minimum per pair
+    # through ``np.minimum.at`` takes ~4 ms, where a groupby transform takes ~50 ms.
+    first_hour = np.full(len(pair_keys), np.iinfo(np.int64).max)
+    np.minimum.at(first_hour, pair_code[is_read], hour[is_read])
+    new = is_read & (hour == first_hour[pair_code]) & (resource_code >= 0)
     if known_pairs is None:
         # In the history every pair has a first hour. Pairs first read on the principal's
         # first day were most likely read before the history starts, so they are not new.
-        first_of_principal = pd.Series(hour).groupby(principal_code).transform("min").to_numpy()
-        new &= hour >= first_of_principal + _DAY_US
+        new &= hour >= principal_start + _DAY_US
     elif known_pairs:
-        # One set lookup per distinct pair, not per row.
-        principals = np.asarray(rows["principal"].astype(object))
-        first_row = pd.Series(np.arange(len(rows))).groupby(pair_code).first().to_numpy()
-        resource_names = np.asarray(rows["resource"].astype(object))
+        # One set lookup per distinct pair, not per row. A pair without a secret is unknown.
+        pair_principal = np.asarray(principals, dtype=object)[pair_keys // width]
+        pair_resource = pair_keys % width - 1
+        resource_names = np.asarray(resources, dtype=object)
         known = np.array(
             [
-                (principals[row], resource_names[row]) in known_pairs
-                for row in first_row[: len(pair_keys)]
+                secret >= 0 and (name, resource_names[secret]) in known_pairs
+                for name, secret in zip(
+                    pair_principal.tolist(), pair_resource.tolist(), strict=True
+                )
             ],
             dtype=bool,
         )
         new &= ~known[pair_code]
-    return new.astype(np.float64)
+    return new
 
 
 @register
@@ -303,32 +403,42 @@ class IsolationForestDetector(StatisticalDetector):
         """Fit on ``rollup``, the hourly rollup of the events in ``[now - lookback, now)``."""
         params = self.params
         rollup = self._keep_types(rollup)
-        hours = principal_hours(rollup)
+        table = _hour_table(rollup, None)
         names = list(params.features)
-        counts = hours.groupby("principal", sort=True).size()
-        eligible = counts[counts >= params.min_history_hours]
-        self.principals_ = {str(name): index for index, name in enumerate(eligible.index)}
-        self.history_hours_ = eligible.to_numpy(np.int64)
+        active = np.bincount(table.principal, minlength=len(table.names))
+        # The principals with enough active hours, numbered in name order.
+        eligible = np.flatnonzero(active >= params.min_history_hours)
+        eligible = eligible[np.argsort(table.names[eligible], kind="stable")]
+        self.principals_ = {str(table.names[code]): index for index, code in enumerate(eligible)}
+        self.history_hours_ = active[eligible].astype(np.int64)
         self.known_pairs_ = _read_pairs(rollup)
         self.fitted_through_ = pd.Timestamp(now)
 
-        hours = hours[hours["principal"].isin(self.principals_).to_numpy(dtype=bool)]
-        if hours.empty:
+        # Each principal-hour's principal as its number in principals_, -1 if not eligible.
+        number = np.full(len(table.names), -1, dtype=np.int64)
+        number[eligible] = np.arange(len(eligible))
+        codes = number[table.principal]
+        keep = codes >= 0
+        if not keep.any():
             self.medians_ = np.zeros((0, len(names)))
             self.scales_ = np.zeros((0, len(names)))
             self.model_ = None
             self.fitted_vectors_ = 0
             logger.info("%s: no principal has %s active hours", self.id, params.min_history_hours)
             return self
-        values = _transform(hours, names)
-        codes = hours["principal"].map(self.principals_).to_numpy(np.int64)
+        values = _transform(table.features, names)
+        if not keep.all():
+            values, codes = values[keep], codes[keep]
         self.medians_, self.scales_ = _robust_scales(values, codes, len(self.principals_), names)
-        z = (values - self.medians_[codes]) / self.scales_[codes]
-        if len(z) > params.max_fit_vectors:
+        # Only the vectors the forest learns from need z-scores: a few of ~0.6M.
+        fit_rows = np.arange(len(values))
+        if len(values) > params.max_fit_vectors:
             pick = np.random.default_rng(params.random_state).choice(
-                len(z), params.max_fit_vectors, replace=False
+                len(values), params.max_fit_vectors, replace=False
             )
-            z = z[np.sort(pick)]
+            fit_rows = np.sort(pick)
+        fit_codes = codes[fit_rows]
+        z = (values[fit_rows] - self.medians_[fit_codes]) / self.scales_[fit_codes]
         # A forest can only split a feature that varies in its training vectors, and most
         # features of a steady principal sit at z = 0. Gaussian noise of scale ``jitter`` gives
         # every feature a spread, so a value far outside it is isolated quickly.
@@ -434,7 +544,7 @@ class IsolationForestDetector(StatisticalDetector):
         self.ensure_fitted(history, starts[0])
 
         events = self._keep_types(window)
-        rollup = project_rollup(rollup_events(events), list(_ROLLUP_COLUMNS))
+        rollup = _rollup(events)
         days = rollup["hour"].dt.floor("D")
         earlier = _EarlierRollup(history, starts[0], self.lookback)
         # pipeline.engine stores the state after detect, so the last day's fit is kept.
@@ -475,14 +585,18 @@ class IsolationForestDetector(StatisticalDetector):
         params = self.params
         names = list(params.features)
         z, _ = self._z_scores(hours)
-        samples = self.model_.score_samples(z)
-        # The same cut as IsolationForest.predict, without scoring twice.
-        flagged = samples < self.model_.offset_
         upward = np.array([name not in ("hour_sin", "hour_cos") for name in names])
         pushed = np.where(upward, z, np.abs(z))
         strong = pushed.max(axis=1) >= params.min_feature_z
         enough = hours["events"].to_numpy() >= params.min_events
-        fire = flagged & strong & enough
+        # Only the hours that are strong and busy enough can fire, so only they are scored.
+        # A vector's score does not depend on the others scored with it. Scoring ~40K took ~0.1 s.
+        candidates = np.flatnonzero(strong & enough)
+        samples = np.full(len(hours), np.nan)
+        if len(candidates):
+            samples[candidates] = self.model_.score_samples(z[candidates])
+        # The same cut as IsolationForest.predict. A NaN (not scored) is never below it.
+        fire = samples < self.model_.offset_
 
         chosen = hours[fire].reset_index(drop=True)
         chosen["score"] = -samples[fire]
@@ -580,7 +694,7 @@ class _EarlierRollup:
             def window_hour(first: pd.Timestamp, end: pd.Timestamp) -> pd.DataFrame:
                 times = events["time"]
                 inside = ((times >= first) & (times < end)).to_numpy(dtype=bool)
-                return project_rollup(rollup_events(events[inside]), columns)
+                return _rollup(events[inside])
 
             parts = _rollup_since(window_rollup, since, window_hour)
         parts = [part for part in parts if len(part)]
@@ -601,12 +715,28 @@ class _EarlierRollup:
         return _rollup_since(self._stored, since, stored_hour)
 
 
+def _rollup(events: pd.DataFrame) -> pd.DataFrame:
+    """Return the hourly rollup of ``events`` with the columns of ``_ROLLUP_COLUMNS``.
+
+    The rows and their order are those of ``project_rollup(rollup_events(events), ...)``.
+    Grouping by these keys alone takes ~0.14 s for 1M events, while rolling up every key and
+    then merging takes ~0.27 s.
+    """
+    keys = [name for name in _ROLLUP_COLUMNS if name != "count"]
+    if events.empty:
+        return project_rollup(rollup_events(events), list(_ROLLUP_COLUMNS))
+    frame = events[keys[1:]].assign(hour=events["time"].dt.floor("h"))
+    grouped = frame.groupby(keys, dropna=False, observed=True, sort=False)
+    return grouped.size().reset_index(name="count").astype({"count": "int64"})
+
+
 def _read_pairs(rollup: pd.DataFrame) -> set[tuple[str, str]]:
     """Return the distinct (principal, secret) pairs of the read rows of ``rollup``."""
-    reads = rollup[read_mask(rollup).to_numpy(dtype=bool)]
-    principal_code, principals = pd.factorize(reads["principal"])
-    resource_code, resources = pd.factorize(reads["resource"])
-    present = (principal_code >= 0) & (resource_code >= 0)
+    # The codes of whole columns are masked, because a copy of the read rows would copy most
+    # of the rollup.
+    principal_code, principals = _codes(rollup["principal"])
+    resource_code, resources = _codes(rollup["resource"])
+    present = read_mask(rollup).to_numpy(dtype=bool) & (principal_code >= 0) & (resource_code >= 0)
     width = len(resources)
     keys = pd.unique(principal_code[present].astype(np.int64) * width + resource_code[present])
     principal_names = np.asarray(principals, dtype=object)[keys // max(width, 1)]
@@ -629,10 +759,15 @@ def _robust_scales(
     values: np.ndarray, codes: np.ndarray, size: int, names: Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return per-principal medians and robust scales of each feature column."""
-    frame = pd.DataFrame(values)
+    # The frames wrap the arrays without a copy, and the deviations are computed in place,
+    # because each fresh array of ~0.6M vectors is ~40 MB.
+    frame = pd.DataFrame(values, copy=False)
     medians = frame.groupby(codes).median().reindex(range(size)).to_numpy()
-    deviations = pd.DataFrame(np.abs(values - medians[codes]))
-    mad = deviations.groupby(codes).median().reindex(range(size)).to_numpy()
+    deviations = medians[codes]
+    np.subtract(values, deviations, out=deviations)
+    np.abs(deviations, out=deviations)
+    frame = pd.DataFrame(deviations, copy=False)
+    mad = frame.groupby(codes).median().reindex(range(size)).to_numpy()
     floors = np.array([_SCALE_FLOOR[name] for name in names])
     return medians, np.maximum(_MAD_TO_SIGMA * mad, floors)
 

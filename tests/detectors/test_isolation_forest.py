@@ -11,8 +11,19 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from detectors.base import FINDING_COLUMNS, FrameHistory, rollup_events
-from detectors.isolation_forest import IsolationForestDetector, _day_starts, principal_hours
+from detectors.base import FINDING_COLUMNS, FrameHistory, project_rollup, rollup_events
+from detectors.isolation_forest import (
+    _DAY_US,
+    _ROLLUP_COLUMNS,
+    IsolationForestDetector,
+    _codes,
+    _day_starts,
+    _distinct_counts,
+    _new_secret_reads,
+    _rollup,
+    _sorted_codes,
+    principal_hours,
+)
 from pipeline.schema import events_from_rows
 from tests.detectors.conftest import ACCOUNT, aws_denied, aws_read
 
@@ -190,6 +201,154 @@ def test_principal_hours_features(make_events: Build) -> None:
     # Secret "a" was new in the first hour, so the second hour reads nothing new.
     assert hours.iloc[1]["new_secret_share"] == 0.0
     assert hours["hour"].dt.hour.tolist() == [3, 4]
+
+
+def _as_store_rollup(rollup: pd.DataFrame) -> pd.DataFrame:
+    """Give the text keys Categorical dtypes with reversed category order, as a store might."""
+    keys = ["principal", "principal_type", "resource", "action", "outcome", "source_ip"]
+    keys += ["invoked_by", "geo_country"]
+    converted = {}
+    for name in keys:
+        values = sorted(set(rollup[name].dropna().tolist()), reverse=True)
+        categories = pd.Index(values, dtype="str")
+        converted[name] = pd.Categorical(rollup[name].astype(object), categories=categories)
+    return rollup.assign(**converted)
+
+
+def test_categorical_rollup_matches_strings(history: FrameHistory) -> None:
+    rollup = history.rollup(since=HISTORY_START, until=WINDOW_START, columns=list(_ROLLUP_COLUMNS))
+    stored = _as_store_rollup(rollup)
+    plain = principal_hours(rollup)
+    categorical = principal_hours(stored)
+    # Rows follow the names, whatever the category order, so both fit the same forest.
+    assert plain["principal"].unique().tolist() == [APP, BATCH, WEB]
+    pd.testing.assert_frame_equal(categorical, plain, check_exact=True)
+
+    from_plain = IsolationForestDetector()._fit_rollup(rollup, WINDOW_START)
+    from_store = IsolationForestDetector()._fit_rollup(stored, WINDOW_START)
+    assert from_store.principals_ == from_plain.principals_ == {APP: 0, BATCH: 1, WEB: 2}
+    assert from_store.history_hours_.tolist() == from_plain.history_hours_.tolist()
+    assert np.array_equal(from_store.medians_, from_plain.medians_)
+    assert np.array_equal(from_store.scales_, from_plain.scales_)
+    assert from_store.known_pairs_ == from_plain.known_pairs_
+
+
+def test_fit_skips_principal_with_few_hours(history: FrameHistory) -> None:
+    rollup = history.rollup(since=HISTORY_START, until=WINDOW_START, columns=list(_ROLLUP_COLUMNS))
+    # Two hours of a fourth principal: too few to be judged, and left out of the medians.
+    extra = rollup[rollup["principal"] == WEB].head(2).assign(principal="arn:new")
+    fitted = IsolationForestDetector()._fit_rollup(pd.concat([rollup, extra]), WINDOW_START)
+    assert fitted.principals_ == {APP: 0, BATCH: 1, WEB: 2}
+    assert fitted.medians_.shape == (3, 9)
+
+
+def test_sorted_codes_match_factorize() -> None:
+    keys = np.array([7, 3, 7, 0, 3], dtype=np.int64)
+    codes, uniques = _sorted_codes(keys, 8)
+    assert codes.tolist() == [2, 1, 2, 0, 1]
+    assert uniques.tolist() == [0, 3, 7]
+    # A bound far above the number of keys goes through pd.factorize instead of a table.
+    wide = keys * 1_000_000
+    codes, uniques = _sorted_codes(wide, 8_000_000)
+    assert codes.tolist() == [2, 1, 2, 0, 1]
+    assert uniques.tolist() == [0, 3_000_000, 7_000_000]
+
+
+def test_distinct_counts_ignore_nulls() -> None:
+    group = np.array([0, 0, 0, 1, 1, 2, 2], dtype=np.int64)
+    codes = np.array([3, 3, -1, -1, -1, 5, 0])
+    assert _distinct_counts(group, codes, 4).tolist() == [1.0, 0.0, 2.0, 0.0]
+
+
+def test_distinct_counts_without_rows() -> None:
+    empty = np.zeros(0, dtype=np.int64)
+    assert _distinct_counts(empty, empty, 2).tolist() == [0.0, 0.0]
+
+
+def test_distinct_counts_with_wide_keys() -> None:
+    # 2**21 groups and codes up to 2**12 need more than 32 bits per key.
+    size = 2**21
+    group = np.array([size - 1, size - 1, 5, size - 1], dtype=np.int64)
+    codes = np.array([4095, 4095, 4095, 0])
+    counts = _distinct_counts(group, codes, size)
+    assert counts[size - 1] == 2.0
+    assert counts[5] == 1.0
+    assert counts.sum() == 3.0
+
+
+def test_codes_of_categorical_follow_value_order() -> None:
+    values = pd.Series(pd.Categorical(["b", None, "c"], categories=["c", "b", "a"]))
+    codes, uniques = _codes(values)
+    assert codes.tolist() == [1, -1, 2]
+    assert uniques.tolist() == ["a", "b", "c"]
+
+
+def test_codes_of_sorted_categorical_are_its_own() -> None:
+    values = pd.Series(pd.Categorical(["b", None, "c"], categories=["a", "b", "c"]))
+    codes, uniques = _codes(values)
+    assert codes.tolist() == [1, -1, 2]
+    assert uniques.tolist() == ["a", "b", "c"]
+
+
+def test_codes_of_strings_are_sorted() -> None:
+    codes, uniques = _codes(pd.Series(["b", None, "a", "b"], dtype="string"))
+    assert codes.tolist() == [1, -1, 0, 1]
+    assert uniques.tolist() == ["a", "b"]
+
+
+def test_new_reads_against_known_pairs() -> None:
+    principals = (np.array([0, 0, 0, 1, 1]), pd.Index(["p", "q"]))
+    resources = (np.array([0, -1, 1, 0, 0]), pd.Index(["a", "b"]))
+    hour = np.array([10, 10, 10, 10, 20], dtype=np.int64)
+    is_read = np.array([True, True, True, True, True])
+    new = _new_secret_reads(principals, resources, hour, hour, is_read, {("p", "b")})
+    # (p, a) is new, and so is (q, a) at hour 10 but not at 20. The row without a secret is
+    # not new, and (p, b) is known.
+    assert new.tolist() == [True, False, False, True, False]
+
+
+def test_history_new_reads_skip_first_day() -> None:
+    principals = (np.array([0, 0, 0]), pd.Index(["p"]))
+    resources = (np.array([0, 1, 1]), pd.Index(["a", "b"]))
+    hour = np.array([0, 3_600_000_000, _DAY_US + 3_600_000_000], dtype=np.int64)
+    start = np.zeros(3, dtype=np.int64)
+    is_read = np.array([True, False, True])
+    new = _new_secret_reads(principals, resources, hour, start, is_read, None)
+    # "a" is first read on the principal's first day, so it is not new. The first read of "b"
+    # is a day later (its earlier row is not a read), so it is new.
+    assert new.tolist() == [False, False, True]
+
+
+def test_rollup_matches_projected_rollup(make_events: Build) -> None:
+    events = make_events(
+        [
+            aws_read(minute(0), APP, secret="a", city="berlin", asn=64500),
+            aws_read(minute(1), APP, secret="a", city="berlin", asn=64500),
+            aws_read(minute(2), APP, secret="b", ip=None),
+            aws_denied(minute(3), WEB, secret="a"),
+            aws_read(minute(70), APP, secret="a", city="berlin", asn=64500),
+        ]
+    )
+    expected = project_rollup(rollup_events(events), list(_ROLLUP_COLUMNS))
+    rolled = _rollup(events)
+    pd.testing.assert_frame_equal(rolled, expected, check_exact=True)
+    assert rolled["count"].tolist() == [2, 1, 1, 1]
+    empty = events.iloc[:0]
+    expected = project_rollup(rollup_events(empty), list(_ROLLUP_COLUMNS))
+    pd.testing.assert_frame_equal(_rollup(empty), expected)
+
+
+def test_flagged_scores_match_full_scoring(make_events: Build, history: FrameHistory) -> None:
+    detector = IsolationForestDetector().fit(history, NOW)
+    rows = [aws_read(minute(n), BATCH, principal_type="role") for n in range(30)]
+    hours = principal_hours(
+        rollup_events(make_events([*sweep(), *rows])), detector.known_pairs_
+    ).reset_index(drop=True)
+    chosen = detector._flagged_hours(hours)
+    assert chosen["principal"].tolist() == [APP]
+    # Only hours that could fire go through the forest, and their scores equal a full pass.
+    full = detector.score(hours)
+    assert chosen["score"].tolist() == full[hours["principal"] == APP].tolist()
 
 
 MONTH_START = pd.Timestamp("2024-07-01T00:00:00Z")
