@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, ClassVar, Final, cast
+from typing import Any, ClassVar, Final
 
 import numpy as np
 import pandas as pd
@@ -30,10 +30,12 @@ from detectors.base import Detector, DetectorParams, HistoryView, build_findings
 from detectors.first_seen import (
     first_activity,
     load_prior,
+    map_keys,
     novel_mask,
     prior_reads,
     secret_name,
     successful_reads,
+    utc_micros,
 )
 from pipeline.errors import StateError
 
@@ -288,12 +290,16 @@ class RiskDetector(Detector):
         named = prior["principal"].notna().to_numpy(dtype=bool)
         if not named.all():
             prior = prior[named]
-        since = events["principal"].map(first_activity(prior, events))
+        since = map_keys(events["principal"], first_activity(prior, events))
         learned = (events["time"] - since.astype("datetime64[us, UTC]")) >= pd.Timedelta(
             days=params.learning_days
         )
-        events = events.assign(learned=learned.to_numpy(dtype=bool))
-        reads = events[successful_reads(events).to_numpy(dtype=bool)]
+        # The novelty checks compare integer principal codes, not millions of strings, and
+        # pick window rows by position, so that no filtered copy of the window is made.
+        codes, principals = pd.factorize(events["principal"])
+        events = events.assign(learned=learned.to_numpy(dtype=bool), principal_code=codes)
+        prior = prior.assign(principal=_codes_in(prior["principal"], principals))
+        reads = np.flatnonzero(successful_reads(events).to_numpy(dtype=bool))
         # Filtering copies every column, so the reads keep only the columns used below.
         known_reads = prior_reads(
             prior[["principal", "resource", "action", "outcome", "last_time"]]
@@ -303,17 +309,22 @@ class RiskDetector(Detector):
         skipped: set[str] = set()
 
         if weights.new_asn:
-            rows = events[events["asn"].notna().to_numpy(dtype=bool)]
+            rows = np.flatnonzero(events["asn"].notna().to_numpy(dtype=bool))
             known = _known(prior, "asn")
-            parts.append(self._novel("new_asn", rows, rows["asn"], known, _network_text, skipped))
+            parts.append(
+                self._novel(
+                    "new_asn", events, rows, events["asn"].iloc[rows], known, _network_text, skipped
+                )
+            )
         if weights.new_country:
-            rows = events[events["geo_country"].notna().to_numpy(dtype=bool)]
+            rows = np.flatnonzero(events["geo_country"].notna().to_numpy(dtype=bool))
             known = _known(prior, "geo_country")
             parts.append(
                 self._novel(
                     "new_country",
+                    events,
                     rows,
-                    rows["geo_country"],
+                    events["geo_country"].iloc[rows],
                     known,
                     lambda _, values: "new country " + values.astype(str),
                     skipped,
@@ -324,8 +335,9 @@ class RiskDetector(Detector):
             parts.append(
                 self._novel(
                     "first_seen_secret",
+                    events,
                     reads,
-                    reads["resource"],
+                    events["resource"].iloc[reads],
                     known,
                     lambda _, values: (
                         "first read of "
@@ -336,24 +348,29 @@ class RiskDetector(Detector):
                 )
             )
         if weights.new_hour_of_week:
-            slots = _hour_slots(reads["time"])
+            slots = _hour_slots(events["time"].iloc[reads])
             # NOTE: this hourly read leaves out the resource, so that it stays one row per
             # principal-hour; a successful read without a resource counts here, unlike above.
             hourly = prior_reads(
                 load_prior(history, start, self.lookback, ("principal", "action", "outcome"))
             )
-            used = _known(hourly.assign(slot=_hour_slots(hourly["hour"])), "slot")
+            hourly = hourly.assign(
+                principal=_codes_in(hourly["principal"], principals),
+                slot=_hour_slots(hourly["hour"]),
+            )
+            used = _known(hourly, "slot")
             latest = used.groupby(["principal", "value"], observed=True)["last_time"].max()
             window_known = pd.DataFrame(
                 {
-                    "principal": reads["principal"].to_numpy(),
+                    "principal": codes[reads],
                     "value": slots.to_numpy(),
-                    "last_time": reads["time"].array,
+                    "last_time": events["time"].array.take(reads),
                 }
             )
             parts.append(
                 self._novel(
                     "new_hour_of_week",
+                    events,
                     reads,
                     slots,
                     pd.concat(
@@ -368,7 +385,7 @@ class RiskDetector(Detector):
                 )
             )
         if weights.new_user_agent:
-            parts.append(self._user_agents(events, history, start, skipped))
+            parts.append(self._user_agents(events, principals, history, start, skipped))
         if weights.access_denied:
             parts.append(_denials(events, weights.access_denied))
 
@@ -385,7 +402,8 @@ class RiskDetector(Detector):
     def _novel(
         self,
         kind: str,
-        rows: pd.DataFrame,
+        events: pd.DataFrame,
+        rows: np.ndarray,
         values: pd.Series,
         known: pd.DataFrame,
         describe: Callable[[pd.DataFrame, pd.Series], pd.Series],
@@ -394,46 +412,57 @@ class RiskDetector(Detector):
     ) -> pd.DataFrame:
         """Return a signal for each row whose value is new for its principal and learned.
 
-        ``describe`` returns the detail text of the signal rows, from the rows and values.
+        ``rows`` are positions in ``events``, and ``values`` has one value per row, indexed like
+        ``events.iloc[rows]``. The ``principal`` column of ``known`` contains principal codes,
+        as ``events["principal_code"]`` does. ``describe`` returns the detail text of the
+        signal rows, from the rows and values.
         """
-        if rows.empty:
+        if len(rows) == 0:
             return _empty_signals()
         current = pd.DataFrame(
             {
-                "principal": rows["principal"].reset_index(drop=True),
+                "principal": events["principal_code"].to_numpy()[rows],
                 "value": values.reset_index(drop=True),
-                "time": rows["time"].reset_index(drop=True),
+                "time": events["time"].array.take(rows),
             }
         )
         new = novel_mask(known, current, ("principal", "value"), lookback or self.lookback)
-        learned = rows["learned"].to_numpy(dtype=bool)
-        skipped.update(rows.loc[new & ~learned, "principal"].astype(str))
+        learned = events["learned"].to_numpy(dtype=bool)[rows]
+        skipped.update(events["principal"].iloc[rows[new & ~learned]].astype(str))
         keep = new & learned
-        kept_rows, kept_values = rows[keep], values[keep]
+        kept_rows, kept_values = events.iloc[rows[keep]], values[keep]
         detail = describe(kept_rows, kept_values)
         weight = getattr(self.params.weights, kind)
         return _signal_frame(kept_rows, kind, weight, kept_values, detail)
 
     def _user_agents(
-        self, events: pd.DataFrame, history: HistoryView, start: pd.Timestamp, skipped: set[str]
+        self,
+        events: pd.DataFrame,
+        principals: pd.Index,
+        history: HistoryView,
+        start: pd.Timestamp,
+        skipped: set[str],
     ) -> pd.DataFrame:
         """Return ``new_user_agent`` signals against the ``user_agent_days`` before the window.
 
         The hourly rollup has no user agent, so this reads raw events, but only for
-        ``user_agent_days`` and three columns.
+        ``user_agent_days`` and three columns. ``principals`` are the distinct principals of
+        ``events`` in the order of their ``principal_code``.
         """
         span = timedelta(days=self.params.user_agent_days)
-        rows = events[events["user_agent"].notna().to_numpy(dtype=bool)]
-        if rows.empty:
+        rows = np.flatnonzero(events["user_agent"].notna().to_numpy(dtype=bool))
+        if len(rows) == 0:
             return _empty_signals()
         earlier = history.events(
             since=start - span, until=start, columns=["time", "principal", "user_agent"]
         )
         earlier = earlier[(earlier["principal"].notna() & earlier["user_agent"].notna()).to_numpy()]
-        families = _families(rows["user_agent"])
+        families = _families(events["user_agent"].iloc[rows])
         known = _latest_families(earlier)
+        known = known.assign(principal=_codes_in(known["principal"], principals))
         return self._novel(
             "new_user_agent",
+            events,
             rows,
             families,
             known,
@@ -577,18 +606,20 @@ class RiskDetector(Detector):
         listed: list[list[dict[str, Any]]] = [[] for _ in range(size)]
         newest = contributing.groupby("number").tail(_MAX_LISTED)
         newest = newest.assign(time=newest["time"].dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
-        for record in cast(list[dict[str, Any]], newest.to_dict("records")):
+        for record in _records(newest):
             listed[int(record["number"])].append(_listed_signal(record))
 
-        involved = events[events["principal"].isin(fired["principal"]).to_numpy(dtype=bool)]
-        codes = pd.Categorical(
-            involved["principal"].astype(str), categories=fired["principal"].unique()
-        )
+        # The fired principals own most window events (770,000 of 1M on the benchmark), so
+        # the events of other principals go to one extra group instead of being filtered out,
+        # which would copy every column.
+        names = pd.Index(fired["principal"].unique())
+        owner_codes = _codes_in(events["principal"], names)
+        groups = np.where(owner_codes >= 0, owner_codes, len(names))
         owners = {
             name: dict(
                 zip(
-                    codes.categories,
-                    distinct_lists(codes.codes, involved[name], len(codes.categories)),
+                    names,
+                    distinct_lists(groups, events[name], len(names) + 1)[:-1],
                     strict=True,
                 )
             )
@@ -743,7 +774,7 @@ class RiskDetector(Detector):
             time=retained["time"].dt.tz_convert("UTC").dt.strftime("%Y-%m-%dT%H:%M:%S.%f+00:00"),
             weight=retained["weight"].astype(float),
         )
-        for record in cast(list[dict[str, Any]], retained.to_dict("records")):
+        for record in _records(retained):
             entry = principals.setdefault(
                 str(record.pop("principal")),
                 {"base_time": None, "base_score": 0.0, "armed": True, "signals": []},
@@ -831,8 +862,19 @@ def _network_text(rows: pd.DataFrame, asns: pd.Series) -> pd.Series:
 
 def _hour_slots(times: pd.Series) -> pd.Series:
     """Return the UTC hour of each time, plus 24 on Saturdays and Sundays."""
-    utc = times.dt.tz_convert("UTC")
-    return ((utc.dt.day_of_week >= 5) * 24 + utc.dt.hour).astype("int64")
+    # Integer arithmetic on microseconds is about four times faster than the .dt accessors.
+    micros = utc_micros(times)
+    weekday = (micros // 86_400_000_000 + 3) % 7  # 1970-01-01 was a Thursday (3).
+    hour = micros // 3_600_000_000 % 24
+    return pd.Series((weekday >= 5) * 24 + hour, index=times.index, dtype="int64")
+
+
+def _codes_in(values: pd.Series, distinct: pd.Index) -> np.ndarray:
+    """Return the position of each of ``values`` in ``distinct``, or -1 (also for nulls)."""
+    codes, found = pd.factorize(values)
+    lookup = pd.Index(distinct).get_indexer(np.asarray(found, dtype=object))
+    # The appended -1 is what a null (code -1) picks.
+    return np.append(lookup, -1).astype(np.int64)[codes]
 
 
 def _neighbour_slots(known: pd.DataFrame, offsets: tuple[int, ...]) -> pd.DataFrame:
@@ -862,9 +904,10 @@ def _in_brackets(value: Any) -> str:
 
 
 def _denials(events: pd.DataFrame, weight: float) -> pd.DataFrame:
-    denied = (events["outcome"].astype(object) == "failure") & (
-        events["failure_reason"].astype(object) == "denied"
-    )
+    # Comparing the Arrow-backed strings directly avoids a Python object per row.
+    denied = (events["outcome"] == "failure").fillna(False) & (
+        events["failure_reason"] == "denied"
+    ).fillna(False)
     rows = events[denied.fillna(False).to_numpy(dtype=bool)]
     if rows.empty:
         return _empty_signals()
@@ -914,6 +957,17 @@ def _empty_signals() -> pd.DataFrame:
     frame["time"] = pd.Series([], dtype="datetime64[us, UTC]")
     frame["weight"] = pd.Series([], dtype=float)
     return frame
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """Return the rows of ``frame`` as dicts, with the values ``to_dict("records")`` gives.
+
+    ``to_dict`` boxes Arrow strings one at a time. Converting each column to a NumPy object
+    array first took 0.05 s instead of 0.23 s for the benchmark's 12,500 signals.
+    """
+    names = [str(name) for name in frame.columns]
+    columns = [frame[name].to_numpy(dtype=object) for name in names]
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
 
 
 def _listed_signal(record: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from detectors._common import IN_WINDOW, count_in_range, load_context, read_mask
+from detectors._common import IN_WINDOW, count_in_range, distinct_lists, load_context, read_mask
 from detectors.base import FrameHistory
 from tests.detectors.conftest import aws_read
 
@@ -68,3 +68,25 @@ def test_read_mask_on_arrow_strings(make_events: Build) -> None:
         ]
     )
     assert read_mask(frame).tolist() == [True, True, False, False, False]
+
+
+def test_distinct_lists_keep_first_appearance() -> None:
+    groups = np.array([1, 0, 1, 1, 0, 1], dtype=np.int64)
+    values = pd.Series(["b", "x", None, "a", "x", "b"], dtype="string[pyarrow]")
+    # Group 2 has no value; nulls are left out.
+    assert distinct_lists(groups, values, 3) == [["x"], ["b", "a"], []]
+
+
+def test_distinct_lists_of_categories_and_numbers() -> None:
+    groups = np.array([0, 0, 1], dtype=np.int64)
+    categories = pd.Series(pd.Categorical(["z", "y", "z"]))
+    numbers = pd.Series([7, 7, 3])
+    assert distinct_lists(groups, categories, 2) == [["z", "y"], ["z"]]
+    found = distinct_lists(groups, numbers, 2)
+    assert found == [[7], [3]]
+    assert type(found[0][0]) is int
+
+
+def test_distinct_lists_without_values() -> None:
+    empty = pd.Series([], dtype="string[pyarrow]")
+    assert distinct_lists(np.zeros(0, dtype=np.int64), empty, 2) == [[], []]

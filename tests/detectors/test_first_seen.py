@@ -12,7 +12,14 @@ import pytest
 from pydantic import ValidationError
 
 from detectors.base import FrameHistory
-from detectors.first_seen import FirstSeenDetector, novel_mask, secret_name
+from detectors.first_seen import (
+    FirstSeenDetector,
+    map_keys,
+    novel_mask,
+    secret_name,
+    shared_key_codes,
+    utc_micros,
+)
 from pipeline.store.history import History
 from tests.detectors.conftest import ACCOUNT, NOW, aws_denied, aws_read
 
@@ -385,6 +392,147 @@ def test_novel_mask_uses_latest_earlier_row() -> None:
     assert month.tolist() == [False, False]
     # The prior row of June 12 is later than the first current row, so it is not compared.
     assert days.tolist() == [True, False]
+
+
+def test_novel_mask_span_shorter_than_lookback() -> None:
+    # The rows span two days and the look-back is ten days, so only a key's first row can be new.
+    prior = pd.DataFrame(
+        {
+            "principal": ["p", "p", "q", "r"],
+            "value": ["a", "b", "a", "a"],
+            "last_time": pd.to_datetime(
+                ["2024-06-05T00:00Z", "2024-05-01T00:00Z", "2024-06-11T12:00Z", "2024-06-10T00:00Z"]
+            ),
+        }
+    )
+    current = pd.DataFrame(
+        {
+            "principal": ["p", "p", "q", "p", "q", "r"],
+            "value": ["a", "b", "a", "b", "a", "a"],
+            "time": pd.to_datetime(
+                [
+                    "2024-06-10T00:00Z",
+                    "2024-06-10T00:00Z",
+                    "2024-06-11T00:00Z",
+                    "2024-06-11T00:00Z",
+                    "2024-06-12T00:00Z",
+                    "2024-06-12T00:00Z",
+                ]
+            ),
+        }
+    )
+    mask = novel_mask(prior, current, ("principal", "value"), pd.Timedelta(days=10))
+    # p/a is known from June 5, and p/b was last read 40 days before. The prior row of q/a is
+    # later than its first current row, so it does not count. r/a was read two days before.
+    assert mask.tolist() == [False, True, True, False, False, False]
+
+
+def test_novel_mask_span_longer_than_lookback() -> None:
+    # A key that returns after more than the look-back is new again within ``current``.
+    prior = pd.DataFrame(
+        {"principal": ["p"], "value": ["a"], "last_time": pd.to_datetime(["2024-06-01T00:00Z"])}
+    )
+    current = pd.DataFrame(
+        {
+            "principal": ["p", "p", "p", "p"],
+            "value": ["a", "a", "b", "a"],
+            "time": pd.to_datetime(
+                ["2024-06-02T00:00Z", "2024-06-03T00:00Z", "2024-06-03T00:00Z", "2024-06-10T00:00Z"]
+            ),
+        }
+    )
+    mask = novel_mask(prior, current, ("principal", "value"), pd.Timedelta(days=3))
+    assert mask.tolist() == [False, False, True, True]
+
+
+def test_novel_mask_unsorted_rows_match_sorted_rows() -> None:
+    prior = pd.DataFrame(
+        {"principal": ["p"], "value": ["a"], "last_time": pd.to_datetime(["2024-06-01T00:00Z"])}
+    )
+    times = ["2024-06-09T00:00Z", "2024-06-02T00:00Z", "2024-06-05T00:00Z"]
+    current = pd.DataFrame(
+        {"principal": ["p", "p", "p"], "value": ["a", "a", "a"], "time": pd.to_datetime(times)}
+    )
+    mask = novel_mask(prior, current, ("principal", "value"), pd.Timedelta(days=30))
+    ordered = current.sort_values("time").reset_index(drop=True)
+    assert mask.tolist() == [False, False, False]
+    assert novel_mask(prior, ordered, ("principal", "value"), pd.Timedelta(days=2)).tolist() == [
+        False,
+        True,
+        True,
+    ]
+    # Out of order, the June 5 row (second in time) is compared with June 2.
+    assert novel_mask(prior, current, ("principal", "value"), pd.Timedelta(days=2)).tolist() == [
+        True,
+        False,
+        True,
+    ]
+
+
+def test_novel_mask_categorical_prior_and_arrow_current() -> None:
+    prior = pd.DataFrame(
+        {
+            "principal": pd.Categorical(["p", "q"]),
+            "value": pd.Categorical(["a", "a"]),
+            "last_time": pd.to_datetime(["2024-06-01T00:00Z", "2024-06-01T00:00Z"]),
+        }
+    )
+    current = pd.DataFrame(
+        {
+            "principal": pd.array(["p", "q", "q"], dtype="string[pyarrow]"),
+            "value": pd.array(["a", "b", "a"], dtype="string[pyarrow]"),
+            "time": pd.to_datetime(["2024-06-02T00:00Z"] * 3),
+        }
+    )
+    mask = novel_mask(prior, current, ("principal", "value"), pd.Timedelta(days=30))
+    assert mask.tolist() == [False, True, False]
+
+
+def test_shared_key_codes_number_current_keys() -> None:
+    prior = pd.DataFrame({"principal": pd.Categorical(["q", "p", "z"]), "value": [1, 1, 1]})
+    current = pd.DataFrame({"principal": ["p", "q", "p", "p"], "value": [1, 1, 2, 1]})
+    prior_codes, codes = shared_key_codes(prior, current, ("principal", "value"))
+    assert codes.tolist() == [0, 1, 2, 0]
+    assert prior_codes.tolist() == [1, 0, -1]
+
+
+def test_shared_key_codes_without_prior_rows() -> None:
+    prior = pd.DataFrame({"principal": pd.Series([], dtype=object)})
+    current = pd.DataFrame({"principal": ["p", "q", "p"]})
+    prior_codes, codes = shared_key_codes(prior, current, ("principal",))
+    assert codes.tolist() == [0, 1, 0]
+    assert prior_codes.tolist() == []
+
+
+def test_map_keys_looks_up_each_key() -> None:
+    keys = pd.Series(["b", "a", None, "c", "b"], dtype="string[pyarrow]", index=[5, 6, 7, 8, 9])
+    mapping = pd.Series(
+        pd.to_datetime(["2024-06-01T00:00Z", "2024-06-02T00:00Z"]), index=["a", "b"]
+    )
+    mapped = map_keys(keys, mapping)
+    assert mapped.index.tolist() == [5, 6, 7, 8, 9]
+    assert mapped.tolist()[:2] == [
+        pd.Timestamp("2024-06-02T00:00Z"),
+        pd.Timestamp("2024-06-01T00:00Z"),
+    ]
+    # A null key and a key without an entry map to NaT.
+    assert mapped.isna().tolist() == [False, False, True, True, False]
+
+
+def test_utc_micros_of_zoned_times() -> None:
+    utc = pd.Series(pd.to_datetime(["1970-01-01T00:00:01Z", "2024-06-01T00:00:00Z"]))
+    times = utc.dt.tz_convert("Europe/Berlin")
+    assert utc_micros(times).tolist() == [1_000_000, 1_717_200_000_000_000]
+
+
+def test_sensitive_matches_any_glob_case_insensitively() -> None:
+    detector = FirstSeenDetector(sensitive_resources=["*ROOT*", "*/pci/*"])
+    resources = pd.Series(
+        [arn("prod/root-token"), arn("team/pci/card"), arn("prod/api/key"), arn("prod/root-token")],
+        dtype="string[pyarrow]",
+    )
+    assert detector._sensitive(resources).tolist() == [True, True, False, True]
+    assert FirstSeenDetector()._sensitive(resources).tolist() == [False] * 4
 
 
 @pytest.mark.parametrize(

@@ -7,12 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 from pydantic import ValidationError
 
 from detectors.base import FrameHistory
-from detectors.risk import RiskDetector, user_agent_family
+from detectors.risk import RiskDetector, _codes_in, _hour_slots, _records, user_agent_family
 from pipeline.errors import StateError
 from pipeline.store.history import History
 from tests.detectors.conftest import ACCOUNT, ALICE, NOW, aws_denied, aws_read
@@ -452,3 +453,51 @@ def test_history_store_gives_same_findings(make_events: Build, tmp_path: Path) -
     from_frame = RiskDetector().detect(window, history(make_events), NOW)
     assert len(from_store) == 1
     assert from_store["evidence"].tolist() == from_frame["evidence"].tolist()
+
+
+def test_codes_in_finds_positions() -> None:
+    distinct = pd.Index(["p", "q", "r"])
+    values = pd.Series(pd.Categorical(["r", "p", "x", None, "r"]))
+    assert _codes_in(values, distinct).tolist() == [2, 0, -1, -1, 2]
+    assert _codes_in(pd.Series([], dtype="string[pyarrow]"), distinct).tolist() == []
+
+
+def test_hour_slots_weekday_and_weekend() -> None:
+    times = pd.Series(
+        pd.to_datetime(
+            [
+                "2024-06-03T09:30Z",  # Monday
+                "2024-06-07T23:59Z",  # Friday
+                "2024-06-08T00:00Z",  # Saturday
+                "2024-06-09T23:00Z",  # Sunday
+                "1969-12-31T23:00Z",  # Wednesday, before the epoch
+            ]
+        ),
+        index=[4, 3, 2, 1, 0],
+    )
+    slots = _hour_slots(times)
+    assert slots.tolist() == [9, 23, 24, 47, 23]
+    assert slots.index.tolist() == [4, 3, 2, 1, 0]
+    # A zone other than UTC gives the UTC hour and day: Saturday 01:00 in Berlin is Friday.
+    berlin = _hour_slots(pd.Series(pd.to_datetime(["2024-06-08T01:00+02:00"], utc=True)))
+    assert berlin.tolist() == [23]
+
+
+def test_records_match_to_dict() -> None:
+    frame = pd.DataFrame(
+        {
+            "kind": pd.array(["access_denied", None], dtype="str"),
+            "weight": [2.0, 1.5],
+            "number": np.array([3, 4], dtype=np.int64),
+            "time": pd.to_datetime(["2024-06-03T09:30Z", "2024-06-03T10:00Z"]),
+        }
+    )
+    records = _records(frame)
+    expected = frame.to_dict("records")
+    assert [list(record) for record in records] == [["kind", "weight", "number", "time"]] * 2
+    assert records[0] == expected[0]
+    assert records[1]["kind"] != records[1]["kind"]  # NaN, as in to_dict
+    assert [type(value) for value in records[0].values()] == [
+        type(value) for value in expected[0].values()
+    ]
+    assert _records(frame.iloc[:0]) == []
