@@ -445,16 +445,16 @@ class RiskDetector(Detector):
     ) -> pd.DataFrame:
         """Return ``new_user_agent`` signals against the ``user_agent_days`` before the window.
 
-        The hourly rollup has no user agent, so this reads raw events, but only for
-        ``user_agent_days`` and three columns. ``principals`` are the distinct principals of
+        The baseline is the rollup merged to one row per principal and user agent, so a week
+        of history is a few thousand rows. ``principals`` are the distinct principals of
         ``events`` in the order of their ``principal_code``.
         """
         span = timedelta(days=self.params.user_agent_days)
         rows = np.flatnonzero(events["user_agent"].notna().to_numpy(dtype=bool))
         if len(rows) == 0:
             return _empty_signals()
-        earlier = history.events(
-            since=start - span, until=start, columns=["time", "principal", "user_agent"]
+        earlier = history.rollup(
+            since=start - span, until=start, columns=["principal", "user_agent", "last_time"]
         )
         earlier = earlier[(earlier["principal"].notna() & earlier["user_agent"].notna()).to_numpy()]
         families = _families(events["user_agent"].iloc[rows])
@@ -832,18 +832,19 @@ def _families(user_agents: pd.Series) -> pd.Series:
     return pd.Series(families[codes], index=user_agents.index, dtype=object)
 
 
-def _latest_families(events: pd.DataFrame) -> pd.DataFrame:
-    """Return the last time of each principal and user agent family in ``events``.
+def _latest_families(rollup: pd.DataFrame) -> pd.DataFrame:
+    """Return the last time of each principal and user agent family in ``rollup`` rows.
 
-    Works on integer codes, because the raw events of several days are millions of rows.
+    ``rollup`` has ``principal``, ``user_agent`` and ``last_time`` without nulls. Families
+    are worked out once per distinct agent.
     """
-    agent_codes, agents = pd.factorize(events["user_agent"])
+    agent_codes, agents = pd.factorize(rollup["user_agent"])
     family_of_agent = [user_agent_family(str(agent)) for agent in agents]
     family_codes, families = pd.factorize(pd.Series(family_of_agent, dtype=object))
-    principal_codes, principals = pd.factorize(events["principal"])
+    principal_codes, principals = pd.factorize(rollup["principal"])
     width = max(len(families), 1)
     combined = principal_codes.astype(np.int64) * width + family_codes[agent_codes]
-    micros = events["time"].to_numpy(dtype="datetime64[us]").astype(np.int64)
+    micros = rollup["last_time"].to_numpy(dtype="datetime64[us]").astype(np.int64)
     latest = pd.Series(micros).groupby(combined).max()
     keys = latest.index.to_numpy(dtype=np.int64)
     return pd.DataFrame(

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from detectors.base import FrameHistory
 from detectors.risk import RiskDetector, _codes_in, _hour_slots, _records, user_agent_family
 from pipeline.errors import StateError
-from pipeline.store.history import History
+from pipeline.store.history import CappedHistoryView, History
 from tests.detectors.conftest import ACCOUNT, ALICE, NOW, aws_denied, aws_read
 
 Build = Callable[[list[dict[str, Any]]], pd.DataFrame]
@@ -233,6 +233,42 @@ def test_new_user_agent_family(make_events: Build) -> None:
         "new user agent family python-requests"
     )
     assert detector.report_["signals"] == 1
+
+
+@pytest.mark.parametrize("store", ["frame", "parquet"])
+@pytest.mark.parametrize(
+    ("last_used_day", "signals"),
+    [(18, 0), (13, 1)],
+    ids=["agent-used-3-days-ago", "agent-used-8-days-ago"],
+)
+def test_user_agent_baseline_spans_user_agent_days(
+    make_events: Build, tmp_path: Path, store: str, last_used_day: int, signals: int
+) -> None:
+    # The usual reads carry the SDK's agent; the command line was last used on one morning.
+    earlier = usual_days(range(21))
+    for event in earlier:
+        event["user_agent"] = "Boto3/1.35.0 md/Botocore#1.35.0"
+    earlier.append(
+        aws_read(
+            at(last_used_day, 9, 30), secret="prod/db/password", user_agent="aws-cli/2.17.1", **HOME
+        )
+    )
+    window = make_events(
+        [aws_read(at(21, 9), secret="prod/db/password", user_agent="aws-cli/2.17.9", **HOME)]
+    )
+    baseline: Any = FrameHistory(make_events(earlier))
+    if store == "parquet":
+        # The engine's view: Parquet history, categorical rollup keys, capped at the window.
+        saved = History(tmp_path / "history")
+        saved.append(make_events(earlier), "run-1")
+        baseline = CappedHistoryView(saved, window["time"].min())
+    detector = RiskDetector(threshold=1.0)
+
+    findings = detector.detect(window, baseline, NOW)
+
+    assert detector.report_["signals"] == signals
+    details = [signal["detail"] for row in findings["evidence"] for signal in row["signals"]]
+    assert details == ["new user agent family aws-cli"] * signals
 
 
 @pytest.mark.parametrize(
