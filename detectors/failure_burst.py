@@ -29,7 +29,23 @@ logger = logging.getLogger(__name__)
 
 BurstKey = Literal["principal", "source_ip"]
 _BASELINE_DAYS: Final = 7
+_DAY_US: Final = 86_400_000_000
 _DEFAULT_KEYS: Final[tuple[BurstKey, ...]] = ("principal", "source_ip")
+_IDS: Final = ("event_uid", "resource")
+# Text columns of a burst that its finding lists or counts.
+_FINDING_TEXT: Final = (
+    "event_uid",
+    "resource",
+    "principal",
+    "principal_type",
+    "principal_arn",
+    "cloud",
+    "account",
+    "source_ip",
+    "geo_country",
+    "failure_reason",
+    "operation",
+)
 _COLUMNS: Final = (
     "time",
     "cloud",
@@ -121,7 +137,9 @@ class FailureBurstDetector(Detector):
         is_failure = self._failures(window).to_numpy(dtype=bool)
         if not is_failure.any():
             return build_findings([], detector=self)
-        window_failures = window[is_failure]
+        # Only the columns used below are selected, because a boolean mask takes every column
+        # of the window (one Arrow take each).
+        window_failures = window.loc[is_failure, list(dict.fromkeys([*_COLUMNS, *_IDS]))]
         # Raw history is read only as far back as the bursts reach: a burst's failures are at
         # most window_minutes apart, so the span grows until no burst can chain further back.
         width = pd.Timedelta(minutes=params.window_minutes)
@@ -138,16 +156,23 @@ class FailureBurstDetector(Detector):
             if earliest is None or earliest - read_from >= 2 * width or span >= self.lookback:
                 break
             span = min(span * 4, pd.Timedelta(self.lookback))
-        # A burst ends at or after a window event, so a read that follows it is in the window.
-        successes = window[
-            (read_mask(window) & (window["outcome"].astype(object) == "success"))
-            .fillna(False)
-            .to_numpy(dtype=bool)
-        ]
-
         reached: dict[str, pd.DataFrame] = {
             key: bursts for key, bursts in found.items() if not bursts.empty
         }
+        if not reached:
+            return build_findings([], detector=self)
+        # A burst ends at or after a window event, so a read that follows it is in the window.
+        # Only reads by the bursts' principals can match, and they are few of the window's
+        # reads. Comparing the Arrow-backed strings directly avoids a Python string per row.
+        involved = pd.unique(
+            pd.concat([bursts["principal"].dropna() for bursts in reached.values()]).astype(str)
+        )
+        is_success = (window["outcome"] == "success").fillna(False).to_numpy(dtype=bool)
+        by_involved = window["principal"].isin(involved).fillna(False).to_numpy(dtype=bool)
+        successes = window.loc[
+            read_mask(window).to_numpy(dtype=bool) & is_success & by_involved,
+            ["principal", "time", "event_uid", "resource", "source_ip"],
+        ]
         rolled = _failure_rollup(history, window, reached)
         rows: list[dict[str, Any]] = []
         for key, bursts in reached.items():
@@ -160,10 +185,9 @@ class FailureBurstDetector(Detector):
 
     def _failures(self, frame: pd.DataFrame) -> pd.Series:
         """Return True for the failures whose reason is one of ``reasons``."""
-        is_failure = (frame["outcome"].astype(object) == "failure") & frame["failure_reason"].isin(
-            self.params.reasons
-        )
-        return is_failure.fillna(False).astype(bool)
+        outcome = (frame["outcome"] == "failure").fillna(False).astype(bool)
+        reason = frame["failure_reason"].isin(self.params.reasons).fillna(False).astype(bool)
+        return outcome & reason
 
     def _bursts(self, failures: pd.DataFrame, key: str) -> pd.DataFrame:
         """Return the failures that belong to a burst, with ``burst`` numbering each burst."""
@@ -172,7 +196,8 @@ class FailureBurstDetector(Detector):
             return failures.assign(burst=pd.Series(dtype="int64"))
         frame = failures.assign(key=failures[key].astype(str))
         # Failures are counted once per event, even when a batch call names several secrets.
-        events = frame.drop_duplicates(["key", "event_uid"]).sort_values(["key", "time"])
+        events = frame[["key", "event_uid", "time"]].drop_duplicates(["key", "event_uid"])
+        events = events.sort_values(["key", "time"])
         events = events.reset_index(drop=True)
         codes = pd.factorize(events["key"])[0].astype(np.int64)
         times = events["time"].astype("int64").to_numpy()
@@ -212,9 +237,7 @@ class FailureBurstDetector(Detector):
         summary = bursts.groupby("burst").agg(end=("time", "max"), key=("key", "first"))
         involved = bursts[["burst", "principal"]].dropna().drop_duplicates()
         candidates = involved.merge(summary.reset_index(), on="burst")
-        reads = successes[["principal", "time", "event_uid", "resource", "source_ip"]].dropna(
-            subset=["principal"]
-        )
+        reads = successes.dropna(subset=["principal"])
         match_on = ["principal"]
         if key == "source_ip":
             reads = reads.dropna(subset=["source_ip"])
@@ -255,17 +278,31 @@ class FailureBurstDetector(Detector):
 
     def _finding_rows(self, bursts: pd.DataFrame, key: str) -> list[dict[str, Any]]:
         params = self.params
-        rows = []
-        # NOTE: one loop iteration with pandas calls per burst (per finding, not per event); fast
-        # for hundreds of bursts, slow if a run produces tens of thousands.
-        for _, burst in bursts.groupby("burst", sort=True):
-            principals = sorted(burst["principal"].dropna().astype(str).unique())
-            secrets = sorted(burst["resource"].dropna().astype(str).unique())
-            success = burst["success"].iloc[0]
-            failures = int(burst["event_uid"].nunique())
-            start = pd.Timestamp(burst["time"].min())
-            end = pd.Timestamp(burst["time"].max())
-            key_value = str(burst["key"].iloc[0])
+        rows: list[dict[str, Any]] = []
+        if bursts.empty:
+            return rows
+        # NOTE: one loop iteration per burst (per finding, not per event) is fast for hundreds
+        # of bursts but slow if a run produces tens of thousands. Each burst is a slice of the
+        # frame sorted by burst, and the text columns become object arrays once. Pandas calls
+        # per burst on Arrow columns took 0.7 s for the 47 bursts of benchmarks/detect.py.
+        bursts = bursts.sort_values("burst", kind="stable").reset_index(drop=True)
+        text = {name: bursts[name].to_numpy(dtype=object) for name in _FINDING_TEXT}
+        times = bursts["time"].array
+        medians = bursts["baseline_median"].to_numpy(dtype=float)
+        ids = bursts["burst"].to_numpy()
+        edges = np.flatnonzero(ids[1:] != ids[:-1]) + 1
+        for start_at, stop_at in zip(
+            np.concatenate([[0], edges]), np.concatenate([edges, [len(ids)]]), strict=True
+        ):
+            part = {name: values[start_at:stop_at] for name, values in text.items()}
+            first_of_event = ~pd.Series(part["event_uid"]).duplicated().to_numpy()
+            principals = sorted(_present(part["principal"]))
+            secrets = sorted(_present(part["resource"]))
+            success = bursts["success"].iat[start_at]
+            failures = len(_present(part["event_uid"]))
+            start = pd.Timestamp(times[start_at:stop_at].min())
+            end = pd.Timestamp(times[start_at:stop_at].max())
+            key_value = str(bursts["key"].iat[start_at])
             severity = (
                 "high"
                 if len(secrets) >= params.high_distinct_secrets or isinstance(success, dict)
@@ -279,7 +316,7 @@ class FailureBurstDetector(Detector):
             elif len(principals) == 1:
                 principal = principals[0]
             subject = key_value if key == "principal" else f"source IP {key_value}"
-            median = float(burst["baseline_median"].iloc[0])
+            median = float(medians[start_at])
             rows.append(
                 {
                     "severity": severity,
@@ -288,15 +325,15 @@ class FailureBurstDetector(Detector):
                         f"{_minutes_text(end - start)}"
                     ),
                     "principal": principal,
-                    "principal_type": _single(burst["principal_type"]),
-                    "cloud": _single(burst["cloud"]),
-                    "account": _single(burst["account"]),
+                    "principal_type": _single(part["principal_type"]),
+                    "cloud": _single(part["cloud"]),
+                    "account": _single(part["account"]),
                     "resources": secrets,
-                    "source_ips": burst["source_ip"].dropna().astype(str).unique().tolist(),
-                    "countries": burst["geo_country"].dropna().astype(str).unique().tolist(),
+                    "source_ips": _present(part["source_ip"]),
+                    "countries": _present(part["geo_country"]),
                     "first_seen": start,
                     "last_seen": end,
-                    "event_uids": burst["event_uid"].astype(str).unique().tolist(),
+                    "event_uids": pd.Series(part["event_uid"]).astype(str).unique().tolist(),
                     "event_count": failures,
                     "dedup_key": stable_key(self.id, key, key_value, utc_iso(start)),
                     "evidence": {
@@ -304,21 +341,25 @@ class FailureBurstDetector(Detector):
                         "key_value": key_value,
                         "failures": failures,
                         "distinct_secrets": len(secrets),
-                        "reasons": to_counts(burst.drop_duplicates("event_uid")["failure_reason"]),
-                        "operations": to_counts(burst.drop_duplicates("event_uid")["operation"]),
+                        "reasons": to_counts(pd.Series(part["failure_reason"][first_of_event])),
+                        "operations": to_counts(pd.Series(part["operation"][first_of_event])),
                         "principals": principals,
                         "span_seconds": round((end - start).total_seconds(), 1),
                         "window_minutes": params.window_minutes,
                         "min_failures": params.min_failures,
                         "success_after": success if isinstance(success, dict) else None,
-                        "locations": located_addresses(burst),
+                        "locations": located_addresses(
+                            bursts.iloc[start_at:stop_at][
+                                ["time", "source_ip", "geo_city", "geo_country"]
+                            ]
+                        ),
                         "principal_arns": sorted(
-                            set(burst["principal_arn"].dropna().astype(str)) - set(principals)
+                            set(_present(part["principal_arn"])) - set(principals)
                         ),
                     },
                     "baseline": {
                         "days": _BASELINE_DAYS,
-                        "daily_failures": burst["baseline_daily"].iloc[0],
+                        "daily_failures": bursts["baseline_daily"].iat[start_at],
                         "median_per_day": median,
                         "summary": f"{_BASELINE_DAYS}-day median {median:g} failures/day; "
                         f"this burst {failures}",
@@ -332,8 +373,8 @@ def _keyed(failures: pd.DataFrame, key: str) -> pd.DataFrame:
     """Return the failures that carry ``key``: a principal, or a public source address."""
     if key == "principal":
         return failures[failures["principal"].notna().to_numpy(dtype=bool)]
-    public = (failures["source_kind"].astype(object) == "public").fillna(False)
-    return failures[public.to_numpy(dtype=bool) & failures["source_ip"].notna().to_numpy()]
+    public = (failures["source_kind"] == "public").fillna(False).to_numpy(dtype=bool)
+    return failures[public & failures["source_ip"].notna().to_numpy()]
 
 
 def _failure_rollup(
@@ -352,7 +393,7 @@ def _failure_rollup(
     rolled = history.rollup(since=since, until=until, columns=["hour", *keys, "outcome", "count"])
     # NOTE: the rollup has no failure_reason and counts one row per secret of a batch call.
     # So days before the window count every failure row, and window days count events.
-    failed = (rolled["outcome"].astype(object) == "failure").fillna(False).to_numpy(dtype=bool)
+    failed = (rolled["outcome"] == "failure").fillna(False).to_numpy(dtype=bool)
     return rolled.loc[failed, ["hour", *keys, "count"]].reset_index(drop=True)
 
 
@@ -363,27 +404,36 @@ def _daily_failures(
 
     Weeks of raw history are never read. Returns columns ``key``, ``day``, ``count``.
     """
-    keys = set(bursts["key"])
+    keys = pd.unique(bursts["key"].to_numpy(dtype=object))
+    # Days are int64 day numbers. Flooring the tz-aware hours and converting them to numpy
+    # made a Timestamp object per rollup row (0.8 s in benchmarks/detect.py).
+    rolled = rolled[rolled[key].isin(keys).fillna(False).to_numpy(dtype=bool)]
     earlier = pd.DataFrame(
         {
             "key": rolled[key].astype(object).to_numpy(),
-            "day": rolled["hour"].dt.floor("D").to_numpy(),
+            "day": _epoch_days(rolled["hour"]),
             "count": rolled["count"].to_numpy(np.int64),
         }
     )
     current = _keyed(window_failures, key)
     current = current.assign(key=current[key].astype(str)).drop_duplicates(["key", "event_uid"])
+    current = current[current["key"].isin(keys).to_numpy(dtype=bool)]
     recent = pd.DataFrame(
         {
             "key": current["key"].to_numpy(dtype=object),
-            "day": current["time"].dt.floor("D").to_numpy(),
+            "day": _epoch_days(current["time"]),
             "count": np.ones(len(current), dtype=np.int64),
         }
     )
     both = pd.concat([earlier, recent], ignore_index=True)
-    both = both[both["key"].isin(keys).to_numpy(dtype=bool)]
-    both["day"] = pd.to_datetime(both["day"], utc=True)
-    return both.groupby(["key", "day"])["count"].sum().reset_index()
+    daily = both.groupby(["key", "day"])["count"].sum().reset_index()
+    daily["day"] = pd.to_datetime(daily["day"].to_numpy(np.int64) * _DAY_US, unit="us", utc=True)
+    return daily
+
+
+def _epoch_days(times: pd.Series) -> np.ndarray:
+    """Return the UTC day of each time as whole days since 1970-01-01 (int64)."""
+    return times.astype("datetime64[us, UTC]").astype("int64").to_numpy() // _DAY_US
 
 
 def _add_baseline(bursts: pd.DataFrame, daily: pd.DataFrame) -> pd.DataFrame:
@@ -407,9 +457,15 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _single(values: pd.Series) -> str | None:
-    distinct = values.dropna().astype(str).unique()
-    return str(distinct[0]) if len(distinct) == 1 else None
+def _present(values: np.ndarray) -> list[str]:
+    """Return the non-null values as text, each once, in order of first appearance."""
+    return list(dict.fromkeys(str(value) for value in values[~pd.isna(values)]))
+
+
+def _single(values: np.ndarray) -> str | None:
+    """Return the one distinct non-null value as text, or None when there are none or several."""
+    distinct = _present(values)
+    return distinct[0] if len(distinct) == 1 else None
 
 
 def _minutes_text(span: pd.Timedelta) -> str:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import count
 from typing import Any
 
 import pandas as pd
 import pytest
 
+from detectors.base import FrameHistory
 from pipeline.schema import events_from_rows
 
 # Cities with the coordinates a GeoIP city database returns for them.
@@ -110,3 +111,18 @@ def make_events() -> Callable[[Iterable[dict[str, Any]]], pd.DataFrame]:
 
 
 NOW = pd.Timestamp("2024-06-30T23:59:00Z")
+
+
+class CategoricalRollupHistory(FrameHistory):
+    """A frame history whose rollup has Categorical text keys, as the Parquet store gives."""
+
+    def rollup(
+        self,
+        *,
+        since: pd.Timestamp | None = None,
+        until: pd.Timestamp | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> pd.DataFrame:
+        rolled = super().rollup(since=since, until=until, columns=columns)
+        text = [name for name in rolled.columns if rolled[name].dtype == "string"]
+        return rolled.astype({name: "category" for name in text})

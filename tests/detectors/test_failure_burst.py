@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 from pydantic import ValidationError
 
 from detectors.base import FINDING_COLUMNS, FrameHistory
-from detectors.failure_burst import FailureBurstDetector
-from tests.detectors.conftest import ALICE, NOW, aws_denied, aws_read
+from detectors.failure_burst import FailureBurstDetector, _epoch_days, _present, _single
+from tests.detectors.conftest import ALICE, NOW, CategoricalRollupHistory, aws_denied, aws_read
 
 Build = Callable[[list[dict[str, Any]]], pd.DataFrame]
 START = pd.Timestamp("2024-06-20T10:00:00Z")
@@ -270,6 +271,54 @@ def test_batch_failure_counts_once(make_events: Build) -> None:
     findings = run(make_events, window, keys=["principal"])
     assert findings["event_count"].tolist() == [10]
     assert findings["evidence"].iloc[0]["distinct_secrets"] == 4
+
+
+def test_baseline_from_categorical_rollup(make_events: Build) -> None:
+    history = []
+    for days_back in range(1, 8):
+        day = START - pd.Timedelta(days=days_back)
+        history += denials(days_back % 3, pd.Timedelta(hours=1), start=day)
+        history += denials(1, pd.Timedelta(hours=1), principal="bob@example.com", start=day)
+    view = CategoricalRollupHistory(make_events(history))
+    assert view.rollup(columns=["principal", "count"])["principal"].dtype == "category"
+    window = make_events(denials(12, pd.Timedelta(seconds=25)))
+    findings = FailureBurstDetector().detect(window, view, NOW)
+    assert findings["title"].tolist() == [f"12 failed secret accesses by {ALICE} in 5 min"]
+    baseline = findings["baseline"].iloc[0]
+    assert baseline["daily_failures"] == [1, 0, 2, 1, 0, 2, 1]
+    assert baseline["summary"] == "7-day median 1 failures/day; this burst 12"
+
+
+def test_present_drops_nulls_keeps_order() -> None:
+    values = np.array(["b", None, "a", "b", np.nan, "c"], dtype=object)
+    assert _present(values) == ["b", "a", "c"]
+
+
+def test_present_of_only_nulls_is_empty() -> None:
+    assert _present(np.array([None, np.nan], dtype=object)) == []
+
+
+def test_single_returns_the_one_value() -> None:
+    assert _single(np.array(["aws", None, "aws"], dtype=object)) == "aws"
+
+
+def test_single_of_several_or_none_is_none() -> None:
+    assert _single(np.array(["aws", "gcp"], dtype=object)) is None
+    assert _single(np.array([None], dtype=object)) is None
+
+
+def test_epoch_days_floor_to_utc_day() -> None:
+    times = pd.Series(
+        pd.to_datetime(
+            ["1970-01-01T23:59:59Z", "1970-01-02T00:00:00Z", "1969-12-31T12:00:00Z"],
+            format="ISO8601",
+        )
+    )
+    assert _epoch_days(times).tolist() == [0, 1, -1]
+
+
+def test_epoch_days_of_no_times_is_empty() -> None:
+    assert _epoch_days(pd.Series([], dtype="datetime64[us, UTC]")).tolist() == []
 
 
 @pytest.mark.parametrize(

@@ -5,13 +5,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 from pydantic import ValidationError
 
 from detectors.base import FINDING_COLUMNS, FrameHistory
-from detectors.geo import ImpossibleTravelDetector, NewCountryDetector
-from tests.detectors.conftest import ALICE, NOW, aws_read
+from detectors.geo import (
+    ImpossibleTravelDetector,
+    NewCountryDetector,
+    _country_codes,
+    _distinct_days,
+    _first_seen_codes,
+    _lookup,
+    _micros,
+    _previous_in_group,
+)
+from tests.detectors.conftest import ALICE, NOW, CategoricalRollupHistory, aws_read
 
 Build = Callable[[list[dict[str, Any]]], pd.DataFrame]
 
@@ -165,6 +175,124 @@ def test_backfill_learns_from_earlier_window_events(make_events: Build) -> None:
 def test_unknown_outcome_is_ignored(make_events: Build) -> None:
     window = [aws_read("2024-06-20T03:00:00Z", city="sao_paulo", outcome="unknown")]
     assert run(NewCountryDetector(), make_events, window, berlin_days(1, 19)).empty
+
+
+def test_new_country_categorical_rollup(make_events: Build) -> None:
+    history = make_events(berlin_days(1, 19))
+    window = make_events([aws_read("2024-06-20T03:00:00Z", city="sao_paulo", ip="200.160.2.3")])
+    view = CategoricalRollupHistory(history)
+    assert view.rollup(columns=["principal", "count"])["principal"].dtype == "category"
+    findings = NewCountryDetector().detect(window, view, NOW)
+    assert findings["title"].tolist() == [f"{ALICE} active from new country BR"]
+    assert findings["baseline"].iloc[0]["summary"] == "30-day countries: DE (19)"
+    assert findings["event_uids"].tolist() == window["event_uid"].map(lambda uid: [uid]).tolist()
+
+
+def test_lowercase_history_country_known(make_events: Build) -> None:
+    # Rollup and window countries are compared upper-cased: "de" in history makes DE known.
+    history = [{**row, "geo_country": "de"} for row in berlin_days(1, 19)]
+    window = [aws_read("2024-06-20T03:00:00Z", city="frankfurt")]
+    assert run(NewCountryDetector(), make_events, window, history).empty
+
+
+def test_other_principal_country_not_known(make_events: Build) -> None:
+    # Bob's Brazilian history does not make Brazil known for Alice.
+    bob = [
+        aws_read(f"2024-06-{day:02d}T10:00:00Z", "bob@example.com", city="sao_paulo")
+        for day in range(1, 20)
+    ]
+    window = [aws_read("2024-06-20T03:00:00Z", city="sao_paulo")]
+    findings = run(NewCountryDetector(), make_events, window, [*berlin_days(1, 19), *bob])
+    assert findings["principal"].tolist() == [ALICE]
+    assert findings["baseline"].iloc[0]["known_countries"] == {"DE": 19}
+
+
+def test_known_country_expires_inside_window(make_events: Build) -> None:
+    # The Brazilian read falls out of the look-back between the window's first event and the
+    # Brazilian one, so the hourly rollup must not count it as known.
+    history = [*berlin_days(1, 19), aws_read("2024-05-21T04:00:00Z", city="sao_paulo")]
+    window = [
+        aws_read("2024-06-20T03:00:00Z", city="berlin"),
+        aws_read("2024-06-20T05:00:00Z", city="sao_paulo"),
+    ]
+    findings = run(NewCountryDetector(), make_events, window, history)
+    assert findings["countries"].tolist() == [["BR"]]
+    assert findings["baseline"].iloc[0]["summary"] == "30-day countries: DE (20)"
+
+
+def test_micros_counts_from_epoch() -> None:
+    times = pd.Series(
+        pd.to_datetime(["1970-01-01T00:00:01Z", "2024-06-20T00:00:00.500Z"], format="ISO8601")
+    )
+    assert _micros(times).tolist() == [1_000_000, 1_718_841_600_500_000]
+
+
+def test_micros_of_no_times_is_empty() -> None:
+    empty = pd.Series([], dtype="datetime64[us, UTC]")
+    assert _micros(empty).tolist() == []
+
+
+def test_lookup_appends_missing_marker() -> None:
+    names = np.array(["DE", "JP", "US"], dtype=object)
+    assert _lookup(names, ["US", "FR", "DE"]).tolist() == [2, -1, 0, -1]
+
+
+def test_lookup_of_nothing_is_only_missing() -> None:
+    assert _lookup(np.array(["DE"], dtype=object), []).tolist() == [-1]
+
+
+def test_first_seen_codes_follow_row_order() -> None:
+    values = pd.Series(["bob", "alice", None, "carol", "alice"], dtype="string")
+    codes, names = _first_seen_codes(values, np.array([3, 4, 1, 0]))
+    assert codes.tolist() == [0, 1, 1, 2]
+    assert names.tolist() == ["carol", "alice", "bob"]
+
+
+def test_first_seen_codes_of_categorical_column() -> None:
+    values = pd.Series(["x", "y", "x"], dtype="category")
+    codes, names = _first_seen_codes(values, np.array([1, 2]))
+    assert codes.tolist() == [0, 1]
+    assert names.tolist() == ["y", "x"]
+
+
+def test_country_codes_share_sorted_upper_names() -> None:
+    window = pd.Series(["jp", "DE", None, "jp"], dtype="string")
+    rolled = pd.Series(["us", "de"], dtype="category")
+    names, (window_codes, rolled_codes) = _country_codes([window, rolled])
+    assert names.tolist() == ["DE", "JP", "US"]
+    assert window_codes.tolist() == [1, 0, -1, 1]
+    assert rolled_codes.tolist() == [2, 0]
+
+
+def test_country_codes_of_empty_columns() -> None:
+    names, (codes,) = _country_codes([pd.Series([], dtype="string")])
+    assert names.tolist() == []
+    assert codes.tolist() == []
+
+
+def test_previous_in_group_pairs_rows_of_one_group() -> None:
+    group = np.array([0, 1, 0, 0, 1])
+    times = np.array([10, 20, 30, 40, 50])
+    previous, has_previous = _previous_in_group(group, times)
+    assert has_previous.tolist() == [False, False, True, True, True]
+    assert previous[has_previous].tolist() == [10, 30, 20]
+
+
+def test_previous_in_group_single_rows_have_none() -> None:
+    previous, has_previous = _previous_in_group(np.array([0, 1, 2]), np.array([5, 6, 7]))
+    assert has_previous.tolist() == [False, False, False]
+    assert previous.tolist() == [0, 0, 0]
+
+
+def test_distinct_days_drops_repeats() -> None:
+    codes, days = _distinct_days(np.array([1, 1, 0, 1, 0]), np.array([-2, 5, 5, -2, 5]))
+    assert sorted(zip(codes.tolist(), days.tolist(), strict=True)) == [(0, 5), (1, -2), (1, 5)]
+
+
+def test_distinct_days_of_nothing() -> None:
+    codes, days = _distinct_days(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    assert codes.tolist() == []
+    assert days.tolist() == []
 
 
 def test_new_country_invalid_params() -> None:
