@@ -10,7 +10,7 @@ engine's detection step (:func:`pipeline.engine._baseline` and :func:`pipeline.e
 with an empty state database, so statistical detectors fit), and one more process runs all of
 them together. Each process is pinned to one CPU, with one thread for Arrow, BLAS and OpenMP.
 Time is wall-clock ``time.perf_counter`` around the detection step. Memory is the process's
-peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, MiB), reported both
+peak resident set size (``VmHWM`` of ``/proc/self/status``, MiB), reported both
 before the step (imports and the loaded window) and at its end. A process that passes
 ``--max-mb`` resident or ``--timeout`` seconds is killed and reported as failed.
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -243,6 +242,7 @@ def _child(target: str, config: Path, history_dir: Path, window_dir: Path) -> No
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
 
+    from benchmarks.memory import peak_mb
     from pipeline.config import load_config
     from pipeline.engine import _baseline, _detect
     from pipeline.store.history import History
@@ -258,7 +258,7 @@ def _child(target: str, config: Path, history_dir: Path, window_dir: Path) -> No
         settings = settings.model_copy(update={"detectors": {target: settings.detectors[target]}})
     window = History(window_dir).events()
     now = window["time"].max()
-    before = _peak_mb()
+    before = peak_mb()
 
     with tempfile.TemporaryDirectory() as folder:
         summary = RunSummary(run_id="benchmark", started=datetime.now(UTC))
@@ -276,7 +276,7 @@ def _child(target: str, config: Path, history_dir: Path, window_dir: Path) -> No
         json.dumps(
             {
                 "seconds": round(seconds, 2),
-                "peak_mb": round(_peak_mb(), 1),
+                "peak_mb": round(peak_mb(), 1),
                 "before_mb": round(before, 1),
                 "findings": len(findings),
                 "detector_seconds": {entry.id: entry.seconds for entry in summary.detectors},
@@ -285,11 +285,6 @@ def _child(target: str, config: Path, history_dir: Path, window_dir: Path) -> No
             }
         )
     )
-
-
-def _peak_mb() -> float:
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 if __name__ == "__main__":

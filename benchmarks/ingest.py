@@ -1,7 +1,7 @@
 """Measure CloudTrail ingest: gzip'd ``Records`` files to the events frame.
 
 Generates realistic CloudTrail files once (reused when present), then runs each measurement in
-its own Python process, pinned to one CPU, so that its peak resident memory (``ru_maxrss``) and
+its own Python process, pinned to one CPU, so that its peak resident memory (``VmHWM``) and
 CPU time are its own:
 
 * ``keytrail``: :func:`pipeline.formats.read_paths` on every file.
@@ -220,6 +220,8 @@ def _measure(kind: str, data_dir: Path, files: int) -> dict[str, Any]:
     # Imports happen before the clock starts: the figures are for reading, not start-up.
     import pandas as pd
 
+    from benchmarks.memory import peak_mb
+
     if kind == "keytrail":
         from pipeline.formats import read_paths
 
@@ -246,8 +248,7 @@ def _measure(kind: str, data_dir: Path, files: int) -> dict[str, Any]:
         "records": records,
         "rows": rows,
         "seconds": seconds,
-        # ru_maxrss is in KiB on Linux.
-        "peak_mb": after.ru_maxrss / 1024,
+        "peak_mb": peak_mb(),
         "user_s": after.ru_utime - before.ru_utime,
         "system_s": after.ru_stime - before.ru_stime,
         "minor_faults": after.ru_minflt - before.ru_minflt,
