@@ -168,9 +168,11 @@ class Population:
         failed = rng.random(count) < _FAILURE_SHARE
         pick = np.random.default_rng(self._agent_seed + day).integers(0, 2, count)
         pick = pick % self.agent_span[principal]
-        agent = self.agent_offset[principal] + (
-            self.agent_first[principal] - self.agent_offset[principal] + pick
-        ) % self.agent_choices[principal]
+        agent = (
+            self.agent_offset[principal]
+            + (self.agent_first[principal] - self.agent_offset[principal] + pick)
+            % self.agent_choices[principal]
+        )
         clouds = list(_CLOUDS)
 
         columns: dict[str, pa.Array] = {
