@@ -18,10 +18,10 @@ An events file without its rollup twin (a history written before rollups existed
 between the two writes) gets its rollup built on the first read that needs it, and written
 unless the folder is read-only. A rollup file without its events twin is ignored.
 
-``rollup/FORMAT`` holds the version of the rollup schema (:data:`ROLLUP_FORMAT`). When it is
-missing or older, the first rollup read rebuilds every rollup file that lacks a column of
-:data:`ROLLUP_SCHEMA` from its events twin, then writes the current version. A read-only
-history checks each file it reads and builds outdated ones in memory.
+A rollup file that lacks a column of :data:`ROLLUP_SCHEMA` (written before ``user_agent``
+became a key, or by an older version after a downgrade) or cannot be read is rebuilt from its
+events twin the same way, on the first read of its date. Checking the schemas costs a footer
+read per file, about 0.1 ms.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from pandas.api.types import union_categoricals
 from detectors.base import ROLLUP_COLUMNS, ROLLUP_KEYS, project_rollup, rollup_events
 from pipeline.schema import ARROW_SCHEMA, CLOUDS, COLUMNS, empty_events
 
-__all__ = ["ROLLUP_FORMAT", "ROLLUP_SCHEMA", "CappedHistoryView", "History"]
+__all__ = ["ROLLUP_SCHEMA", "CappedHistoryView", "History"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +63,6 @@ _ARROW_TO_PANDAS: Final[dict[pa.DataType, Any]] = {
     pa.int64(): pd.Int64Dtype(),
 }
 _ROLLUP_DIR: Final = "rollup"
-_FORMAT_FILE: Final = "FORMAT"
-ROLLUP_FORMAT: Final = "2"
-"""Version of the rollup files' schema: 2 added the ``user_agent`` key."""
 _HOUR_US: Final = 3_600_000_000
 # Rows per Parquet row group of an events file. Rows are in time order, so a read of a few
 # hours skips the row groups whose time statistics fall outside it. In benchmarks/detect.py
@@ -124,8 +121,6 @@ class History:
     def __init__(self, root: Path, *, read_only: bool = False) -> None:
         self.root = Path(root)
         self.read_only = read_only
-        # True once rollup/FORMAT shows that every rollup file has the current schema.
-        self._rollup_verified = False
 
     def append(self, events: pd.DataFrame, run_id: str) -> int:
         """Write ``events`` as one file per (date, cloud) partition for this run.
@@ -171,8 +166,6 @@ class History:
         rollup_clouds = rollup.column("cloud").to_pandas()
         rollup_groups = pd.Series(range(len(rollup))).groupby([rollup_days, rollup_clouds]).indices
 
-        # A history's first rollup file gets the format marker, so its reads need no check.
-        fresh = not self._rollup_root.exists()
         written = 0
         for key, positions in groups.items():
             day, cloud = cast(tuple[pd.Timestamp, str], key)
@@ -192,8 +185,6 @@ class History:
                 rollup_part.num_rows,
                 path,
             )
-        if fresh:
-            self._write_format()
         logger.info(
             "history: run %s appended %s rows in %s partitions", run_id, written, len(groups)
         )
@@ -368,24 +359,16 @@ class History:
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         return table.unify_dictionaries().combine_chunks()
 
-    def _rollup_files(
-        self, date_folder: Path, *, verify: bool | None = None
-    ) -> tuple[list[str], list[pa.Table]]:
+    def _rollup_files(self, date_folder: Path) -> tuple[list[str], list[pa.Table]]:
         """Return the rollup files of one date partition, building those missing or outdated.
-
-        Args:
-            date_folder: a ``date=`` folder of the events.
-            verify: check each rollup file's schema; None checks unless the format marker is
-                current (which an older history first gets by :meth:`_upgrade_rollups`).
 
         Returns:
             The paths of the rollup files whose events twin exists, and the rollup tables that
             had to be built but could not be written (a read-only history).
         """
-        if verify is None:
-            verify = not self._rollup_current()
         files: list[str] = []
         built: list[pa.Table] = []
+        rebuilt = 0
         for cloud_folder in _cloud_folders(date_folder):
             relative = cloud_folder.relative_to(self.root)
             rollup_folder = self._rollup_root / relative
@@ -393,7 +376,7 @@ class History:
                 if events_file.name.startswith("."):
                     continue
                 twin = rollup_folder / events_file.name
-                if twin.is_file() and (not verify or _has_rollup_schema(twin)):
+                if twin.is_file() and _has_rollup_schema(twin):
                     files.append(str(twin))
                     continue
                 table = pq.read_table(events_file, schema=ARROW_SCHEMA)
@@ -413,47 +396,22 @@ class History:
                     )
                     built.append(rollup)
                     continue
-                logger.info("history: built the rollup of %s", events_file)
+                logger.debug("history: built the rollup of %s", events_file)
+                rebuilt += 1
                 files.append(str(twin))
+        if rebuilt:
+            logger.info(
+                "history: built %s missing or outdated rollup files of %s",
+                rebuilt,
+                date_folder.name,
+            )
+        if built:
+            logger.info(
+                "history: built %s rollup files of %s in memory (read-only or not writable)",
+                len(built),
+                date_folder.name,
+            )
         return files, built
-
-    def _rollup_current(self) -> bool:
-        """Return True when every rollup file has the current schema, upgrading them if needed."""
-        if not self._rollup_verified:
-            try:
-                marker = (self._rollup_root / _FORMAT_FILE).read_text(encoding="ascii").strip()
-            except OSError:
-                marker = None
-            self._rollup_verified = marker == ROLLUP_FORMAT
-            if not self._rollup_verified and not self.read_only:
-                self._rollup_verified = self._upgrade_rollups()
-        return self._rollup_verified
-
-    def _upgrade_rollups(self) -> bool:
-        """Rebuild the rollup files of an older schema and write the format marker.
-
-        Returns:
-            True when every rollup file now has the current schema; False when some could not
-            be written (they are then built in memory on each read).
-        """
-        logger.info("history: checking the rollup files for format %s", ROLLUP_FORMAT)
-        for _, folder in self._date_folders():
-            _, built = self._rollup_files(folder, verify=True)
-            if built:
-                return False
-        try:
-            self._write_format()
-        except OSError as exc:
-            logger.warning("history: could not write the rollup format marker (%s)", exc)
-            return False
-        return True
-
-    def _write_format(self) -> None:
-        """Write ``rollup/FORMAT`` with the current version, atomically."""
-        self._rollup_root.mkdir(parents=True, exist_ok=True)
-        temporary = self._rollup_root / f".{_FORMAT_FILE}.tmp"
-        temporary.write_text(ROLLUP_FORMAT + "\n", encoding="ascii")
-        os.replace(temporary, self._rollup_root / _FORMAT_FILE)
 
     @property
     def _rollup_root(self) -> Path:
@@ -532,7 +490,7 @@ class History:
 
 
 def _has_rollup_schema(path: Path) -> bool:
-    """Return True when the rollup file at ``path`` stores every column of ROLLUP_SCHEMA."""
+    """Return True when the rollup file at ``path`` can be read and stores every rollup column."""
     try:
         names = set(pq.read_schema(path).names)
     except (OSError, pa.ArrowException):

@@ -15,7 +15,6 @@ import pytest
 from detectors.base import ROLLUP_COLUMNS, FrameHistory, HistoryView
 from pipeline.schema import ARROW_SCHEMA, COLUMNS, empty_events, events_from_rows
 from pipeline.store.history import (
-    ROLLUP_FORMAT,
     ROLLUP_SCHEMA,
     CappedHistoryView,
     History,
@@ -739,23 +738,23 @@ def agent_reads() -> pd.DataFrame:
     )
 
 
-def downgrade_rollups(root: Path) -> None:
-    """Rewrite the rollup files as format 1 wrote them: no user_agent column, no marker."""
-    for path in (root / "rollup").rglob("*.parquet"):
+def downgrade_rollups(root: Path, names: tuple[str, ...] = ()) -> list[Path]:
+    """Rewrite rollup files as an older version wrote them, without the user_agent column.
+
+    Only files whose path contains one of ``names`` are rewritten; all of them when empty.
+    Returns the rewritten paths.
+    """
+    rewritten = []
+    for path in sorted((root / "rollup").rglob("*.parquet")):
+        if names and not any(name in str(path) for name in names):
+            continue
         table = pq.read_table(path)
         pq.write_table(table.drop_columns(["user_agent"]), path)
-    (root / "rollup" / "FORMAT").unlink()
+        rewritten.append(path)
+    return rewritten
 
 
-def test_first_append_writes_rollup_format(tmp_path: Path) -> None:
-    store = History(tmp_path / "history")
-    store.append(agent_reads(), "run-1")
-
-    assert (store.root / "rollup" / "FORMAT").read_text(encoding="ascii") == f"{ROLLUP_FORMAT}\n"
-    assert ROLLUP_FORMAT == "2"
-
-
-def test_outdated_rollup_files_are_rebuilt_once(tmp_path: Path) -> None:
+def test_outdated_rollup_files_are_rebuilt(tmp_path: Path) -> None:
     History(tmp_path / "history").append(agent_reads(), "run-1")
     downgrade_rollups(tmp_path / "history")
     store = History(tmp_path / "history")
@@ -767,7 +766,36 @@ def test_outdated_rollup_files_are_rebuilt_once(tmp_path: Path) -> None:
     rollup_files = sorted((store.root / "rollup").rglob("*.parquet"))
     assert len(rollup_files) == 2
     assert all("user_agent" in pq.read_schema(path).names for path in rollup_files)
-    assert (store.root / "rollup" / "FORMAT").read_text(encoding="ascii") == "2\n"
+
+
+def test_rollup_written_after_a_downgrade_is_rebuilt(tmp_path: Path) -> None:
+    # An older version, run on a history the new one had read, wrote one day without the
+    # column; the other day stays as it is.
+    History(tmp_path / "history").append(agent_reads(), "run-1")
+    (older,) = downgrade_rollups(tmp_path / "history", ("date=2024-05-02",))
+    untouched = tmp_path / "history/rollup/date=2024-05-01/cloud=aws/run-1.parquet"
+    before = untouched.stat().st_mtime_ns
+
+    agents = History(tmp_path / "history").rollup(columns=["user_agent", "count"])
+
+    assert agents["user_agent"].astype(str).tolist() == ["aws-cli/2.17.1", "Boto3/1.35.0"]
+    assert "user_agent" in pq.read_schema(older).names
+    assert untouched.stat().st_mtime_ns == before
+
+
+def test_unreadable_rollup_file_is_rebuilt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    History(tmp_path / "history").append(agent_reads(), "run-1")
+    broken = tmp_path / "history/rollup/date=2024-05-01/cloud=aws/run-1.parquet"
+    broken.write_bytes(b"PAR1 cut short")
+
+    with caplog.at_level("INFO", logger="pipeline.store.history"):
+        agents = History(tmp_path / "history").rollup(columns=["user_agent", "count"])
+
+    assert agents["count"].tolist() == [1, 1]
+    assert pq.read_schema(broken).names[:2] == ["hour", "cloud"]
+    assert "built 1 missing or outdated rollup files of date=2024-05-01" in caplog.text
 
 
 def test_read_only_history_builds_outdated_rollups_in_memory(tmp_path: Path) -> None:
@@ -780,7 +808,6 @@ def test_read_only_history_builds_outdated_rollups_in_memory(tmp_path: Path) -> 
     assert agents["user_agent"].astype(str).tolist() == ["aws-cli/2.17.1", "Boto3/1.35.0"]
     rollup_files = sorted((store.root / "rollup").rglob("*.parquet"))
     assert not any("user_agent" in pq.read_schema(path).names for path in rollup_files)
-    assert not (store.root / "rollup" / "FORMAT").exists()
 
 
 def test_rollup_unites_all_null_and_filled_text_keys(tmp_path: Path) -> None:
