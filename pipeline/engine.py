@@ -8,13 +8,16 @@ the steps of a run, each a call into the package that owns it. Under the state l
 2. reads what is new in each source and quarantines what cannot be parsed;
 3. drops events already seen, enriches the rest, records the run as started and appends the
    events to the history;
-4. runs each enabled detector on the new window with a baseline from the history;
+4. runs each enabled detector on the new window with a baseline from the history, then gives
+   each detector the events it missed because it failed in earlier runs
+   (:data:`MISSED_CHECKPOINTS`), read back from the history;
 5. drops findings already in the ledger;
 6. filters the new findings for alerting (``min_severity``, allow-list, active silences) and
    routes and groups them into alerts per receiver;
 7. commits seen events, the findings ledger, one pending output row per new finding (the finding
    as JSON), one outbox row per (alert, receiver) not sent within ``repeat_interval``,
-   checkpoints and the run row in one transaction;
+   checkpoints (with the span of events each detector that failed now did not check) and the
+   run row in one transaction;
 8. writes findings.jsonl and the console output, then marks them written in a second, small
    transaction;
 9. delivers every due outbox row, this run's and those left pending or retrying by earlier runs,
@@ -82,7 +85,7 @@ from pipeline.alerting.outbox import Outbox, deliver_due
 from pipeline.alerting.silences import SilenceStore
 from pipeline.config import Settings, build_detectors
 from pipeline.enrich import enrich_events
-from pipeline.errors import DetectorError, KeytrailError
+from pipeline.errors import DetectorError, KeytrailError, StateError
 from pipeline.formats.base import Quarantined
 from pipeline.schema import empty_events
 from pipeline.sources import FilesSource, Source, SourceBatch, build_source
@@ -97,6 +100,7 @@ __all__ = [
     "CRASH_POINT_VARIABLE",
     "ENGINE_CHECKPOINTS",
     "LATE_TOLERANCE",
+    "MISSED_CHECKPOINTS",
     "run_once",
 ]
 
@@ -110,6 +114,14 @@ ENGINE_CHECKPOINTS = "_engine"
 
 MAX_EVENT_TIME = "max_event_time"
 """Key of the newest committed event time (ISO 8601 UTC) under :data:`ENGINE_CHECKPOINTS`."""
+
+MISSED_CHECKPOINTS = "_missed"
+"""Checkpoint source of the events detectors missed: detector id -> ``{"since", "until"}``.
+
+A detector that raises has not checked the run's events, which the run still commits as seen.
+The span of those events is kept here, and the next run gives the detector those events again,
+read from the history (:func:`_replay_missed`). Spans of several failed runs merge into one.
+"""
 
 LATE_TOLERANCE = timedelta(hours=1)
 """How far before ``max_event_time`` a finding's last event must lie for the finding to be late.
@@ -281,6 +293,12 @@ def _run(
         logger.info("history: %s rows appended", summary.history_rows_written)
         _crash_point("after_history")
         findings = _detect(settings, events, baseline, now, state, summary, fitted)
+        missed, replayed = _replay_missed(settings, history, now, state, summary)
+        if len(findings) and len(missed):
+            findings = pd.concat([findings, missed], ignore_index=True)
+            findings = findings.drop_duplicates(subset=["finding_id"]).reset_index(drop=True)
+        elif len(missed):
+            findings = missed
         findings = _fill_geoip_date(findings, enrich_info)
         findings = _mark_late(findings, mark, summary)
         try:
@@ -300,6 +318,7 @@ def _run(
         summary.status = "completed_with_problems" if summary.problems else "completed"
         summary.finished = datetime.now(UTC)
         checkpoints, checkpoints_removed = _checkpoints_to_store(batches, events, mark, summary)
+        _add_missed_checkpoints(state, events, summary, replayed, checkpoints, checkpoints_removed)
         _crash_point("before_commit")
         state.commit_run(
             summary.run_id,
@@ -597,6 +616,104 @@ def _baseline(history: History | None, window: pd.DataFrame) -> CappedHistoryVie
     return CappedHistoryView(history, window["time"].min())
 
 
+def _replay_missed(
+    settings: Settings,
+    history: History,
+    now: pd.Timestamp,
+    state: State,
+    summary: RunSummary,
+) -> tuple[pd.DataFrame, list[str]]:
+    """Give each enabled detector the events it missed in earlier runs, read from the history.
+
+    Runs after this run's own detection: a detector that failed now keeps its missed span for a
+    later run. Each replay gets the history before its span as its baseline, keeps no fitted
+    state, and its new findings join the run's. A replay that fails again keeps its span.
+
+    Returns:
+        The new findings of the replays, and the ids of the detectors whose spans were checked.
+    """
+    stored = state.checkpoints(MISSED_CHECKPOINTS)
+    failed_now = {entry.id for entry in summary.detectors if entry.error}
+    entries = {entry.id: entry for entry in summary.detectors}
+    frames: list[pd.DataFrame] = []
+    replayed: list[str] = []
+    for detector_id, span in sorted(stored.items()):
+        if detector_id not in entries or detector_id in failed_now:
+            continue
+        since, until = pd.Timestamp(span["since"]), pd.Timestamp(span["until"])
+        events = history.events(since=since, until=until)
+        one = settings.model_copy(
+            update={"detectors": {detector_id: settings.detectors[detector_id]}}
+        )
+        scratch = RunSummary(run_id=summary.run_id, started=summary.started)
+        found = (
+            _detect(one, events, _baseline(history, events), now, state, scratch)
+            if len(events)
+            else empty_findings()
+        )
+        text = f"{_utc_timestamp(since).isoformat()} to {_utc_timestamp(until).isoformat()}"
+        error = scratch.detectors[0].error if scratch.detectors else None
+        if error:
+            summary.problems.append(
+                f"detector {detector_id} failed again on the events it missed from {text}; "
+                f"they stay queued for the next run ({error})"
+            )
+            continue
+        replayed.append(detector_id)
+        entries[detector_id].new_findings += len(found)
+        summary.findings_new += len(found)
+        summary.replayed.append(
+            f"{detector_id}: {len(events)} events from {text}, {len(found)} new findings"
+        )
+        logger.info(
+            "detect: %s checked the %s events it missed from %s: %s new findings",
+            detector_id,
+            len(events),
+            text,
+            len(found),
+        )
+        if len(found):
+            frames.append(found)
+    missed = pd.concat(frames, ignore_index=True) if frames else empty_findings()
+    return missed, replayed
+
+
+def _add_missed_checkpoints(
+    state: State,
+    window: pd.DataFrame,
+    summary: RunSummary,
+    replayed: list[str],
+    upserts: dict[str, dict[str, Any]],
+    removed: dict[str, list[str]],
+) -> None:
+    """Queue the span of this run's events for each detector that failed on them.
+
+    Spans already queued for the detector are widened to include it, and the spans of
+    ``replayed`` detectors are removed, all in the run's commit.
+    """
+    stored = state.checkpoints(MISSED_CHECKPOINTS)
+    queued: dict[str, Any] = {}
+    if len(window):
+        start = _utc_timestamp(window["time"].min())
+        end = _utc_timestamp(window["time"].max()) + pd.Timedelta(microseconds=1)
+        for entry in summary.detectors:
+            if not entry.error:
+                continue
+            since, until = start, end
+            if entry.id in stored:
+                since = min(since, pd.Timestamp(stored[entry.id]["since"]))
+                until = max(until, pd.Timestamp(stored[entry.id]["until"]))
+            queued[entry.id] = {"since": since.isoformat(), "until": until.isoformat()}
+            summary.problems.append(
+                f"detector {entry.id} did not check the events from {since.isoformat()} to "
+                f"{until.isoformat()}; the next run gives them to it again"
+            )
+    if queued:
+        upserts[MISSED_CHECKPOINTS] = queued
+    if replayed:
+        removed[MISSED_CHECKPOINTS] = [name for name in replayed if name not in queued]
+
+
 def _detect(
     settings: Settings,
     window: pd.DataFrame,
@@ -687,7 +804,7 @@ def _prepare_statistical(
         try:
             detector.set_state(stored.state)
             restored = detector.fitted_through
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, StateError) as exc:
             logger.warning("%s: stored state is invalid (%s); fitting again", detector.id, exc)
             detector.fitted_through_ = None
     if not detector.needs_refit(start):

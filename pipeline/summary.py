@@ -96,7 +96,8 @@ class RunSummary:
     ``since`` and ``until`` bound a backfill window (``None`` outside a backfill), and
     ``events_outside_window`` counts the events read but dropped because they lie outside it.
     ``findings_late`` counts new findings whose events all lie well before ``max_event_time``,
-    the newest event time processed by earlier runs.
+    the newest event time processed by earlier runs. ``replayed`` describes, one line per
+    detector, the events it missed in earlier failed runs and checked in this one.
     """
 
     run_id: str
@@ -124,6 +125,7 @@ class RunSummary:
     delivery: dict[str, Any] = field(default_factory=dict)
     geoip: dict[str, Any] = field(default_factory=dict)
     quarantine_file: str | None = None
+    replayed: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -328,6 +330,8 @@ def _run_details(summary: RunSummary) -> Table:
     if summary.quarantine_file:
         records = _plural(summary.quarantined, "record")
         grid.add_row("quarantine", Text(f"{records} kept in {clean_line(summary.quarantine_file)}"))
+    for replay in summary.replayed:
+        grid.add_row("replayed", Text(clean_line(replay)))
     for problem in _problems(summary):
         grid.add_row(Text("problem", style="bold red"), Text(clean_line(problem)))
     for entry in summary.behind():

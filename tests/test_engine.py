@@ -311,9 +311,8 @@ def test_failing_detector_reported_others_run(tmp_path: Path, logs: Path) -> Non
     summary = run_once(settings, now=NOW)
 
     assert summary.status == "completed_with_problems"
-    assert summary.problems == [
-        "detector tests.broken: RuntimeError: baseline table missing",
-    ]
+    assert summary.problems[0] == "detector tests.broken: RuntimeError: baseline table missing"
+    assert summary.problems[1].startswith("detector tests.broken did not check the events from ")
     assert (
         summary.detectors[0].error == "detector tests.broken: RuntimeError: baseline table missing"
     )
@@ -825,3 +824,111 @@ def test_partly_read_source_behind(
     assert [line.split() for line in text.splitlines() if line.startswith("source extra")] == [
         ["source", "extra", "partly", "read"]
     ]
+
+
+class FlakyDetector(EveryReadDetector):
+    """One finding per read, or an error while ``failing`` is set."""
+
+    id = "tests.flaky"
+    failing: ClassVar[bool] = False
+
+    def detect(self, window: pd.DataFrame, history: HistoryView, now: pd.Timestamp) -> pd.DataFrame:
+        if type(self).failing:
+            raise RuntimeError("model file unreadable")
+        return super().detect(window, history, now)
+
+
+if FlakyDetector.id not in registered_detectors():
+    register(FlakyDetector)
+
+
+def add_read(logs: Path, number: int, time: str) -> None:
+    """Add one more CloudTrail read in a file of its own."""
+    path = logs / "aws" / f"trail-{number}.jsonl"
+    path.write_text(json.dumps(cloudtrail_record(number, time=time)) + "\n", encoding="utf-8")
+
+
+def missed_spans(tmp_path: Path) -> dict[str, Any]:
+    with State(tmp_path / "state" / "state.db") as state:
+        return state.checkpoints("_missed")
+
+
+def stored_span(tmp_path: Path) -> tuple[str, str]:
+    """Return the first and last event time in the history, as the missed span gives them."""
+    times = History(tmp_path / "state" / "history").events(columns=["time"])["time"]
+    return times.min().isoformat(), (times.max() + pd.Timedelta(microseconds=1)).isoformat()
+
+
+def test_detector_gets_the_events_it_missed_in_the_next_run(tmp_path: Path, logs: Path) -> None:
+    settings = make_settings(tmp_path, **{"tests.flaky": {}})
+    FlakyDetector.failing = True
+    try:
+        first = run_once(settings, now=NOW)
+    finally:
+        FlakyDetector.failing = False
+    since, until = stored_span(tmp_path)
+    add_read(logs, 7, "2026-10-06T10:00:00Z")
+
+    second = run_once(settings, now=NOW)
+    third = run_once(settings, now=NOW)
+
+    assert first.exit_code() == 3
+    assert first.problems[-1] == (
+        f"detector tests.flaky did not check the events from {since} to {until}; "
+        "the next run gives them to it again"
+    )
+    assert second.problems == []
+    assert second.replayed == [f"tests.flaky: 4 events from {since} to {until}, 4 new findings"]
+    assert second.findings_new == 5
+    assert second.findings_by_detector() == {"tests.flaky": 5}
+    assert missed_spans(tmp_path) == {}
+    assert third.replayed == []
+    assert third.findings_new == 0
+    titles = sorted(row["title"] for row in read_findings(tmp_path / "out" / "findings.jsonl"))
+    # The two AWS reads of the failed run lie more than an hour before the newest event.
+    assert titles == [
+        "read of https://kv-demo.vault.azure.net/secrets/db-password",
+        "read of prod/db-1 (late)",
+        "read of prod/db-2 (late)",
+        "read of prod/db-7",
+        "read of projects/demo-project/secrets/api-key",
+    ]
+
+
+def test_missed_spans_of_failed_runs_merge(tmp_path: Path, logs: Path) -> None:
+    settings = make_settings(tmp_path, **{"tests.flaky": {}, "tests.every_read": {}})
+    FlakyDetector.failing = True
+    try:
+        run_once(settings, now=NOW)
+        add_read(logs, 8, "2026-10-06T11:00:00Z")
+        second = run_once(settings, now=NOW)
+    finally:
+        FlakyDetector.failing = False
+    since, until = stored_span(tmp_path)
+
+    third = run_once(settings, now=NOW)
+
+    assert second.problems == [
+        "detector tests.flaky: RuntimeError: model file unreadable",
+        f"detector tests.flaky did not check the events from {since} to {until}; "
+        "the next run gives them to it again",
+    ]
+    assert third.replayed == [f"tests.flaky: 5 events from {since} to {until}, 5 new findings"]
+    assert third.findings_by_detector() == {"tests.flaky": 5, "tests.every_read": 0}
+    assert missed_spans(tmp_path) == {}
+
+
+def test_dry_run_leaves_missed_span_queued(tmp_path: Path, logs: Path) -> None:
+    settings = make_settings(tmp_path, **{"tests.flaky": {}})
+    FlakyDetector.failing = True
+    try:
+        run_once(settings, now=NOW)
+    finally:
+        FlakyDetector.failing = False
+    since, until = stored_span(tmp_path)
+    add_read(logs, 9, "2026-10-06T12:00:00Z")
+
+    dry = run_once(settings, now=NOW, dry_run=True)
+
+    assert dry.replayed == []
+    assert missed_spans(tmp_path) == {"tests.flaky": {"since": since, "until": until}}
