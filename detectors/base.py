@@ -418,14 +418,17 @@ def build_findings(
     bad = sorted(set(frame["severity"]) - set(SEVERITIES))
     if bad:
         raise ValueError(f"detector {detector.id}: invalid severities {bad}; expected {SEVERITIES}")
+    # A missing principal (a finding about an address) hashes as "", whether the frame holds
+    # None, NaN or pd.NA: a run and a backtest of the same events must give the same ids.
+    principals = [_text_or_empty(principal) for principal in frame["principal"]]
     if "dedup_key" not in frame.columns:
         frame["dedup_key"] = [
-            _digest(detector.id, str(principal), *resources)
-            for principal, resources in zip(frame["principal"], frame["resources"], strict=True)
+            _digest(detector.id, principal, *resources)
+            for principal, resources in zip(principals, frame["resources"], strict=True)
         ]
     frame["finding_id"] = [
-        _digest(detector.id, str(principal), *uids)
-        for principal, uids in zip(frame["principal"], frame["event_uids"], strict=True)
+        _digest(detector.id, principal, *uids)
+        for principal, uids in zip(principals, frame["event_uids"], strict=True)
     ]
     # One detector can reach the same events twice (a failure burst keyed by principal and by
     # the one address it came from); identical ids are the same finding, so keep the first.
@@ -447,6 +450,15 @@ def _string_list(value: Any) -> list[str]:
             continue
         items.append(str(item))
     return sorted(set(items))
+
+
+def _text_or_empty(value: Any) -> str:
+    """Return ``value`` as text, or "" when it is None, NaN or pd.NA."""
+    return (
+        ""
+        if value is None or value is pd.NA or (isinstance(value, float) and pd.isna(value))
+        else str(value)
+    )
 
 
 def _digest(*parts: str) -> str:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from detectors._common import IN_WINDOW, count_in_range, distinct_lists, load_context, read_mask
-from detectors.base import FrameHistory
+from detectors.base import Detector, FrameHistory, HistoryView, build_findings, empty_findings
 from tests.detectors.conftest import aws_read
 
 Build = Callable[[list[dict[str, Any]]], pd.DataFrame]
@@ -90,3 +92,31 @@ def test_distinct_lists_of_categories_and_numbers() -> None:
 def test_distinct_lists_without_values() -> None:
     empty = pd.Series([], dtype="string[pyarrow]")
     assert distinct_lists(np.zeros(0, dtype=np.int64), empty, 2) == [[], []]
+
+
+@pytest.mark.parametrize("missing", [None, float("nan"), pd.NA], ids=["none", "nan", "na"])
+def test_finding_ids_of_a_missing_principal_do_not_depend_on_its_form(missing: Any) -> None:
+    # A run builds findings from Arrow strings (pd.NA or NaN), a backtest from objects (None).
+    class AddressDetector(Detector):
+        id = "tests.address"
+
+        def detect(
+            self, window: pd.DataFrame, history: HistoryView, now: pd.Timestamp
+        ) -> pd.DataFrame:
+            return empty_findings()
+
+    row = {
+        "severity": "medium",
+        "title": "failures from 198.51.100.7",
+        "principal": missing,
+        "resources": ["prod/db"],
+        "first_seen": pd.Timestamp("2026-10-01T00:00:00Z"),
+        "last_seen": pd.Timestamp("2026-10-01T00:05:00Z"),
+        "event_uids": ["e1", "e2"],
+    }
+    found = build_findings([row], detector=AddressDetector())
+    named = build_findings([{**row, "principal": "alice"}], detector=AddressDetector())
+
+    expected = hashlib.sha256("\x1f".join(["tests.address", "", "e1", "e2"]).encode())
+    assert found["finding_id"].tolist() == [expected.hexdigest()[:20]]
+    assert found["finding_id"].tolist() != named["finding_id"].tolist()
