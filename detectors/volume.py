@@ -379,17 +379,17 @@ class VolumeSpikeDetector(Detector):
             window_rows = reads["row"].to_numpy()[read_groups.get((key, bucket), [])]
             events = counts.context.iloc[window_rows].sort_values("time", kind="stable")
 
-            per_secret = (
-                pd.Series(bucket_counts[positions])
-                .groupby(secret_keys[positions])
-                .sum()
-                .sort_values(ascending=False, kind="stable")
-            )
-            top_keys = per_secret.index.to_numpy(dtype=np.int64)[: params.top_secrets]
-            top = {
-                counts.resource_name(int(secret)) or "": int(count)
-                for secret, count in zip(top_keys, per_secret.to_numpy(), strict=False)
-            }
+            per_secret = pd.Series(bucket_counts[positions]).groupby(secret_keys[positions]).sum()
+            # Ties go by name: the codes follow the order in which the history gave the names,
+            # which differs between the Parquet history and a frame of the same events.
+            ranked = pd.DataFrame(
+                {
+                    "name": [counts.resource_name(int(key)) or "" for key in per_secret.index],
+                    "count": per_secret.to_numpy(dtype=np.int64),
+                }
+            ).sort_values(["count", "name"], ascending=[False, True], kind="stable")
+            ranked = ranked.head(params.top_secrets)
+            top = dict(zip(ranked["name"].tolist(), ranked["count"].tolist(), strict=True))
 
             principal_key = key
             if level == "secret":

@@ -297,3 +297,19 @@ def test_history_store_gives_same_finding(make_events: Build, tmp_path: Path) ->
     assert len(from_store) == 1
     assert from_store["evidence"].iloc[0] == in_memory["evidence"].iloc[0]
     assert from_store["baseline"].iloc[0] == in_memory["baseline"].iloc[0]
+
+
+def test_top_secrets_of_equal_counts_go_by_name(make_events: Build) -> None:
+    # Six secrets read 7 times each: the five named first win, whatever order they came in.
+    names = ["prod/f", "prod/c", "prod/a", "prod/e", "prod/b", "prod/d"]
+    window: list[dict[str, Any]] = []
+    for name in names:
+        window += reads_on(TODAY, 7, secret=name)
+
+    findings, _ = run(make_events, window, daily(30, 2))
+
+    top = findings.iloc[0]["evidence"]["top_secrets"]
+    assert list(top) == [
+        SECRET_ARN + name for name in ("prod/a", "prod/b", "prod/c", "prod/d", "prod/e")
+    ]
+    assert set(top.values()) == {7}
