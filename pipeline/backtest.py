@@ -184,7 +184,8 @@ def backtest(
         raise InputError(
             f"no history in {root}; run `keytrail run` (with --since for a backfill) first"
         )
-    history = History(root)
+    # A backtest writes nothing and takes no lock: rollups it lacks are built in memory.
+    history = History(root, read_only=True)
     chosen = list(detectors) if detectors is not None else list(settings.enabled_detectors)
     if silences is None:
         silences = read_silences(settings.state_dir / "state.db")

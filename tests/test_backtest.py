@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -103,8 +104,14 @@ def test_backtest_equals_daily_runs(daily: tuple[Settings, list[dict[str, int]]]
     assert {row["detector"] for row in written} >= {OFF, FIRST}
 
 
-def test_backtest_writes_no_state(daily: tuple[Settings, list[dict[str, int]]]) -> None:
+@pytest.mark.parametrize("rollups", ["current", "missing"])
+def test_backtest_writes_no_state(
+    daily: tuple[Settings, list[dict[str, int]]], rollups: str
+) -> None:
     settings, _ = daily
+    if rollups == "missing":
+        # A history whose rollups must be rebuilt: the backtest builds them in memory only.
+        shutil.rmtree(settings.state_dir / "history" / "rollup")
     before_state = _tree(settings.state_dir)
     before_out = _tree(settings.output_dir)
 

@@ -30,6 +30,7 @@ import itertools
 import logging
 import os
 import re
+import secrets
 import shutil
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -121,6 +122,8 @@ class History:
     def __init__(self, root: Path, *, read_only: bool = False) -> None:
         self.root = Path(root)
         self.read_only = read_only
+        # Files already warned about, so a problem is logged once per History, not per read.
+        self._warned: set[Path] = set()
 
     def append(self, events: pd.DataFrame, run_id: str) -> int:
         """Write ``events`` as one file per (date, cloud) partition for this run.
@@ -379,7 +382,19 @@ class History:
                 if twin.is_file() and _has_rollup_schema(twin):
                     files.append(str(twin))
                     continue
-                table = pq.read_table(events_file, schema=ARROW_SCHEMA)
+                try:
+                    table = pq.read_table(events_file, schema=ARROW_SCHEMA)
+                except (OSError, pa.ArrowException) as exc:
+                    # Its events are lost to every read; the other files still serve.
+                    if events_file not in self._warned:
+                        self._warned.add(events_file)
+                        logger.warning(
+                            "history: events file %s cannot be read (%s); its rollup is left "
+                            "out of baselines until the file is removed or restored",
+                            events_file,
+                            exc,
+                        )
+                    continue
                 frame = table.to_pandas(types_mapper=_ARROW_TO_PANDAS.get)
                 rollup = _rollup_table(frame.astype(_PANDAS_DTYPES))
                 run_id = events_file.name.split(".", 1)[0]
@@ -389,11 +404,14 @@ class History:
                 try:
                     _write_atomically(rollup, rollup_folder, run_id, name=events_file.name)
                 except OSError as exc:
-                    logger.warning(
-                        "history: could not write the rollup of %s (%s); it is built on each read",
-                        events_file,
-                        exc,
-                    )
+                    if events_file not in self._warned:
+                        self._warned.add(events_file)
+                        logger.warning(
+                            "history: could not write the rollup of %s (%s); it is built on "
+                            "each read",
+                            events_file,
+                            exc,
+                        )
                     built.append(rollup)
                     continue
                 logger.debug("history: built the rollup of %s", events_file)
@@ -789,7 +807,9 @@ def _write_atomically(
         while final.exists():
             final = folder / f"{run_id}.{sequence}.parquet"
             sequence += 1
-    temporary = folder / f".{final.name}.tmp"
+    # The process id and a random part keep two writers of the same file (a run and an
+    # analyst's rebuild of a missing rollup) off each other's temporary file.
+    temporary = folder / f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
     try:
         with open(temporary, "wb") as handle:
             pq.write_table(table, handle, compression="zstd", row_group_size=row_group_size)

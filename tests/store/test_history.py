@@ -834,3 +834,24 @@ def test_rollup_unites_all_null_and_filled_text_keys(tmp_path: Path) -> None:
         None,
         "aws-cli/2.17.1",
     ]
+
+
+def test_unreadable_events_file_is_left_out_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Day 1's events file is lost and its rollup twin too; day 2 still serves.
+    History(tmp_path / "history").append(agent_reads(), "run-1")
+    lost = tmp_path / "history/date=2024-05-01/cloud=aws/run-1.parquet"
+    lost.write_bytes(b"")
+    (tmp_path / "history/rollup/date=2024-05-01/cloud=aws/run-1.parquet").unlink()
+    store = History(tmp_path / "history")
+
+    with caplog.at_level("WARNING", logger="pipeline.store.history"):
+        first = store.rollup(columns=["user_agent", "count"])
+        second = store.rollup(columns=["user_agent", "count"])
+
+    assert first["user_agent"].astype(str).tolist() == ["Boto3/1.35.0"]
+    assert second["count"].tolist() == [1]
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"history: events file {lost} cannot be read (")
