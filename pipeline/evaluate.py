@@ -20,7 +20,8 @@ Per detector, a true positive is an alert that matches an incident, through ``de
 matches an expected span (routine activity the detector flags by design, such as a learning
 period) and no incident; it is neither true nor false. Every other alert is a false positive.
 A false negative is an incident that lists the detector in ``detectors`` and has no matching
-alert. Precision is TP / (TP + FP), or None without such alerts. Recall is found incidents /
+alert. A finding that lies wholly outside the labeled period (``start`` plus ``days``) is not
+scored, because no label covers it; the report counts such findings in ``outside_period``. Precision is TP / (TP + FP), or None without such alerts. Recall is found incidents /
 expected incidents, or None when no incident lists the detector. A decoy violation is an alert
 that matches a decoy; it is also a false positive unless it matches an incident.
 """
@@ -164,6 +165,7 @@ class EvaluationReport:
     decoy_violations: list[dict[str, str]] = field(default_factory=list)
     removed: list[Removal] = field(default_factory=list)
     days: int = 0
+    outside_period: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """Return ``{detector id: scores}`` sorted by detector id."""
@@ -173,6 +175,7 @@ class EvaluationReport:
         """Return the scores, the decoy violations and the removals as one JSON-ready object."""
         return {
             "days": self.days,
+            "outside_period": self.outside_period,
             "detectors": self.to_json(),
             "decoy_violations": list(self.decoy_violations),
             "removed": [removal.to_json() for removal in self.removed],
@@ -211,6 +214,9 @@ class EvaluationReport:
                 )
         else:
             lines.append("decoy violations: none")
+        if self.outside_period:
+            noun = "finding" if self.outside_period == 1 else "findings"
+            lines.append(f"not scored: {self.outside_period} {noun} outside the labeled period")
         return "\n".join(lines)
 
 
@@ -394,6 +400,18 @@ def _period_days(labels: Mapping[str, Any], frame: pd.DataFrame) -> int:
     return int(pd.to_datetime(frame["first_seen"], utc=True).dt.floor("D").nunique())
 
 
+def _inside_period(frame: pd.DataFrame, labels: Mapping[str, Any]) -> tuple[pd.DataFrame, int]:
+    """Drop the findings that lie wholly outside the labeled period; return them counted."""
+    end = _period_end(labels)
+    if end is None or frame.empty or "first_seen" not in frame.columns:
+        return frame, 0
+    start = end - dt.timedelta(days=int(labels["days"]))
+    first = pd.to_datetime(frame["first_seen"], utc=True, format="ISO8601")
+    last = pd.to_datetime(frame.get("last_seen", frame["first_seen"]), utc=True, format="ISO8601")
+    inside = ((last >= start) & (first < end)).to_numpy(dtype=bool)
+    return frame[inside].reset_index(drop=True), int((~inside).sum())
+
+
 def _period_end(labels: Mapping[str, Any]) -> dt.datetime | None:
     start, days = labels.get("start"), labels.get("days")
     if not isinstance(start, str) or not isinstance(days, int):
@@ -453,6 +471,7 @@ def evaluate(
     expected = _parse_labels(labels.get("expected", []), "expected")
     frame = _finding_frame(findings)
     days = _period_days(labels, frame)
+    frame, outside = _inside_period(frame, labels)
 
     detectors = {str(name) for name in frame["detector"]} if len(frame) else set()
     for label in (*incidents, *extras, *decoys, *expected):
@@ -518,7 +537,11 @@ def evaluate(
                 scores[detector].missed.append(incident.id)
                 scores[detector].false_negatives += 1
     report = EvaluationReport(
-        scores=scores, decoy_violations=violations, removed=removals, days=days
+        scores=scores,
+        decoy_violations=violations,
+        removed=removals,
+        days=days,
+        outside_period=outside,
     )
     logger.info(
         "evaluated %s findings against %s incidents, %s decoys and %s expected spans: "

@@ -489,3 +489,29 @@ def test_read_silences_leaves_file_unchanged(tmp_path: Path) -> None:
 def test_read_silences_missing_file(tmp_path: Path) -> None:
     assert read_silences(tmp_path / "state.db") == []
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "scored"),
+    [
+        ("2026-11-05T07:05:00Z", "2026-11-05T07:06:00Z", False),  # after the 30 days
+        ("2026-09-30T23:50:00Z", "2026-09-30T23:59:00Z", False),  # the evening before
+        ("2026-09-30T23:50:00Z", "2026-10-01T00:10:00Z", True),  # reaches into the period
+        ("2026-10-30T23:50:00Z", "2026-10-30T23:59:00Z", True),  # the last evening
+    ],
+)
+def test_findings_outside_labeled_period_are_not_scored(
+    first: str, last: str, scored: bool
+) -> None:
+    findings = [_finding(OFF, "tom@example.com", first, last)]
+
+    report = evaluate(findings, LABELS)
+
+    assert report.to_json()[OFF]["false_positives"] == int(scored)
+    assert report.outside_period == int(not scored)
+    assert report.to_document()["outside_period"] == int(not scored)
+    assert report.to_table().endswith(
+        "decoy violations: none"
+        if scored
+        else "decoy violations: none\nnot scored: 1 finding outside the labeled period"
+    )
