@@ -1,8 +1,9 @@
 """``keytrail.first_seen``: a principal reads a secret it has not read in the look-back.
 
-The module also contains the novelty helpers that :mod:`detectors.risk` shares: loading the
-activity before a window from the hourly rollup, and marking the window rows whose value is new
-for their principal.
+The module also contains the helpers that :mod:`detectors.risk` shares: loading the activity
+before a window from the hourly rollup, and marking the window rows whose value is new for their
+principal. The principal directory helpers are shared too. The directory records when each
+principal was first and last seen, and the detector state carries it from run to run.
 """
 
 from __future__ import annotations
@@ -12,22 +13,35 @@ import logging
 import re
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any, ClassVar, Final, Literal, cast
+from typing import Any, ClassVar, Final, Literal, Self, cast
 
 import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from detectors._common import distinct_lists, iter_rows, read_mask, stable_key, utc_iso
-from detectors.base import Detector, DetectorParams, HistoryView, build_findings, register
+from detectors.base import (
+    DetectorParams,
+    HistoryView,
+    StatisticalDetector,
+    StatisticalParams,
+    build_findings,
+    register,
+)
 
 __all__ = [
     "FirstSeenDetector",
     "FirstSeenParams",
-    "first_activity",
+    "activity_extents",
+    "directory_from_state",
+    "directory_state",
+    "empty_directory",
+    "idle_days",
     "load_prior",
     "map_keys",
+    "merge_directory",
     "novel_mask",
+    "principal_activity",
     "prior_reads",
     "secret_name",
     "shared_key_codes",
@@ -40,7 +54,9 @@ logger = logging.getLogger(__name__)
 Severity = Literal["info", "low", "medium", "high", "critical"]
 
 _READ_ACTIONS: Final = ("read", "decrypt")
+_PRIOR_COLUMNS: Final = ("principal", "resource", "action", "outcome")
 _MAX_LISTED: Final = 10
+_STATE_VERSION: Final = 1
 _COLUMNS: Final = (
     "event_uid",
     "time",
@@ -122,12 +138,167 @@ def prior_reads(prior: pd.DataFrame) -> pd.DataFrame:
     return prior[mask.fillna(False).to_numpy(dtype=bool)]
 
 
-def first_activity(prior: pd.DataFrame, window: pd.DataFrame) -> pd.Series:
-    """Return each principal's earliest event time in ``prior`` and ``window``, by principal."""
-    earlier = prior.groupby("principal", observed=True)["first_time"].min()
-    current = window.groupby("principal", observed=True)["time"].min()
-    both = pd.concat([earlier, current])
-    return both.groupby(level=0).min()
+def activity_extents(
+    frame: pd.DataFrame, first: str = "first_time", last: str = "last_time"
+) -> pd.DataFrame:
+    """Return each principal's earliest ``first`` and latest ``last`` time in ``frame``.
+
+    The result is indexed by principal name (Python strings) and has the columns
+    ``first_seen`` and ``last_seen``, the shape :func:`merge_directory` takes. Rows without a
+    principal are left out.
+    """
+    if frame.empty:
+        return empty_directory()
+    extents = frame.groupby("principal", observed=True).agg(
+        first_seen=(first, "min"), last_seen=(last, "max")
+    )
+    extents = extents.astype("datetime64[us, UTC]")
+    names = np.asarray(extents.index, dtype=object).astype(str)
+    extents.index = pd.Index(names, dtype=object, name="principal")
+    return extents
+
+
+def empty_directory() -> pd.DataFrame:
+    """Return a principal directory without principals (see :func:`merge_directory`)."""
+    return pd.DataFrame(
+        {
+            "first_seen": pd.Series([], dtype="datetime64[us, UTC]"),
+            "last_seen": pd.Series([], dtype="datetime64[us, UTC]"),
+        },
+        index=pd.Index([], dtype=object, name="principal"),
+    )
+
+
+def merge_directory(directory: pd.DataFrame, *extents: pd.DataFrame) -> pd.DataFrame:
+    """Return ``directory`` with the activity of ``extents`` added.
+
+    A principal directory is a frame indexed by principal name with the time each principal
+    was first and last seen (``first_seen``, ``last_seen``), as :func:`activity_extents`
+    returns. Merging keeps the earliest ``first_seen`` and the latest ``last_seen`` of each
+    principal, so merging the same activity twice changes nothing.
+    """
+    frames = [frame for frame in (directory, *extents) if len(frame)]
+    if not frames:
+        return empty_directory()
+    if len(frames) == 1:
+        return frames[0]
+    combined = pd.concat(frames)
+    merged = combined.groupby(level=0, sort=True).agg(
+        first_seen=("first_seen", "min"), last_seen=("last_seen", "max")
+    )
+    merged.index.name = "principal"
+    return merged
+
+
+def principal_activity(
+    directory: pd.DataFrame,
+    prior: pd.DataFrame,
+    window: pd.DataFrame,
+    start: pd.Timestamp,
+    lookback: timedelta,
+) -> pd.DataFrame:
+    """Return, per principal of the window, since when it is known and whether it returned.
+
+    Args:
+        directory: the principal directory carried from earlier runs. Only its times before
+            ``start`` are used, so a replay of older history learns nothing from a later run.
+            A ``first_seen`` at or after ``start`` is ignored. A ``last_seen`` at or after
+            ``start`` leaves the principal's last activity before ``start`` unknown.
+        prior: :func:`activity_extents` of the look-back before ``start``.
+        window: :func:`activity_extents` of the window.
+        start: the window's first event time.
+        lookback: the detector's look-back.
+
+    Returns:
+        A frame indexed like ``window`` with three columns. ``since`` is the earliest activity
+        in the directory, the look-back or the window. ``idle`` is the time from the
+        principal's last activity before ``start`` to its first event in the window, NaT when
+        unknown or when the principal did not return. ``returned`` is True when the directory
+        recorded the principal before ``start``, the look-back has no activity of it, and it
+        was idle for at least ``lookback``. An unknown idle time counts as returned, because
+        it is at least the look-back that ``prior`` covers. Without a directory no principal
+        returned and ``since`` is the earliest activity in ``prior`` and ``window``.
+
+    NOTE: only the gap before the window is checked. A principal idle for weeks inside one
+    long window (a backfill of months in one run) is not marked as returned.
+    """
+    names = window.index
+    earlier = directory[(directory["first_seen"] < start).to_numpy(dtype=bool)]
+    known_first = earlier["first_seen"].reindex(names)
+    known_last = earlier["last_seen"].where(earlier["last_seen"] < start).reindex(names)
+    prior_first = prior["first_seen"].reindex(names)
+    prior_last = prior["last_seen"].reindex(names)
+    since = pd.concat([known_first, prior_first, window["first_seen"]], axis=1).min(axis=1)
+    last_before = pd.concat([known_last, prior_last], axis=1).max(axis=1)
+    idle = window["first_seen"] - last_before.astype("datetime64[us, UTC]")
+    long_idle = (idle >= pd.Timedelta(lookback)).fillna(False) | idle.isna()
+    returned = known_first.notna() & prior_first.isna() & long_idle
+    return pd.DataFrame(
+        {
+            "since": since.astype("datetime64[us, UTC]"),
+            "idle": idle.where(returned),
+            "returned": returned.to_numpy(dtype=bool),
+        },
+        index=names,
+    )
+
+
+def idle_days(directory: pd.DataFrame, window: pd.DataFrame) -> pd.Series:
+    """Return, per row of ``window``, the days since its principal was last seen.
+
+    The time comes from ``directory`` alone. A row whose principal is not in it, or was last
+    seen at or after the row's time, gets NaN.
+    """
+    last = map_keys(window["principal"], directory["last_seen"])
+    gap = window["time"] - last.astype("datetime64[us, UTC]")
+    days = gap.dt.total_seconds() / 86_400
+    return days.where(days > 0).astype(float).rename(None)
+
+
+def directory_state(directory: pd.DataFrame) -> dict[str, list[Any]]:
+    """Return ``directory`` as JSON-ready parallel lists, times in microseconds since 1970."""
+    return {
+        "principals": [str(name) for name in directory.index],
+        "first_seen": utc_micros(directory["first_seen"]).tolist(),
+        "last_seen": utc_micros(directory["last_seen"]).tolist(),
+    }
+
+
+def directory_from_state(state: Any) -> pd.DataFrame:
+    """Return the directory that :func:`directory_state` stored.
+
+    Raises:
+        ValueError: ``state`` does not have three lists of equal length, with strings and
+            integer times, and a first time not after the last.
+    """
+    if not isinstance(state, dict):
+        raise ValueError(f"principal directory: expected an object, found {type(state).__name__}")
+    try:
+        names = state["principals"]
+        first = np.asarray(state["first_seen"], dtype=np.int64)
+        last = np.asarray(state["last_seen"], dtype=np.int64)
+    except (KeyError, TypeError, OverflowError) as exc:
+        raise ValueError(
+            f"principal directory: invalid lists: {type(exc).__name__}: {exc}"
+        ) from None
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError("principal directory: 'principals' is not a list of strings")
+    if not len(names) == len(first) == len(last) or first.ndim != 1 or last.ndim != 1:
+        raise ValueError(
+            f"principal directory: expected lists of one length, found {len(names)} principals, "
+            f"{first.size} first and {last.size} last times"
+        )
+    if np.any(first > last):
+        raise ValueError("principal directory: a first_seen time is after its last_seen time")
+    if len(set(names)) != len(names):
+        raise ValueError("principal directory: a principal appears twice")
+    return pd.DataFrame(
+        {
+            "first_seen": pd.to_datetime(first, unit="us", utc=True),
+            "last_seen": pd.to_datetime(last, unit="us", utc=True),
+        },
+        index=pd.Index(names, dtype=object, name="principal"),
+    ).astype("datetime64[us, UTC]")
 
 
 def map_keys(keys: pd.Series, mapping: pd.Series) -> pd.Series:
@@ -285,7 +456,7 @@ def secret_name(resource: str) -> str:
     return resource
 
 
-class FirstSeenParams(DetectorParams):
+class FirstSeenParams(StatisticalParams):
     """Parameters of :class:`FirstSeenDetector`."""
 
     lookback_days: int = Field(default=30, ge=1, le=366)
@@ -314,7 +485,7 @@ class FirstSeenParams(DetectorParams):
 
 
 @register
-class FirstSeenDetector(Detector):
+class FirstSeenDetector(StatisticalDetector):
     """A principal reads a secret it has not read in the look-back.
 
     A read is a successful ``read``, or a ``decrypt`` that the principal made itself. A KMS
@@ -322,10 +493,22 @@ class FirstSeenDetector(Detector):
     store's read. A read is first-seen when the same principal has no read of the same secret
     in the ``lookback_days`` before it, in the history or earlier in the window.
 
-    Learning period: a principal whose earliest event in the look-back is less than
-    ``learning_days`` before the read is still learning, and its first-seen reads do not fire
-    unless ``sensitive_during_learning`` is set and the secret is sensitive. ``report_``
-    counts the skipped principals (``skipped_no_history``) and secrets.
+    Learning period: a principal first seen less than ``learning_days`` before the read is
+    still learning, and its first-seen reads do not fire unless ``sensitive_during_learning``
+    is set and the secret is sensitive. ``report_`` counts the skipped principals
+    (``skipped_no_history``) and secrets. The first time comes from the principal directory
+    (``directory_``, see :func:`merge_directory`) when it recorded the principal before the
+    window, else from the earliest event in the look-back or the window.
+
+    State: ``directory_`` records when each principal was first and last seen. :meth:`fit`
+    adds the look-back's activity and :meth:`detect` adds the window's, and the engine keeps it
+    in its state database from run to run, so it covers more than the look-back. A principal
+    in the directory is therefore not learning again when it returns after being idle for
+    the whole look-back, and the finding gives its idle time (``idle_days``). Without stored
+    state (a first run, a backtest, a detector built in a notebook) the directory contains
+    only the principals of the look-back and the window. :meth:`score` returns the days since each row's principal was
+    last seen, from the directory. The state keeps no parameter-dependent values, so a change
+    of parameters keeps it.
 
     One finding per principal and UTC day lists every secret it read for the first time that
     day, so a busy first day is one finding, not one per secret. Severity is ``severity``
@@ -336,8 +519,8 @@ class FirstSeenDetector(Detector):
     ``severity`` (low), ``sensitive_severity`` (high), ``sensitive_during_learning`` (false).
 
     Blind spots: a principal that read the secret once in the look-back, an attacker using the
-    identity that normally reads the secret, and a principal that was idle for the whole
-    look-back (it is learning again when it returns).
+    identity that normally reads the secret, and a principal idle for the whole look-back
+    that no earlier run recorded in the directory (it is learning again when it returns).
 
     ATT&CK: T1555.006 (Cloud Secrets Management Stores).
     """
@@ -350,21 +533,75 @@ class FirstSeenDetector(Detector):
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         self.report_: dict[str, int] = {}
+        self.directory_: pd.DataFrame = empty_directory()
 
     @property
     def lookback(self) -> timedelta:
         """The look-back in which an earlier read makes a secret known."""
         return timedelta(days=self.params.lookback_days)
 
+    def fit(self, history: HistoryView, now: pd.Timestamp) -> Self:
+        """Add the principals active in the look-back before ``now`` to the directory.
+
+        The read is the one :meth:`detect` makes for a window starting at ``now``, so the
+        engine's history cache serves the second.
+        """
+        prior = load_prior(history, now, self.lookback, _PRIOR_COLUMNS, hourly=False)
+        self.directory_ = merge_directory(self.directory_, activity_extents(prior))
+        self.fitted_through_ = now
+        return self
+
+    def score(self, window: pd.DataFrame) -> pd.Series:
+        """Return the days since each row's principal was last seen (see :func:`idle_days`)."""
+        return idle_days(self.directory_, window)
+
+    def get_state(self) -> dict[str, Any]:
+        """Return the directory and ``fitted_through`` as a JSON-ready dict."""
+        fitted = self.fitted_through_
+        return {
+            "version": _STATE_VERSION,
+            "fitted_through": None if fitted is None else fitted.isoformat(),
+            "directory": directory_state(self.directory_),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> Self:
+        """Restore a state from :meth:`get_state`.
+
+        Raises:
+            ValueError: the state is of another version or its directory is invalid.
+            KeyError: a key is missing.
+        """
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            found = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{self.id} state: expected version {_STATE_VERSION}, found {found!r}")
+        fitted = state["fitted_through"]
+        directory = directory_from_state(state["directory"])
+        self.fitted_through_ = None if fitted is None else pd.Timestamp(fitted)
+        self.directory_ = directory
+        return self
+
+    def params_hash(self) -> str:
+        """Return a digest that no parameter changes: the directory records only event times."""
+        return stable_key(self.id, "principal directory", _STATE_VERSION)
+
     def detect(self, window: pd.DataFrame, history: HistoryView, now: pd.Timestamp) -> pd.DataFrame:
-        """Return one finding per principal and UTC day with first-seen reads in ``window``."""
+        """Return one finding per principal and UTC day with first-seen reads in ``window``.
+
+        Adds the principals of the look-back and of ``window`` to ``directory_`` and moves
+        ``fitted_through_`` to the end of ``window``. No separate :meth:`fit` is needed,
+        because this reads the same look-back.
+        """
         params = self.params
         self.report_ = {"skipped_no_history": 0, "skipped_no_history_secrets": 0}
+        if window.empty:
+            return build_findings([], detector=self)
+        current = activity_extents(window[["principal", "time"]], "time", "time")
         # The checks below need three columns of the reads. The other columns are taken only
         # when a read fires, because copying them for the benchmark's 980,000 reads took about
         # 0.13 s of the detector's 0.5 s.
         rows = np.flatnonzero(successful_reads(window).to_numpy(dtype=bool))
         if len(rows) == 0:
+            self._learn(current)
             return build_findings([], detector=self)
         reads = pd.DataFrame(
             {name: window[name].array.take(rows) for name in ("principal", "resource", "time")}
@@ -373,19 +610,16 @@ class FirstSeenDetector(Detector):
             reads = reads.sort_values("time", kind="stable").reset_index(drop=True)
 
         start = pd.Timestamp(window["time"].min())
-        prior = load_prior(
-            history,
-            start,
-            self.lookback,
-            ("principal", "resource", "action", "outcome"),
-            hourly=False,
-        )
+        prior = load_prior(history, start, self.lookback, _PRIOR_COLUMNS, hourly=False)
         known = prior_reads(prior)
         new = novel_mask(known, reads, ("principal", "resource"), self.lookback)
 
-        # Grouping by principal leaves out the events without one.
-        first = first_activity(prior, window[["principal", "time"]])
-        reads["principal_since"] = map_keys(reads["principal"], first).astype("datetime64[us, UTC]")
+        earlier = activity_extents(prior)
+        activity = principal_activity(self.directory_, earlier, current, start, self.lookback)
+        self._learn(current, earlier)
+        reads["principal_since"] = map_keys(reads["principal"], activity["since"]).astype(
+            "datetime64[us, UTC]"
+        )
         learned = (reads["time"] - reads["principal_since"]) >= pd.Timedelta(
             days=params.learning_days
         )
@@ -409,11 +643,27 @@ class FirstSeenDetector(Detector):
             **{name: window[name].array.take(rows) for name in _COLUMNS if name not in reads},
             sensitive=sensitive,
             day=reads["time"].dt.floor("D"),
+            returned=map_keys(reads["principal"], activity["returned"]).astype(bool),
+            idle=map_keys(reads["principal"], activity["idle"]),
         ).drop(columns="row")
         flagged = reads[fires]
         findings = self._findings(reads, flagged, known)
         logger.debug("%s: %s findings", self.id, len(findings))
         return build_findings(findings, detector=self)
+
+    def _learn(self, *extents: pd.DataFrame) -> None:
+        """Merge ``extents`` into the directory and move ``fitted_through_`` past them.
+
+        ``extents[0]`` is the window's; ``fitted_through_`` becomes one microsecond after its
+        last event unless it is already later.
+        """
+        self.directory_ = merge_directory(self.directory_, *extents)
+        window = extents[0]
+        if window.empty:
+            return
+        end = pd.Timestamp(window["last_seen"].max()) + pd.Timedelta(microseconds=1)
+        if self.fitted_through_ is None or end > self.fitted_through_:
+            self.fitted_through_ = end
 
     def _sensitive(self, resources: pd.Series) -> np.ndarray:
         """Return True for resources that match a ``sensitive_resources`` glob."""
@@ -468,7 +718,10 @@ class FirstSeenDetector(Detector):
             )
         }
         per_finding = members.groupby("number", sort=True).agg(
-            last_seen=("time", "max"), since=("principal_since", "first")
+            last_seen=("time", "max"),
+            since=("principal_since", "first"),
+            returned=("returned", "first"),
+            idle=("idle", "first"),
         )
         new_secrets: list[list[dict[str, Any]]] = [[] for _ in range(size)]
         for record in cast(list[dict[str, Any]], secrets.to_dict("records")):
@@ -539,6 +792,12 @@ class FirstSeenDetector(Detector):
                 f"{', ...' if len(names) > _MAX_LISTED else ''}) by {principal} in {days} days; "
                 f"{others}"
             )
+        returned = bool(totals["returned"])
+        idle = _idle_days(totals["idle"]) if returned else None
+        if returned:
+            idle_text = f"{idle:g} idle days" if idle is not None else f"at least {days} idle days"
+            title += f", back after {idle_text}"
+            summary += f"; {principal} returned after {idle_text}"
 
         return {
             "severity": params.sensitive_severity if sensitive else params.severity,
@@ -577,9 +836,17 @@ class FirstSeenDetector(Detector):
                 "usual_secrets": [secret_name(resource) for resource in usual[:_MAX_LISTED]],
                 "principal_first_seen": utc_iso(since),
                 "principal_age_days": age_days,
+                **({"returned_after_idle": True, "idle_days": idle} if returned else {}),
                 "summary": summary,
             },
         }
+
+
+def _idle_days(idle: Any) -> float | None:
+    """Return an idle time in days with one decimal, or None when it is unknown."""
+    if pd.isna(idle):
+        return None
+    return round(pd.Timedelta(idle).total_seconds() / 86_400, 1)
 
 
 def _secrets_text(count: int) -> str:

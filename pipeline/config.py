@@ -305,6 +305,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
                 "new_hour_of_week": 2,
                 "access_denied": 2,
                 "new_user_agent": 1.5,
+                "dormant_return": 2,
             },
             "lookback_days": 30,
             "learning_days": 14,

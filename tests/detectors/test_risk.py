@@ -519,7 +519,7 @@ def test_hour_slots_weekday_and_weekend() -> None:
     assert berlin.tolist() == [23]
 
 
-def test_records_match_to_dict() -> None:
+def test_records_fill_missing_with_none() -> None:
     frame = pd.DataFrame(
         {
             "kind": pd.array(["access_denied", None], dtype="str"),
@@ -532,7 +532,9 @@ def test_records_match_to_dict() -> None:
     expected = frame.to_dict("records")
     assert [list(record) for record in records] == [["kind", "weight", "number", "time"]] * 2
     assert records[0] == expected[0]
-    assert records[1]["kind"] != records[1]["kind"]  # NaN, as in to_dict
+    # to_dict gives NaN for the missing string; the state's JSON needs None.
+    assert records[1]["kind"] is None
+    assert records[1]["weight"] == 1.5
     assert [type(value) for value in records[0].values()] == [
         type(value) for value in expected[0].values()
     ]
