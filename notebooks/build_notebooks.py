@@ -335,8 +335,15 @@ table
 """),
     code(
         """
-ax = table.plot(marker="o", figsize=(9, 4.5))
+fig, ax = plt.subplots(figsize=(9, 4.5))
+# Settings often give equal counts, so each window gets its own line style and marker and is
+# drawn a little to the side; otherwise one line hides another.
+styles = zip(table.columns, ["-", "--", "-.", ":"], ["o", "s", "^", "D"], strict=True)
+for position, (window, style, marker) in enumerate(styles):
+    shift = (position - (len(table.columns) - 1) / 2) * 0.12
+    ax.plot(table.index + shift, table[window], linestyle=style, marker=marker, label=str(window))
 ax.axvline(10, color="0.5", linestyle="--", label="shipped min_failures")
+ax.set_xlabel("min_failures")
 ax.set_ylabel("findings in 30 days")
 ax.set_title("keytrail.failure_burst: findings per setting (lines: window_minutes)")
 ax.legend(title="window_minutes")
