@@ -91,7 +91,7 @@ from pipeline.schema import empty_events
 from pipeline.sources import FilesSource, Source, SourceBatch, build_source
 from pipeline.store.history import CappedHistoryView, History
 from pipeline.store.state import DetectorState, State, state_lock
-from pipeline.summary import DetectorSummary, RunSummary, SourceSummary
+from pipeline.summary import DetectorSummary, RunSummary, SourceSummary, plural
 
 __all__ = [
     "COMMAND_LINE_SOURCE",
@@ -122,6 +122,10 @@ A detector that raises has not checked the run's events, which the run still com
 The span of those events is kept here, and the next run gives the detector those events again,
 read from the history (:func:`_replay_missed`). Spans of several failed runs merge into one.
 """
+
+REPLAY_SPAN = timedelta(days=1)
+"""How much of a missed span one run gives a detector. The rest stays queued for later runs: a
+detector that failed for a week then does not read a week of raw events in one run."""
 
 LATE_TOLERANCE = timedelta(hours=1)
 """How far before ``max_event_time`` a finding's last event must lie for the finding to be late.
@@ -293,7 +297,7 @@ def _run(
         logger.info("history: %s rows appended", summary.history_rows_written)
         _crash_point("after_history")
         findings = _detect(settings, events, baseline, now, state, summary, fitted)
-        missed, replayed = _replay_missed(settings, history, now, state, summary)
+        missed, progress = _replay_missed(settings, history, now, state, summary)
         if len(findings) and len(missed):
             findings = pd.concat([findings, missed], ignore_index=True)
             findings = findings.drop_duplicates(subset=["finding_id"]).reset_index(drop=True)
@@ -318,7 +322,7 @@ def _run(
         summary.status = "completed_with_problems" if summary.problems else "completed"
         summary.finished = datetime.now(UTC)
         checkpoints, checkpoints_removed = _checkpoints_to_store(batches, events, mark, summary)
-        _add_missed_checkpoints(state, events, summary, replayed, checkpoints, checkpoints_removed)
+        _add_missed_checkpoints(state, events, summary, progress, checkpoints, checkpoints_removed)
         _crash_point("before_commit")
         state.commit_run(
             summary.run_id,
@@ -622,25 +626,28 @@ def _replay_missed(
     now: pd.Timestamp,
     state: State,
     summary: RunSummary,
-) -> tuple[pd.DataFrame, list[str]]:
+) -> tuple[pd.DataFrame, dict[str, dict[str, str] | None]]:
     """Give each enabled detector the events it missed in earlier runs, read from the history.
 
     Runs after this run's own detection: a detector that failed now keeps its missed span for a
-    later run. Each replay gets the history before its span as its baseline, keeps no fitted
-    state, and its new findings join the run's. A replay that fails again keeps its span.
+    later run. Each replay covers at most :data:`REPLAY_SPAN` from the start of the span, gets
+    the history before it as its baseline, keeps no fitted state, and its new findings join the
+    run's. A replay that fails again keeps its span.
 
     Returns:
-        The new findings of the replays, and the ids of the detectors whose spans were checked.
+        The new findings of the replays, and per detector replayed the span still queued (None
+        when the whole span was checked).
     """
     stored = state.checkpoints(MISSED_CHECKPOINTS)
     failed_now = {entry.id for entry in summary.detectors if entry.error}
     entries = {entry.id: entry for entry in summary.detectors}
     frames: list[pd.DataFrame] = []
-    replayed: list[str] = []
+    progress: dict[str, dict[str, str] | None] = {}
     for detector_id, span in sorted(stored.items()):
         if detector_id not in entries or detector_id in failed_now:
             continue
-        since, until = pd.Timestamp(span["since"]), pd.Timestamp(span["until"])
+        since, end = pd.Timestamp(span["since"]), pd.Timestamp(span["until"])
+        until = min(end, since + pd.Timedelta(REPLAY_SPAN))
         events = history.events(since=since, until=until)
         one = settings.model_copy(
             update={"detectors": {detector_id: settings.detectors[detector_id]}}
@@ -659,11 +666,14 @@ def _replay_missed(
                 f"they stay queued for the next run ({error})"
             )
             continue
-        replayed.append(detector_id)
+        rest = None if until >= end else {"since": until.isoformat(), "until": end.isoformat()}
+        progress[detector_id] = rest
         entries[detector_id].new_findings += len(found)
         summary.findings_new += len(found)
         summary.replayed.append(
-            f"{detector_id}: {len(events)} events from {text}, {len(found)} new findings"
+            f"{detector_id}: {plural(len(events), 'event')} from {text}, "
+            f"{plural(len(found), 'new finding')}"
+            + ("" if rest is None else f"; {rest['since']} to {rest['until']} stays queued")
         )
         logger.info(
             "detect: %s checked the %s events it missed from %s: %s new findings",
@@ -675,24 +685,27 @@ def _replay_missed(
         if len(found):
             frames.append(found)
     missed = pd.concat(frames, ignore_index=True) if frames else empty_findings()
-    return missed, replayed
+    return missed, progress
 
 
 def _add_missed_checkpoints(
     state: State,
     window: pd.DataFrame,
     summary: RunSummary,
-    replayed: list[str],
+    progress: dict[str, dict[str, str] | None],
     upserts: dict[str, dict[str, Any]],
     removed: dict[str, list[str]],
 ) -> None:
     """Queue the span of this run's events for each detector that failed on them.
 
-    Spans already queued for the detector are widened to include it, and the spans of
-    ``replayed`` detectors are removed, all in the run's commit.
+    Spans already queued for the detector are widened to include it. ``progress`` (from
+    :func:`_replay_missed`) shortens or removes the spans that were replayed. All of it is
+    stored in the run's commit.
     """
     stored = state.checkpoints(MISSED_CHECKPOINTS)
-    queued: dict[str, Any] = {}
+    queued: dict[str, Any] = {
+        detector_id: rest for detector_id, rest in progress.items() if rest is not None
+    }
     if len(window):
         start = _utc_timestamp(window["time"].min())
         end = _utc_timestamp(window["time"].max()) + pd.Timedelta(microseconds=1)
@@ -710,8 +723,9 @@ def _add_missed_checkpoints(
             )
     if queued:
         upserts[MISSED_CHECKPOINTS] = queued
-    if replayed:
-        removed[MISSED_CHECKPOINTS] = [name for name in replayed if name not in queued]
+    done = [name for name, rest in progress.items() if rest is None and name not in queued]
+    if done:
+        removed[MISSED_CHECKPOINTS] = done
 
 
 def _detect(

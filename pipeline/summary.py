@@ -328,7 +328,7 @@ def _run_details(summary: RunSummary) -> Table:
     _add_geoip(grid, summary.geoip)
     _add_outputs(grid, summary)
     if summary.quarantine_file:
-        records = _plural(summary.quarantined, "record")
+        records = plural(summary.quarantined, "record")
         grid.add_row("quarantine", Text(f"{records} kept in {clean_line(summary.quarantine_file)}"))
     for replay in summary.replayed:
         grid.add_row("replayed", Text(clean_line(replay)))
@@ -381,7 +381,7 @@ def _add_geoip(grid: Table, geoip: dict[str, Any]) -> None:
         )
         looked_up = int(geoip.get("addresses_looked_up") or 0)
         found = int(geoip.get("addresses_found") or 0)
-        age.append(f"; {found} of {_plural(looked_up, 'address', 'addresses')} found")
+        age.append(f"; {found} of {plural(looked_up, 'address', 'addresses')} found")
         grid.add_row("", age)
     for warning in geoip.get("warnings") or []:
         grid.add_row(Text("warning", style="bold yellow"), Text(clean_line(str(warning))))
@@ -390,29 +390,29 @@ def _add_geoip(grid: Table, geoip: dict[str, Any]) -> None:
 def _add_outputs(grid: Table, summary: RunSummary) -> None:
     outputs = summary.outputs
     if summary.findings_pending_written:
-        pending = _plural(summary.findings_pending_written, "finding")
+        pending = plural(summary.findings_pending_written, "finding")
         grid.add_row("pending", f"{pending} of earlier runs written")
     if not outputs:
         grid.add_row("outputs", "none (dry run)" if summary.dry_run else "none written")
         return
-    findings = _plural(int(outputs.get("findings_written") or 0), "finding")
+    findings = plural(int(outputs.get("findings_written") or 0), "finding")
     grid.add_row(
         "outputs", Text(f"{findings} appended to {clean_line(str(outputs.get('findings_file')))}")
     )
     below = int(outputs.get("below_min_severity") or 0)
     if below:
-        grid.add_row("", f"{_plural(below, 'finding')} below min_severity, not alerted")
+        grid.add_row("", f"{plural(below, 'finding')} below min_severity, not alerted")
     alerting = summary.alerting
     if alerting.get("allowed") or alerting.get("silenced"):
-        allowed = _plural(int(alerting.get("allowed") or 0), "finding")
-        silenced = _plural(int(alerting.get("silenced") or 0), "finding")
+        allowed = plural(int(alerting.get("allowed") or 0), "finding")
+        silenced = plural(int(alerting.get("silenced") or 0), "finding")
         grid.add_row("", f"{allowed} removed by the allow-list, {silenced} silenced")
     _add_alerts(grid, alerting)
     slack_files = int(outputs.get("slack_files") or 0)
     email_files = int(outputs.get("email_files") or 0)
     if slack_files or email_files:
-        slack = _plural(slack_files, "Slack file")
-        emails = _plural(email_files, "email file")
+        slack = plural(slack_files, "Slack file")
+        emails = plural(email_files, "email file")
         grid.add_row("files", f"{slack} and {emails} written to the outbox folder")
     for name, counts in sorted(summary.delivery.get("receivers", {}).items()):
         grid.add_row(
@@ -428,19 +428,20 @@ def _add_alerts(grid: Table, alerting: dict[str, Any]) -> None:
     queued = alerting.get("queued") or {}
     for name in sorted(set(routed) | set(queued)):
         counts = queued.get(name) or {}
-        line = f"{clean_line(name)}: {_plural(int(routed.get(name) or 0), 'alert')} routed"
+        line = f"{clean_line(name)}: {plural(int(routed.get(name) or 0), 'alert')} routed"
         if name in queued:
             line += f", {int(counts.get('queued') or 0)} queued"
             updates = int(counts.get("updates") or 0)
             if updates:
-                line += f" ({_plural(updates, 'update')})"
+                line += f" ({plural(updates, 'update')})"
             held_back = int(counts.get("repeats_skipped") or 0)
             line += f", {held_back} held back by repeat_interval"
         grid.add_row("alerts", line)
 
 
-def _plural(count: int, noun: str, plural: str | None = None) -> str:
-    return f"{count} {noun if count == 1 else plural or noun + 's'}"
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """Return ``count`` with ``noun``, or with ``many`` (default ``noun`` + "s") unless it is 1."""
+    return f"{count} {noun if count == 1 else many or noun + 's'}"
 
 
 def _iso(moment: datetime | None) -> str | None:

@@ -905,16 +905,26 @@ def test_missed_spans_of_failed_runs_merge(tmp_path: Path, logs: Path) -> None:
     finally:
         FlakyDetector.failing = False
     since, until = stored_span(tmp_path)
+    day_later = (pd.Timestamp(since) + pd.Timedelta(days=1)).isoformat()
 
+    # The merged span is 27 hours: one run replays its first day, the next one the rest.
     third = run_once(settings, now=NOW)
+    queued = missed_spans(tmp_path)
+    fourth = run_once(settings, now=NOW)
 
     assert second.problems == [
         "detector tests.flaky: RuntimeError: model file unreadable",
         f"detector tests.flaky did not check the events from {since} to {until}; "
         "the next run gives them to it again",
     ]
-    assert third.replayed == [f"tests.flaky: 5 events from {since} to {until}, 5 new findings"]
-    assert third.findings_by_detector() == {"tests.flaky": 5, "tests.every_read": 0}
+    assert third.replayed == [
+        f"tests.flaky: 4 events from {since} to {day_later}, 4 new findings; "
+        f"{day_later} to {until} stays queued"
+    ]
+    assert third.findings_by_detector() == {"tests.flaky": 4, "tests.every_read": 0}
+    assert queued == {"tests.flaky": {"since": day_later, "until": until}}
+    assert fourth.replayed == [f"tests.flaky: 1 event from {day_later} to {until}, 1 new finding"]
+    assert fourth.findings_by_detector() == {"tests.flaky": 1, "tests.every_read": 0}
     assert missed_spans(tmp_path) == {}
 
 
