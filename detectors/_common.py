@@ -25,6 +25,7 @@ __all__ = [
     "stable_key",
     "to_counts",
     "utc_iso",
+    "utc_micros",
     "value_counts_by_group",
 ]
 
@@ -77,6 +78,12 @@ def load_context(
         current = pd.concat([earlier, current], ignore_index=True)
     logger.debug("baseline context: %s window rows, %s history rows", len(window), len(earlier))
     return current.sort_values("time", kind="stable").reset_index(drop=True)
+
+
+def utc_micros(times: pd.Series) -> np.ndarray:
+    """Return times as int64 microseconds since 1970-01-01 UTC, without a Python object each."""
+    converted = pd.to_datetime(times, utc=True)
+    return converted.dt.as_unit("us").astype("int64").to_numpy()
 
 
 def read_mask(frame: pd.DataFrame) -> pd.Series:

@@ -19,7 +19,14 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
-from detectors._common import distinct_lists, iter_rows, read_mask, stable_key, utc_iso
+from detectors._common import (
+    distinct_lists,
+    iter_rows,
+    read_mask,
+    stable_key,
+    utc_iso,
+    utc_micros,
+)
 from detectors.base import (
     DetectorParams,
     HistoryView,
@@ -46,7 +53,6 @@ __all__ = [
     "secret_name",
     "shared_key_codes",
     "successful_reads",
-    "utc_micros",
 ]
 
 logger = logging.getLogger(__name__)
@@ -441,12 +447,6 @@ def _novel_sorted(
     is_current = position >= 0
     result[position[is_current]] = new[is_current]
     return result
-
-
-def utc_micros(times: pd.Series) -> np.ndarray:
-    """Return times as int64 microseconds since 1970-01-01 UTC, without a Python object each."""
-    converted = pd.to_datetime(times, utc=True)
-    return converted.dt.as_unit("us").astype("int64").to_numpy()
 
 
 def secret_name(resource: str) -> str:

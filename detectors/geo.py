@@ -28,6 +28,7 @@ from detectors._common import (
     stable_key,
     to_counts,
     utc_iso,
+    utc_micros,
 )
 from detectors.base import (
     SEVERITIES,
@@ -160,7 +161,7 @@ class NewCountryDetector(Detector):
         # Everything up to the flagged events works on int arrays of window positions, times,
         # principals and countries. Object columns of the 1M-event window and the 2.1M rollup
         # rows of benchmarks/detect.py cost most of a second.
-        all_times = _micros(window["time"])
+        all_times = utc_micros(window["time"])
         rows = rows[np.argsort(all_times[rows], kind="stable")]
         times = all_times[rows]
         codes, principals = _first_seen_codes(window["principal"], rows)
@@ -170,7 +171,7 @@ class NewCountryDetector(Detector):
         # Rollup rows of principals without a window event never count, so they are dropped.
         mine = known_codes >= 0
         known_codes = known_codes[mine]
-        known_times = _micros(known["last_time"])[mine]
+        known_times = utc_micros(known["last_time"])[mine]
         known_counts = known["count"].to_numpy(np.int64)[mine]
         names, (countries, known_countries) = _country_codes(
             [window["geo_country"], known["geo_country"]]
@@ -325,7 +326,7 @@ class NewCountryDetector(Detector):
 
         # Known countries: the principal's events in the look-back before the first new event,
         # from the window and from the rollup (an hour counts when its latest event is inside).
-        pairs = found[["code", "country"]].assign(first=_micros(found["first_seen"]))
+        pairs = found[["code", "country"]].assign(first=utc_micros(found["first_seen"]))
         pairs = pairs.merge(earlier, on="code")
         since = pairs["first"] - int(self.lookback / timedelta(microseconds=1))
         pairs = pairs[(pairs["time"] >= since) & (pairs["time"] < pairs["first"])]
@@ -399,11 +400,6 @@ class NewCountryDetector(Detector):
                 }
             )
         return pd.DataFrame(rows)
-
-
-def _micros(times: pd.Series) -> np.ndarray:
-    """Return UTC times as int64 microseconds since the epoch."""
-    return times.astype("datetime64[us, UTC]").astype("int64").to_numpy()
 
 
 def _lookup(names: np.ndarray, values: Any) -> np.ndarray:

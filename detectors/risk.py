@@ -24,6 +24,7 @@ from detectors._common import (
     iter_rows,
     stable_key,
     utc_iso,
+    utc_micros,
     value_counts_by_group,
 )
 from detectors.base import (
@@ -48,7 +49,6 @@ from detectors.first_seen import (
     prior_reads,
     secret_name,
     successful_reads,
-    utc_micros,
 )
 from pipeline.errors import StateError
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
-from detectors._common import IN_WINDOW, load_context, stable_key, to_counts, utc_iso
+from detectors._common import IN_WINDOW, load_context, stable_key, to_counts, utc_iso, utc_micros
 from detectors.base import Detector, DetectorParams, HistoryView, build_findings, register
 
 __all__ = ["VolumeSpikeDetector", "VolumeSpikeParams", "robust_scores", "shared_codes"]
@@ -244,9 +244,9 @@ class VolumeSpikeDetector(Detector):
         secret_key = principal_key * sizes["resource"] + codes["resource"]
 
         bucket_us = params.bucket_hours * 3_600_000_000
-        raw_times = _micros(context["time"])[raw_reads]
-        first_times = np.concatenate([_micros(rolled["first_time"])[rolled_reads], raw_times])
-        last_times = np.concatenate([_micros(rolled["last_time"])[rolled_reads], raw_times])
+        raw_times = utc_micros(context["time"])[raw_reads]
+        first_times = np.concatenate([utc_micros(rolled["first_time"])[rolled_reads], raw_times])
+        last_times = np.concatenate([utc_micros(rolled["last_time"])[rolled_reads], raw_times])
         counts = np.concatenate(
             [
                 rolled["count"].to_numpy(dtype=np.int64)[rolled_reads],
@@ -591,11 +591,6 @@ def _baseline_matrix(
     np.minimum.at(starts, row_index, positions)
     matrix[np.arange(size)[None, :] < starts[:, None]] = np.nan
     return matrix, starts
-
-
-def _micros(times: pd.Series) -> np.ndarray:
-    """Return UTC times as int64 microseconds since 1970."""
-    return times.dt.as_unit("us").astype("int64").to_numpy(dtype=np.int64)
 
 
 def _text(value: Any) -> str | None:

@@ -10,7 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from detectors._common import IN_WINDOW, count_in_range, distinct_lists, load_context, read_mask
+from detectors._common import (
+    IN_WINDOW,
+    count_in_range,
+    distinct_lists,
+    load_context,
+    read_mask,
+    utc_micros,
+)
 from detectors.base import Detector, FrameHistory, HistoryView, build_findings, empty_findings
 from tests.detectors.conftest import aws_read
 
@@ -120,3 +127,21 @@ def test_finding_ids_of_a_missing_principal_do_not_depend_on_its_form(missing: A
     expected = hashlib.sha256("\x1f".join(["tests.address", "", "e1", "e2"]).encode())
     assert found["finding_id"].tolist() == [expected.hexdigest()[:20]]
     assert found["finding_id"].tolist() != named["finding_id"].tolist()
+
+
+def test_utc_micros_counts_from_epoch() -> None:
+    times = pd.Series(
+        pd.to_datetime(["1970-01-01T00:00:01Z", "2024-06-20T00:00:00.500Z"], format="ISO8601")
+    )
+    assert utc_micros(times).tolist() == [1_000_000, 1_718_841_600_500_000]
+
+
+def test_utc_micros_of_no_times_is_empty() -> None:
+    empty = pd.Series([], dtype="datetime64[us, UTC]")
+    assert utc_micros(empty).tolist() == []
+
+
+def test_utc_micros_of_zoned_times() -> None:
+    utc = pd.Series(pd.to_datetime(["1970-01-01T00:00:01Z", "2024-06-01T00:00:00Z"]))
+    times = utc.dt.tz_convert("Europe/Berlin")
+    assert utc_micros(times).tolist() == [1_000_000, 1_717_200_000_000_000]

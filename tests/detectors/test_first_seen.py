@@ -18,7 +18,6 @@ from detectors.first_seen import (
     novel_mask,
     secret_name,
     shared_key_codes,
-    utc_micros,
 )
 from pipeline.store.history import History
 from tests.detectors.conftest import ACCOUNT, NOW, aws_denied, aws_read
@@ -517,12 +516,6 @@ def test_map_keys_looks_up_each_key() -> None:
     ]
     # A null key and a key without an entry map to NaT.
     assert mapped.isna().tolist() == [False, False, True, True, False]
-
-
-def test_utc_micros_of_zoned_times() -> None:
-    utc = pd.Series(pd.to_datetime(["1970-01-01T00:00:01Z", "2024-06-01T00:00:00Z"]))
-    times = utc.dt.tz_convert("Europe/Berlin")
-    assert utc_micros(times).tolist() == [1_000_000, 1_717_200_000_000_000]
 
 
 def test_sensitive_matches_any_glob_case_insensitively() -> None:

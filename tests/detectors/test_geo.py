@@ -18,7 +18,6 @@ from detectors.geo import (
     _distinct_days,
     _first_seen_codes,
     _lookup,
-    _micros,
     _previous_in_group,
 )
 from tests.detectors.conftest import ALICE, NOW, CategoricalRollupHistory, aws_read
@@ -218,18 +217,6 @@ def test_known_country_expires_inside_window(make_events: Build) -> None:
     findings = run(NewCountryDetector(), make_events, window, history)
     assert findings["countries"].tolist() == [["BR"]]
     assert findings["baseline"].iloc[0]["summary"] == "30-day countries: DE (20)"
-
-
-def test_micros_counts_from_epoch() -> None:
-    times = pd.Series(
-        pd.to_datetime(["1970-01-01T00:00:01Z", "2024-06-20T00:00:00.500Z"], format="ISO8601")
-    )
-    assert _micros(times).tolist() == [1_000_000, 1_718_841_600_500_000]
-
-
-def test_micros_of_no_times_is_empty() -> None:
-    empty = pd.Series([], dtype="datetime64[us, UTC]")
-    assert _micros(empty).tolist() == []
 
 
 def test_lookup_appends_missing_marker() -> None:
