@@ -297,7 +297,8 @@ def _run(
         logger.info("history: %s rows appended", summary.history_rows_written)
         _crash_point("after_history")
         findings = _detect(settings, events, baseline, now, state, summary, fitted)
-        missed, progress = _replay_missed(settings, history, now, state, summary)
+        missed_spans = state.checkpoints(MISSED_CHECKPOINTS)
+        missed, progress = _replay_missed(settings, history, now, state, summary, missed_spans)
         if len(findings) and len(missed):
             findings = pd.concat([findings, missed], ignore_index=True)
             findings = findings.drop_duplicates(subset=["finding_id"]).reset_index(drop=True)
@@ -322,7 +323,9 @@ def _run(
         summary.status = "completed_with_problems" if summary.problems else "completed"
         summary.finished = datetime.now(UTC)
         checkpoints, checkpoints_removed = _checkpoints_to_store(batches, events, mark, summary)
-        _add_missed_checkpoints(state, events, summary, progress, checkpoints, checkpoints_removed)
+        _add_missed_checkpoints(
+            missed_spans, events, summary, progress, checkpoints, checkpoints_removed
+        )
         _crash_point("before_commit")
         state.commit_run(
             summary.run_id,
@@ -626,6 +629,7 @@ def _replay_missed(
     now: pd.Timestamp,
     state: State,
     summary: RunSummary,
+    stored: dict[str, Any],
 ) -> tuple[pd.DataFrame, dict[str, dict[str, str] | None]]:
     """Give each enabled detector the events it missed in earlier runs, read from the history.
 
@@ -634,11 +638,12 @@ def _replay_missed(
     the history before it as its baseline, keeps no fitted state, and its new findings join the
     run's. A replay that fails again keeps its span.
 
+    ``stored`` contains the queued spans, the checkpoints of :data:`MISSED_CHECKPOINTS`.
+
     Returns:
         The new findings of the replays, and per detector replayed the span still queued (None
         when the whole span was checked).
     """
-    stored = state.checkpoints(MISSED_CHECKPOINTS)
     failed_now = {entry.id for entry in summary.detectors if entry.error}
     entries = {entry.id: entry for entry in summary.detectors}
     frames: list[pd.DataFrame] = []
@@ -649,12 +654,12 @@ def _replay_missed(
         since, end = pd.Timestamp(span["since"]), pd.Timestamp(span["until"])
         until = min(end, since + pd.Timedelta(REPLAY_SPAN))
         events = history.events(since=since, until=until)
-        one = settings.model_copy(
+        detector_settings = settings.model_copy(
             update={"detectors": {detector_id: settings.detectors[detector_id]}}
         )
         scratch = RunSummary(run_id=summary.run_id, started=summary.started)
         found = (
-            _detect(one, events, _baseline(history, events), now, state, scratch)
+            _detect(detector_settings, events, _baseline(history, events), now, state, scratch)
             if len(events)
             else empty_findings()
         )
@@ -689,7 +694,7 @@ def _replay_missed(
 
 
 def _add_missed_checkpoints(
-    state: State,
+    stored: dict[str, Any],
     window: pd.DataFrame,
     summary: RunSummary,
     progress: dict[str, dict[str, str] | None],
@@ -699,10 +704,9 @@ def _add_missed_checkpoints(
     """Queue the span of this run's events for each detector that failed on them.
 
     Spans already queued for the detector are widened to include it. ``progress`` (from
-    :func:`_replay_missed`) shortens or removes the spans that were replayed. All of it is
-    stored in the run's commit.
+    :func:`_replay_missed`) shortens or removes the spans that were replayed. ``stored``
+    contains the spans queued before this run. All of it is stored in the run's commit.
     """
-    stored = state.checkpoints(MISSED_CHECKPOINTS)
     queued: dict[str, Any] = {
         detector_id: rest for detector_id, rest in progress.items() if rest is not None
     }
