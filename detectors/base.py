@@ -418,8 +418,8 @@ def build_findings(
     bad = sorted(set(frame["severity"]) - set(SEVERITIES))
     if bad:
         raise ValueError(f"detector {detector.id}: invalid severities {bad}; expected {SEVERITIES}")
-    # A missing principal (a finding about an address) hashes as "", whether the frame holds
-    # None, NaN or pd.NA: a run and a backtest of the same events must give the same ids.
+    # A missing principal (a finding about an address) hashes as "", whether the frame contains
+    # None, NaN or pd.NA, because a run and a backtest of the same events must give the same ids.
     principals = [_text_or_empty(principal) for principal in frame["principal"]]
     if "dedup_key" not in frame.columns:
         frame["dedup_key"] = [

@@ -336,8 +336,8 @@ table
     code(
         """
 fig, ax = plt.subplots(figsize=(9, 4.5))
-# Settings often give equal counts, so each window gets its own line style and marker and is
-# drawn a little to the side; otherwise one line hides another.
+# Settings often give equal counts, and then one line hides another. So each window gets its
+# own line style and marker, and is drawn a little to the side.
 styles = zip(table.columns, ["-", "--", "-.", ":"], ["o", "s", "^", "D"], strict=True)
 for position, (window, style, marker) in enumerate(styles):
     shift = (position - (len(table.columns) - 1) / 2) * 0.12

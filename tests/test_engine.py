@@ -859,7 +859,7 @@ def stored_span(tmp_path: Path) -> tuple[str, str]:
     return times.min().isoformat(), (times.max() + pd.Timedelta(microseconds=1)).isoformat()
 
 
-def test_detector_gets_the_events_it_missed_in_the_next_run(tmp_path: Path, logs: Path) -> None:
+def test_missed_events_replayed_next_run(tmp_path: Path, logs: Path) -> None:
     settings = make_settings(tmp_path, **{"tests.flaky": {}})
     FlakyDetector.failing = True
     try:

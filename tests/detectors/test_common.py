@@ -102,7 +102,7 @@ def test_distinct_lists_without_values() -> None:
 
 
 @pytest.mark.parametrize("missing", [None, float("nan"), pd.NA], ids=["none", "nan", "na"])
-def test_finding_ids_of_a_missing_principal_do_not_depend_on_its_form(missing: Any) -> None:
+def test_missing_principal_finding_id_stable(missing: Any) -> None:
     # A run builds findings from Arrow strings (pd.NA or NaN), a backtest from objects (None).
     class AddressDetector(Detector):
         id = "tests.address"

@@ -413,7 +413,7 @@ def test_engine_carries_directory(tmp_path: Path) -> None:
     first = stored_directory(tmp_path, "keytrail.first_seen")
     assert first["principals"] == [sync]
 
-    # Run 2, weeks later: only the batch role is active; the sync role stays in the directory
+    # Run 2, weeks later: only the batch role is active. The sync role stays in the directory,
     # although the look-back of this run no longer contains it.
     write_log(
         logs,

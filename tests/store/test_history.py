@@ -836,9 +836,7 @@ def test_rollup_unites_all_null_and_filled_text_keys(tmp_path: Path) -> None:
     ]
 
 
-def test_unreadable_events_file_is_left_out_with_one_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_unreadable_events_file_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # Day 1's events file is lost and its rollup twin too; day 2 still serves.
     History(tmp_path / "history").append(agent_reads(), "run-1")
     lost = tmp_path / "history/date=2024-05-01/cloud=aws/run-1.parquet"
